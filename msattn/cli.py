@@ -1,0 +1,291 @@
+"""The ``msattn`` command line: thin Typer commands that call plain functions.
+
+Heavy imports (torch, numpy, PIL) happen inside the command bodies so that
+``msattn --help`` is instant. Every :class:`msattn.errors.MsattnError` is turned
+into one line on stderr and its exit code by :func:`main`; ``--debug`` (or
+``MSATTN_DEBUG=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from msattn import __version__
+
+app = typer.Typer(
+    name="msattn",
+    help="Scale-aware semantic segmentation: DeepLab-LargeFOV with attention to scale.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+prepare_app = typer.Typer(
+    help="Turn original dataset archives into training-ready dataset folders.", no_args_is_help=True
+)
+app.add_typer(prepare_app, name="prepare-data")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"msattn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """msattn: prepare data, train, evaluate, predict and refine with a dense CRF."""
+    if debug:
+        os.environ["MSATTN_DEBUG"] = "1"
+
+
+# ----------------------------------------------------------------------------- prepare-data
+
+Workers = Annotated[int, typer.Option("--workers", "-j", min=0, help="Parallel worker processes (0: in-process).")]
+
+
+@prepare_app.command("person-part")
+def prepare_person_part(
+    source: Annotated[Path, typer.Option(help="Folder with Annotations_Part/*.mat and JPEGImages/ (VOC 2010).")],
+    out: Annotated[Path, typer.Option(help="Output dataset folder.")],
+    workers: Workers = 2,
+) -> None:
+    """PASCAL-Person-Part (6 parts + background) from the Pascal-Part annotations."""
+    from msattn.data.prepare.person_part import prepare_person_part as run
+
+    run(source=source, out=out, workers=workers)
+
+
+@prepare_app.command("voc")
+def prepare_voc(
+    voc: Annotated[Path, typer.Option(help="VOC2012 folder (JPEGImages/, SegmentationClass/).")],
+    out: Annotated[Path, typer.Option(help="Output dataset folder.")],
+    sbd: Annotated[Optional[Path], typer.Option(help="SBD folder (cls/*.mat); omit for VOC train only.")] = None,
+    workers: Workers = 2,
+) -> None:
+    """PASCAL VOC 2012 + SBD: train_aug (10,582) and val (1,449)."""
+    from msattn.data.prepare.voc import prepare_voc as run
+
+    run(voc=voc, sbd=sbd, out=out, workers=workers)
+
+
+@prepare_app.command("coco")
+def prepare_coco(
+    coco: Annotated[Path, typer.Option(help="COCO 2014 folder (annotations/, train2014/, val2014/).")],
+    out: Annotated[Path, typer.Option(help="Output dataset folder.")],
+    train_size: Annotated[int, typer.Option(min=1, help="Training images drawn from train2014.")] = 10000,
+    val_size: Annotated[int, typer.Option(min=1, help="Validation images drawn from val2014.")] = 1500,
+    seed: Annotated[int, typer.Option(help="Seed of the subset draw.")] = 0,
+    workers: Workers = 2,
+) -> None:
+    """A seeded subset of COCO 2014 (80 classes + background)."""
+    from msattn.data.prepare.coco import prepare_coco as run
+
+    run(coco=coco, out=out, train_size=train_size, val_size=val_size, seed=seed, workers=workers)
+
+
+@prepare_app.command("demo")
+def prepare_demo(
+    out: Annotated[Path, typer.Option(help="Output dataset folder.")],
+    num_train: Annotated[int, typer.Option(min=1, help="Training images.")] = 240,
+    num_val: Annotated[int, typer.Option(min=1, help="Validation images.")] = 60,
+    image_size: Annotated[int, typer.Option(min=32, help="Side of the square images.")] = 96,
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    workers: Workers = 2,
+) -> None:
+    """A synthetic dataset where scale matters (figures with parts at sizes spanning 8x)."""
+    from msattn.data.prepare.demo import prepare_demo as run
+
+    run(out=out, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed, workers=workers)
+
+
+# ----------------------------------------------------------------------------- train / evaluate
+
+Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")]
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file, e.g. recipes/voc.toml.")],
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value (repeatable).")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: runs/<recipe name>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from <out>/last.pt if it exists.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Validate the recipe and print the resolved config.")] = False,
+    device: Device = None,
+) -> None:
+    """Train a model from a recipe (single process, or DDP under torchrun)."""
+    from msattn.engine.train import train_from_recipe
+
+    train_from_recipe(recipe_path=recipe, overrides=set_ or [], out=out, resume=resume, dry_run=dry_run, device=device)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.pt) written by msattn train.")],
+    data: Annotated[Optional[Path], typer.Option(help="Dataset folder (default: the checkpoint's).")] = None,
+    split: Annotated[str, typer.Option(help="Split list in the dataset folder.")] = "val",
+    scales: Annotated[
+        Optional[list[float]], typer.Option("--scales", help="Test-time scales (default: the model's).")
+    ] = None,
+    flip: Annotated[bool, typer.Option(help="Average with the horizontally flipped image.")] = False,
+    crf: Annotated[bool, typer.Option(help="Refine with the dense CRF before scoring.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON here.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N images.")] = None,
+    device: Device = None,
+) -> None:
+    """Score a checkpoint: mIoU, pixel accuracy and per-class IoU."""
+    from msattn.engine.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(
+        checkpoint=checkpoint,
+        data=data,
+        split=split,
+        scales=scales,
+        flip=flip,
+        crf=crf,
+        json_path=json_path,
+        limit=limit,
+        device=device,
+    )
+
+
+# ----------------------------------------------------------------------------- predict / crf
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files, folders or .txt list files.")],
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.pt) written by msattn train.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    save_probs: Annotated[bool, typer.Option(help="Also write <name>.npz with float16 probabilities.")] = False,
+    save_attention: Annotated[bool, typer.Option(help="Write per-scale attention maps and a figure.")] = False,
+    crf: Annotated[bool, typer.Option(help="Refine with the dense CRF.")] = False,
+    scales: Annotated[Optional[list[float]], typer.Option("--scales", help="Scales (default: the model's).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 1,
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
+    device: Device = None,
+) -> None:
+    """Predict label maps (and attention maps) for images."""
+    from msattn.engine.predict import predict_images
+
+    predict_images(
+        inputs=inputs,
+        checkpoint=checkpoint,
+        out=out,
+        save_probs=save_probs,
+        save_attention=save_attention,
+        crf=crf,
+        scales=scales,
+        batch_size=batch_size,
+        amp=amp,
+        device=device,
+    )
+
+
+@app.command("crf-refine")
+def crf_refine(
+    images: Annotated[Path, typer.Option(help="Folder of the original images.")],
+    probs: Annotated[Path, typer.Option(help="Folder of <name>.npz from predict --save-probs.")],
+    out: Annotated[Path, typer.Option(help="Output folder for refined label maps.")],
+    bi_w: Annotated[Optional[float], typer.Option(help="Bilateral kernel weight (default 4).")] = None,
+    bi_xy_std: Annotated[Optional[float], typer.Option(help="Bilateral spatial std (default 121).")] = None,
+    bi_rgb_std: Annotated[Optional[float], typer.Option(help="Bilateral colour std (default 5).")] = None,
+    pos_w: Annotated[Optional[float], typer.Option(help="Gaussian kernel weight (default 3).")] = None,
+    pos_xy_std: Annotated[Optional[float], typer.Option(help="Gaussian spatial std (default 3).")] = None,
+    iterations: Annotated[Optional[int], typer.Option(min=1, help="Mean-field iterations (default 10).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="Take defaults from this recipe's [crf] section.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Ground-truth label folder (for --search).")] = None,
+    search: Annotated[bool, typer.Option(help="Grid-search bi_w, bi_xy_std, bi_rgb_std against --labels.")] = False,
+    workers: Workers = 2,
+) -> None:
+    """Refine saved probabilities with the fully connected CRF."""
+    from msattn.crf import crf_refine_command
+
+    crf_refine_command(
+        images=images,
+        probs=probs,
+        out=out,
+        overrides={
+            "bi_w": bi_w,
+            "bi_xy_std": bi_xy_std,
+            "bi_rgb_std": bi_rgb_std,
+            "pos_w": pos_w,
+            "pos_xy_std": pos_xy_std,
+            "iterations": iterations,
+        },
+        recipe=recipe,
+        labels=labels,
+        search=search,
+        workers=workers,
+    )
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+@app.command()
+def bench(
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    size: Annotated[Optional[list[int]], typer.Option("--size", help="Input sides (repeatable).")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size.")] = 1,
+    amp: Annotated[bool, typer.Option(help="bf16 autocast (CUDA only).")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    channels_last: Annotated[bool, typer.Option(help="channels_last memory format.")] = False,
+    width: Annotated[float, typer.Option(help="Channel width multiplier (1 = paper).")] = 1.0,
+    iters: Annotated[int, typer.Option(min=1, help="Timed iterations per case.")] = 5,
+    warmup: Annotated[int, typer.Option(min=0, help="Warm-up iterations per case.")] = 2,
+    modes: Annotated[Optional[list[str]], typer.Option("--mode", help="inference, train, data (repeatable).")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the records as JSON here.")] = None,
+) -> None:
+    """Measure latency, throughput, memory and FLOPs across scale sets and merges."""
+    from msattn.engine.bench import run_bench
+
+    run_bench(
+        device=device,
+        sizes=size or [321],
+        batch=batch,
+        amp=amp,
+        compile_model=compile_,
+        channels_last=channels_last,
+        width=width,
+        iters=iters,
+        warmup=warmup,
+        modes=modes or ["inference", "train"],
+        json_path=json_path,
+    )
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turning msattn errors into one line and an exit code."""
+    from msattn.errors import MsattnError
+
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("MSATTN_DEBUG") == "1"
+    try:
+        app(args=args, prog_name="msattn")
+    except MsattnError as exc:
+        if debug:
+            raise
+        typer.echo(f"msattn: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("msattn: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

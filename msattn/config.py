@@ -1,0 +1,494 @@
+"""Recipes: TOML files -> typed, validated, nested dataclasses.
+
+A recipe has six sections, ``[data]``, ``[model]``, ``[optim]``, ``[train]``, ``[eval]``
+and ``[crf]``; every key has a default in code except ``data.root``. Validation is
+strict: an unknown section or key, a value of the wrong type (``true`` is not a number,
+``1`` is not a boolean), a non-finite number or an impossible value raises
+:class:`~msattn.errors.ConfigError` naming the key and the file (or the ``--set``
+override it came from). Nothing else escapes :func:`load_recipe`.
+
+Conventions:
+
+- Keys that may be unset (``model.num_classes``, ``model.pretrained``, ``eval.scales``...)
+  take the string ``"none"`` in TOML and ``--set`` (TOML has no null); ``config.json``
+  stores them as JSON ``null``.
+- ``data.root`` (and other paths) are taken as written; relative paths are relative to
+  the *current working directory* when training starts, not to the recipe file, so
+  ``msattn train recipes/voc.toml`` run from the project root finds ``data/voc``.
+  Training stores the absolute path in the run's ``config.json`` and checkpoints.
+- ``--set section.key=value`` parses ``value`` as a TOML value (``0.01``, ``[1, 0.5]``,
+  ``true``, ``"text"``) and falls back to the bare string (``--set model.merge=max``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from msattn.errors import ConfigError
+from msattn.io import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from msattn.crf import CRFParams
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_INT = 2**31 - 1
+
+Check = Callable[[Any], "str | None"]
+
+
+# ----------------------------------------------------------------------------- value checks
+
+
+def _between(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Check:
+    """A check that a number (or every number of a tuple) lies in [lo, hi] (open ends optional)."""
+
+    def check(value: Any) -> str | None:
+        for v in value if isinstance(value, tuple) else (value,):
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                return f"must be {'>' if lo_open else '>='} {lo:g}, got {v!r}"
+            if hi is not None and (v >= hi if hi_open else v > hi):
+                return f"must be {'<' if hi_open else '<='} {hi:g}, got {v!r}"
+        return None
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}, got {value!r}"
+
+    return check
+
+
+def _length(n: int) -> Check:
+    def check(value: Any) -> str | None:
+        return None if len(value) == n else f"needs exactly {n} values, got {len(value)}"
+
+    return check
+
+
+def _all(*checks: Check) -> Check:
+    def check(value: Any) -> str | None:
+        for c in checks:
+            problem = c(value)
+            if problem:
+                return problem
+        return None
+
+    return check
+
+
+def _nonempty_distinct(value: tuple) -> str | None:
+    if not value:
+        return "needs at least one value"
+    if len(set(value)) != len(value):
+        return f"values must be distinct, got {list(value)}"
+    return None
+
+
+def _not_blank(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _opt(default: Any, check: Check | None = None, help: str = "") -> Any:  # noqa: A002 - dataclass metadata
+    return field(default=default, metadata={"check": check, "help": help})
+
+
+_positive_int = _between(1, MAX_INT)
+_count = _between(0, MAX_INT)
+_scales_check = _all(_nonempty_distinct, _between(0, 4, lo_open=True))
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    """Where the dataset folder is and how training crops are made."""
+
+    root: str = _opt("", _not_blank, "dataset folder (relative paths: to the working directory)")
+    train_split: str = _opt("train", _not_blank, "id list used for training (<root>/<split>.txt)")
+    val_split: str = _opt("val", _not_blank, "id list used for validation")
+    crop_size: int = _opt(321, _between(8, 4096), "side of the square training crop (padded with ignore)")
+    scale_range: tuple[float, float] | None = _opt(
+        None, _all(_length(2), _between(0.05, 8.0)), "random rescale range [lo, hi] before cropping, or none"
+    )
+    flip: bool = _opt(True, None, "random horizontal flips")
+    mean: tuple[float, ...] = _opt(IMAGENET_MEAN, _all(_length(3), _between(0, 1)), "RGB mean on [0, 1]")
+    std: tuple[float, ...] = _opt(IMAGENET_STD, _all(_length(3), _between(0, 1, lo_open=True)), "RGB std on [0, 1]")
+    workers: int = _opt(2, _between(0, 256), "DataLoader worker processes (0: in-process)")
+    max_pixels: int = _opt(DEFAULT_MAX_PIXELS, _count, "refuse images with more pixels (0: no limit)")
+    auto_prepare: str | None = _opt(None, _one_of("demo"), '"demo": build the synthetic set at root if missing')
+
+
+@dataclass
+class ModelConfig:
+    """build_model arguments and the initial weights."""
+
+    num_classes: int | None = _opt(None, _between(2, 100_000), "classes incl. background; none = the dataset's")
+    scales: tuple[float, ...] = _opt((1.0, 0.75, 0.5), _scales_check, "input scales of the share-net")
+    merge: str = _opt("attention", _one_of("attention", "max", "avg"), "how per-scale scores are merged")
+    extra_supervision: bool = _opt(True, None, "add a loss on every scale's output")
+    width: float = _opt(1.0, _between(0, 4, lo_open=True), "channel width multiplier (1 = VGG-16)")
+    dropout: float = _opt(0.5, _between(0, 1, hi_open=True), "dropout after fc6/fc7 and in the attention head")
+    attention_hidden: int = _opt(512, _between(1, 65536), "hidden channels of the attention head (before width)")
+    pretrained: str | None = _opt(
+        None, _not_blank, '"torchvision" (ImageNet VGG-16, downloaded once), a .pth path, or none (random init)'
+    )
+    init_checkpoint: str | None = _opt(None, _not_blank, "start from the weights of an msattn checkpoint")
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum; iteration-based step or poly schedule."""
+
+    lr: float = _opt(1e-3, _between(0, 10, lo_open=True), "base learning rate (backbone weights)")
+    head_lr_mult: float = _opt(10.0, _between(0, 1000, lo_open=True), "lr multiplier of fc8 + attention head")
+    momentum: float = _opt(0.9, _between(0, 1, hi_open=True), "SGD momentum")
+    weight_decay: float = _opt(5e-4, _between(0, 1), "L2 weight decay (not on biases)")
+    schedule: str = _opt("step", _one_of("step", "poly"), "step: lr * gamma^(it // step_size); poly: (1 - it/N)^power")
+    step_size: int = _opt(2000, _positive_int, "iterations between lr drops (step)")
+    gamma: float = _opt(0.1, _between(0, 1, lo_open=True), "lr factor per drop (step)")
+    power: float = _opt(0.9, _between(0, 10), "exponent (poly)")
+
+
+@dataclass
+class TrainConfig:
+    """Length, batch, logging and hardware knobs of a run."""
+
+    iterations: int = _opt(6000, _between(1, 100_000_000), "optimizer steps")
+    batch_size: int = _opt(30, _between(1, 1_000_000), "images per optimizer step, over all GPUs")
+    micro_batch: int | None = _opt(None, _between(1, 1_000_000), "images per forward pass (accumulation); none = batch")
+    seed: int = _opt(0, _between(0, 2**32 - 1), "seed of weights init, data order, augmentation, dropout")
+    log_every: int = _opt(20, _positive_int, "iterations between metrics.jsonl lines")
+    val_every: int = _opt(1000, _count, "iterations between validations (0: only at the end)")
+    checkpoint_every: int = _opt(500, _count, "iterations between last.pt saves (0: only at the end)")
+    amp: str = _opt("bf16", _one_of("bf16", "fp16", "off"), "autocast dtype on CUDA (fp16 uses a GradScaler)")
+    channels_last: bool = _opt(True, None, "channels_last memory format (CUDA)")
+    deterministic: bool = _opt(False, None, "deterministic kernels (slower; disables cudnn.benchmark)")
+    device: str | None = _opt(None, None, "cpu, cuda or cuda:N; none = cuda when available")
+    label_mode: str = _opt("downsample", _one_of("downsample", "upsample"), "labels to logits size, or the reverse")
+    eval_at_end: bool = _opt(False, None, "evaluate the final model on the val split and print the table")
+
+
+@dataclass
+class EvalConfig:
+    """How validation (during training and by default in `msattn evaluate`) is run."""
+
+    scales: tuple[float, ...] | None = _opt(None, _scales_check, "test-time scales; none = the model's")
+    flip: bool = _opt(False, None, "average with the flipped image")
+    batch_size: int = _opt(1, _between(1, 4096), "images per forward (same-size images are batched)")
+    limit: int | None = _opt(None, _positive_int, "validate on the first N images only")
+
+
+@dataclass
+class Recipe:
+    """A whole recipe. ``crf`` is :class:`msattn.crf.CRFParams`."""
+
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    crf: CRFParams = field(default_factory=lambda: _crf_class()())
+
+    @property
+    def micro_batch(self) -> int:
+        """Images per forward pass (``train.micro_batch`` or the whole batch)."""
+        return self.train.micro_batch or self.train.batch_size
+
+
+SECTION_NAMES = ("data", "model", "optim", "train", "eval", "crf")
+
+
+def _crf_class() -> type:
+    from msattn.crf import CRFParams
+
+    return CRFParams
+
+
+def _section_classes() -> dict[str, type]:
+    return {
+        "data": DataConfig,
+        "model": ModelConfig,
+        "optim": OptimConfig,
+        "train": TrainConfig,
+        "eval": EvalConfig,
+        "crf": _crf_class(),
+    }
+
+
+# ----------------------------------------------------------------------------- typed conversion
+
+
+class _Bad(Exception):
+    """Internal: a value problem, turned into ConfigError with the key and origin."""
+
+
+def _describe(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array", dict: "a table"}
+    for kind, name in names.items():
+        if type(value) is kind:
+            text = repr(value)
+            return f"{name} ({text if len(text) <= 40 else text[:37] + '...'})"
+    return f"a {type(value).__name__}"
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    """Convert a TOML/JSON value to the annotated type or raise _Bad."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+            return None
+        (inner,) = args
+        return _convert(value, inner)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _Bad(f"must be true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad(f"must be an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Bad(f"must be a number, got {_describe(value)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            raise _Bad(f"is out of range, got {_describe(value)}") from None
+        if not math.isfinite(number):
+            raise _Bad(f"must be a finite number, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise _Bad(f"must be a string, got {_describe(value)}")
+        if "\x00" in value:
+            raise _Bad("must not contain NUL characters")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Bad(f"must be an array, got {_describe(value)}")
+        args = typing.get_args(hint)
+        item = args[0]
+        if len(args) != 2 or args[1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _Bad(f"needs exactly {len(args)} values, got {len(value)}")
+        try:
+            return tuple(_convert(v, item) for v in value)
+        except _Bad as exc:
+            raise _Bad(f"values {exc}") from None
+    raise TypeError(f"unsupported recipe type {hint!r}")  # a bug in this module, not user input
+
+
+def _build_section(name: str, cls: type, values: Any, origin_of: Callable[[str], str]) -> Any:
+    """Validate one section mapping and build its dataclass."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{origin_of('')}: [{name}] must be a table, got {_describe(values)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, raw in values.items():
+        if key not in fields:
+            raise ConfigError(f"{origin_of(key)}: unknown key {name}.{key}{_suggest(key, fields)}")
+        try:
+            value = _convert(raw, hints[key])
+            check = fields[key].metadata.get("check")
+            problem = check(value) if (check is not None and value is not None) else None
+        except _Bad as exc:
+            problem = str(exc)
+        if problem:
+            raise ConfigError(f"{origin_of(key)}: {name}.{key} {problem}")
+        kwargs[key] = value
+    try:
+        section = cls(**kwargs)
+    except ConfigError as exc:  # CRFParams validates itself
+        raise ConfigError(f"{origin_of('')}: {exc}") from None
+    for key, f in fields.items():  # defaults must pass too (e.g. the required data.root)
+        if key not in kwargs:
+            check = f.metadata.get("check")
+            default = getattr(section, key)
+            if check is not None and default is not None and check(default):
+                raise ConfigError(f"{origin_of(key)}: missing key {name}.{key} ({f.metadata.get('help', '')})")
+    return section
+
+
+def _suggest(key: str, known: Mapping[str, Any] | Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    if close:
+        return f" (did you mean {close[0]}?)"
+    return f" (known keys: {', '.join(known)})"
+
+
+def _cross_checks(recipe: Recipe, origin_of: Callable[[str, str], str]) -> None:
+    """Constraints between keys."""
+    lo_hi = recipe.data.scale_range
+    if lo_hi is not None and lo_hi[0] > lo_hi[1]:
+        raise ConfigError(f"{origin_of('data', 'scale_range')}: data.scale_range needs lo <= hi, got {list(lo_hi)}")
+    mb = recipe.train.micro_batch
+    if mb is not None and recipe.train.batch_size % mb:
+        raise ConfigError(
+            f"{origin_of('train', 'micro_batch')}: train.batch_size ({recipe.train.batch_size}) must be a multiple "
+            f"of train.micro_batch ({mb})"
+        )
+    if recipe.model.pretrained is not None and recipe.model.init_checkpoint is not None:
+        raise ConfigError(
+            f"{origin_of('model', 'init_checkpoint')}: set model.pretrained or model.init_checkpoint, not both"
+        )
+    if (
+        recipe.eval.scales is not None
+        and recipe.model.merge == "attention"
+        and len(recipe.model.scales) > 1
+        and len(recipe.eval.scales) != len(recipe.model.scales)
+    ):
+        raise ConfigError(
+            f"{origin_of('eval', 'scales')}: eval.scales must have as many scales as model.scales "
+            f"({len(recipe.model.scales)}) for an attention model"
+        )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def recipe_from_dict(values: Any, source: str | os.PathLike[str] = "<recipe>", overridden: Mapping[str, str] | None = None) -> Recipe:
+    """Validate a nested mapping (parsed TOML or a checkpoint's ``config``) into a :class:`Recipe`.
+
+    ``overridden`` maps ``"section.key"`` to the ``--set`` text that supplied it, so errors
+    name the override rather than the file.
+    """
+    overridden = overridden or {}
+
+    def origin(section: str, key: str = "") -> str:
+        return overridden.get(f"{section}.{key}", str(source))
+
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: a recipe must be a table of sections, got {_describe(values)}")
+    classes = _section_classes()
+    for name in values:
+        if name not in classes:
+            raise ConfigError(f"{source}: unknown section [{name}]{_suggest(name, classes)}")
+    if "data" not in values:
+        raise ConfigError(f"{source}: missing section [data] (at least data.root is needed)")
+    sections = {
+        name: _build_section(name, cls, values.get(name, {}), lambda key, n=name: origin(n, key))
+        for name, cls in classes.items()
+    }
+    recipe = Recipe(**sections)
+    _cross_checks(recipe, origin)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """The recipe as plain JSON-able nested dicts (tuples become lists, unset keys None)."""
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+    return {
+        name: {f.name: plain(getattr(getattr(recipe, name), f.name)) for f in dataclasses.fields(getattr(recipe, name))}
+        for name in SECTION_NAMES
+    }
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split ``section.key=value``; the value is parsed as TOML, else kept as a bare string."""
+    if not isinstance(text, str) or "=" not in text:
+        raise ConfigError(f"--set {text}: expected section.key=value (e.g. --set optim.lr=0.01)")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text}: expected section.key=value (e.g. --set optim.lr=0.01)")
+    raw = raw.strip()
+    try:
+        parsed = tomllib.loads(f"v = {raw}")
+        value = parsed["v"] if list(parsed) == ["v"] else raw
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return parts[0], parts[1], value
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, str]:
+    """Apply ``--set`` overrides to parsed TOML in place; returns {"section.key": "--set ..."} for error messages."""
+    origins: dict[str, str] = {}
+    classes = _section_classes()
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in classes:
+            raise ConfigError(f"--set {text}: unknown section {section}{_suggest(section, classes)}")
+        known = [f.name for f in dataclasses.fields(classes[section])]
+        if key not in known:
+            raise ConfigError(f"--set {text}: unknown key {section}.{key}{_suggest(key, known)}")
+        table = values.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {text}: [{section}] in the recipe is not a table")
+        table[key] = value
+        origins[f"{section}.{key}"] = f"--set {text}"
+    return origins
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a TOML file; unreadable or malformed files raise ConfigError naming it."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: recipe not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a recipe file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override (``section.key=value`` strings) and validate a recipe file."""
+    values = read_toml(path)
+    origins = apply_overrides(values, overrides)
+    return recipe_from_dict(values, source=path, overridden=origins)
+
+
+def recipe_diff(a: Recipe, b: Recipe) -> list[str]:
+    """``section.key`` names whose values differ between two recipes."""
+    da, db = recipe_to_dict(a), recipe_to_dict(b)
+    return [f"{s}.{k}" for s in SECTION_NAMES for k in da[s] if da[s][k] != db[s].get(k)]
+
+
+def format_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as TOML text (unset keys written as "none")."""
+    lines: list[str] = []
+    for name, table in recipe_to_dict(recipe).items():
+        lines.append(f"[{name}]")
+        for key, value in table.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    import json
+
+    return json.dumps(str(value))

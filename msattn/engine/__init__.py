@@ -1,0 +1,1 @@
+"""Engine: training, evaluation, prediction, metrics, checkpoints, distributed, benchmarks."""

@@ -1,0 +1,169 @@
+"""Crash-safe file writing and careful reading of untrusted inputs.
+
+Every file msattn writes goes through :func:`atomic_write`: the bytes land in a
+temporary file in the same folder, are flushed to disk and then renamed over the
+target, so a killed process leaves either the old file or the new one, never a
+truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from msattn.errors import DataError, ResourceError
+
+#: Images with more pixels than this are refused (decompression bombs); 0 disables the check.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+_TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` for writing; on success fsync and rename it to ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    A full disk raises :class:`ResourceError`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        if exc.errno == 28:  # ENOSPC
+            raise ResourceError(f"{path}: no space left on device; free disk space and retry") from exc
+        raise
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def is_temporary(path: Path) -> bool:
+    """True for the temporary files :func:`atomic_write` leaves behind when killed."""
+    return path.name.startswith(_TMP_PREFIX)
+
+
+def clean_temporaries(folder: Path) -> int:
+    """Remove leftover temporary files (from a killed run) directly inside ``folder``."""
+    removed = 0
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if is_temporary(child) and child.is_file():
+                _unlink_quietly(str(child))
+                removed += 1
+    return removed
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) atomically."""
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file; a missing or malformed file raises :class:`DataError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def check_id(item_id: str, source: str | os.PathLike[str]) -> str:
+    """Return ``item_id`` if it is a plain file stem; reject path separators, ``..`` and empties."""
+    bad = (
+        not item_id
+        or "/" in item_id
+        or "\\" in item_id
+        or item_id in {".", ".."}
+        or ".." in item_id
+        or "\x00" in item_id
+        or item_id != item_id.strip()
+    )
+    if bad:
+        raise DataError(f"{source}: invalid id {item_id!r} (ids must be plain names without '/', '\\' or '..')")
+    return item_id
+
+
+def read_id_list(path: str | os.PathLike[str]) -> list[str]:
+    """Read one id per line (blank lines and ``#`` comments skipped), validating every id."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: id list not found") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: id list is not UTF-8 text") from None
+    ids = []
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            ids.append(check_id(line, path))
+    return ids
+
+
+def write_id_list(path: str | os.PathLike[str], ids: list[str]) -> None:
+    """Write one id per line atomically."""
+    write_text(path, "".join(f"{i}\n" for i in ids))
+
+
+def open_image(path: str | os.PathLike[str], mode: str | None = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Open and fully decode an image; corrupt, truncated or oversized files raise :class:`DataError`.
+
+    ``mode`` converts the result (``None`` keeps the file's mode, e.g. ``"P"`` for palette labels).
+    """
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if max_pixels and width * height > max_pixels:
+                raise DataError(
+                    f"{path}: image has {width}x{height} = {width * height} pixels, over the limit of "
+                    f"{max_pixels} (raise --max-pixels if you trust the file)"
+                )
+            img.load()
+            return img.convert(mode) if mode and img.mode != mode else img.copy()
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from None
+
+
+def save_image(img: Any, path: str | os.PathLike[str], **params: Any) -> None:
+    """Save a PIL image atomically; the format follows the file suffix."""
+    path = Path(path)
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"unsupported image suffix: {path}")
+    with atomic_write(path, "wb") as handle:
+        img.save(handle, format=fmt, **params)

@@ -1,0 +1,76 @@
+"""DeepLab-LargeFOV: VGG-16, fully convolutional, output stride 8.
+
+Layer names follow the Caffe prototxt (conv1_1 ... fc8) so that weight conversion
+and inspection read naturally. pool1-3 are 3x3/2 with padding 1 in ceil mode (a
+321x321 input gives a 41x41 output, as in DeepLab); pool4/pool5 are 3x3/1; conv5
+uses dilation 2, fc6 is a 3x3 convolution with dilation 12 and 1024 channels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: (block name, number of 3x3 convs, output channels, dilation, pool stride)
+VGG16_BLOCKS: tuple[tuple[str, int, int, int, int], ...] = (
+    ("conv1", 2, 64, 1, 2),
+    ("conv2", 2, 128, 1, 2),
+    ("conv3", 3, 256, 1, 2),
+    ("conv4", 3, 512, 1, 1),
+    ("conv5", 3, 512, 2, 1),
+)
+FC_CHANNELS = 1024
+FC6_DILATION = 12
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count scaled by the width multiplier (at least 1)."""
+    return max(1, int(round(channels * width)))
+
+
+class LargeFOV(nn.Module):
+    """VGG-16 DeepLab-LargeFOV. ``forward`` returns ``(fc7 features, fc8 logits)``."""
+
+    def __init__(self, num_classes: int, width: float = 1.0, dropout: float = 0.5) -> None:
+        super().__init__()
+        layers: dict[str, nn.Module] = {}
+        in_ch = 3
+        for name, n_convs, out_ch, dilation, stride in VGG16_BLOCKS:
+            out_ch = scaled(out_ch, width)
+            for i in range(1, n_convs + 1):
+                layers[f"{name}_{i}"] = nn.Conv2d(in_ch, out_ch, 3, padding=dilation, dilation=dilation)
+                layers[f"relu{name[4:]}_{i}"] = nn.ReLU(inplace=True)
+                in_ch = out_ch
+            layers[f"pool{name[4:]}"] = nn.MaxPool2d(3, stride=stride, padding=1, ceil_mode=True)
+        self.features = nn.Sequential()
+        for key, layer in layers.items():
+            self.features.add_module(key, layer)
+        fc_ch = scaled(FC_CHANNELS, width)
+        self.fc6 = nn.Conv2d(in_ch, fc_ch, 3, padding=FC6_DILATION, dilation=FC6_DILATION)
+        self.fc7 = nn.Conv2d(fc_ch, fc_ch, 1)
+        self.drop6 = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.drop7 = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc8 = nn.Conv2d(fc_ch, num_classes, 1)
+        self.feature_channels = fc_ch
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.fc8.weight, std=0.01)
+        nn.init.zeros_(self.fc8.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.features(x)  # [N, 512w, H/8, W/8]
+        x = self.drop6(torch.relu(self.fc6(x)))
+        feats = self.drop7(torch.relu(self.fc7(x)))  # [N, 1024w, H/8, W/8]
+        return feats, self.fc8(feats)  # logits [N, C, H/8, W/8]
+
+
+def output_size(size: int) -> int:
+    """Spatial size of the LargeFOV output for an input side ``size`` (three ceil-mode pools)."""
+    for _ in range(3):
+        size = size // 2 + 1  # ceil((size + 2 - 3) / 2) + 1
+    return size

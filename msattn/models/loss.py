@@ -1,0 +1,57 @@
+"""The paper's training loss: cross-entropy on the merged output plus one per scale."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from msattn.models.scale import upsample_logits
+
+LABEL_MODES = ("downsample", "upsample")
+
+
+def downsample_labels(labels: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Nearest-neighbour resize of integer labels [N, H, W] to ``size`` (the paper's choice)."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    resized = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")
+    return resized[:, 0].long()
+
+
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, label_mode: str = "downsample", ignore_index: int = 255
+) -> torch.Tensor:
+    """Mean pixel cross-entropy of logits [N, C, h, w] against labels [N, H, W], ignoring ``ignore_index``.
+
+    ``label_mode="downsample"`` shrinks the labels to the logits (nearest, as in the paper);
+    ``"upsample"`` enlarges the logits to the labels (bilinear). An all-ignored batch gives 0.
+    """
+    if label_mode == "downsample":
+        labels = downsample_labels(labels, logits.shape[-2:])
+    elif label_mode == "upsample":
+        logits = upsample_logits(logits, labels.shape[-2:])
+    else:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+    total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    valid = (labels != ignore_index).sum().clamp(min=1)
+    return total / valid
+
+
+def segmentation_loss(
+    outputs: dict,
+    labels: torch.Tensor,
+    extra_supervision: bool = True,
+    label_mode: str = "downsample",
+    ignore_index: int = 255,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss = CE(merged) + sum_s CE(f^s) (weight 1 each; the per-scale terms only with extra
+    supervision and more than one scale). Returns the total and the detached terms by name
+    (``"merged"``, ``"scale_1"``, ``"scale_0.75"``, ...).
+    """
+    terms = {"merged": cross_entropy(outputs["out"], labels, label_mode, ignore_index)}
+    per_scale = outputs["per_scale"]
+    if extra_supervision and len(per_scale) > 1:
+        for scale, logits in zip(outputs["scales"], per_scale):
+            terms[f"scale_{scale:g}"] = cross_entropy(logits, labels, label_mode, ignore_index)
+    total = torch.stack(list(terms.values())).sum()
+    return total, {name: value.detach() for name, value in terms.items()}

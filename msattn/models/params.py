@@ -1,0 +1,33 @@
+"""SGD parameter groups in the DeepLab convention."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float = 10.0) -> list[dict]:
+    """Split parameters into four SGD groups, each with ``lr = lr * lr_mult``:
+
+    backbone weights (x1, decayed), backbone biases (x2, no decay), classifier (fc8) and
+    attention-head weights (x ``head_lr_mult``, decayed), their biases (x 2 ``head_lr_mult``,
+    no decay). Schedulers must multiply each group's ``lr_mult`` by the scheduled base lr.
+    """
+    buckets: dict[str, list[nn.Parameter]] = {"backbone_weight": [], "backbone_bias": [], "head_weight": [], "head_bias": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_head = name.startswith(("backbone.fc8.", "head."))
+        kind = "bias" if name.endswith("bias") else "weight"
+        buckets[f"{'head' if is_head else 'backbone'}_{kind}"].append(param)
+    mults = {
+        "backbone_weight": (1.0, weight_decay),
+        "backbone_bias": (2.0, 0.0),
+        "head_weight": (head_lr_mult, weight_decay),
+        "head_bias": (2.0 * head_lr_mult, 0.0),
+    }
+    groups = []
+    for name, params in buckets.items():
+        if params:
+            mult, decay = mults[name]
+            groups.append({"params": params, "name": name, "lr_mult": mult, "lr": lr * mult, "weight_decay": decay})
+    return groups

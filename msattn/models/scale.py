@@ -1,0 +1,165 @@
+"""Share-net over scales and the three merges: max, average and attention to scale."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msattn.models.backbone import LargeFOV, scaled
+
+MERGES = ("max", "avg", "attention")
+
+
+def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinear resize of a [N, C, H, W] tensor to ``size`` (no-op when already that size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
+    """Input size of ``scale`` for an image of ``size`` = (H, W); at least 1 pixel per side."""
+    return max(1, int(round(size[0] * scale))), max(1, int(round(size[1] * scale)))
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinearly upsample logits [N, C, h, w] to the image size (H, W) for prediction."""
+    return resize(logits, size)
+
+
+class AttentionHead(nn.Module):
+    """The paper's attention model: 3x3 conv (hidden) + ReLU (+ dropout), 1x1 conv to S, softmax over S."""
+
+    def __init__(self, feature_channels: int, num_scales: int, hidden: int = 512, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(feature_channels * num_scales, hidden, 3, padding=1)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(hidden, num_scales, 1)
+        for conv in (self.conv1, self.conv2):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """feats [N, S*F, h, w] -> weights [N, S, h, w] (softmax over the scale axis)."""
+        scores = self.conv2(self.drop(torch.relu(self.conv1(feats))))
+        return torch.softmax(scores, dim=1)
+
+
+class ScaleNet(nn.Module):
+    """DeepLab-LargeFOV shared across input scales, with max/avg/attention merging.
+
+    With one scale it is plain DeepLab-LargeFOV. ``forward`` returns a dict with
+    ``"out"`` (merged logits at output stride 8 of the largest scale), ``"per_scale"``
+    (one logit map per scale at its own resolution), ``"attention"`` ([N, S, h, w] merge
+    weights, ``None`` with a single scale) and ``"scales"``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        scales: Sequence[float] = (1.0,),
+        merge: str = "attention",
+        extra_supervision: bool = True,
+        width: float = 1.0,
+        dropout: float = 0.5,
+        attention_hidden: int = 512,
+    ) -> None:
+        super().__init__()
+        scales = tuple(float(s) for s in scales)
+        _check_scales(scales)
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.scales = scales
+        self.merge = merge
+        self.extra_supervision = extra_supervision
+        self.model_args = {
+            "num_classes": num_classes,
+            "scales": list(scales),
+            "merge": merge,
+            "extra_supervision": extra_supervision,
+            "width": width,
+            "dropout": dropout,
+            "attention_hidden": attention_hidden,
+        }
+        self.backbone = LargeFOV(num_classes, width=width, dropout=dropout)
+        self.head: AttentionHead | None = None
+        if merge == "attention" and len(scales) > 1:
+            hidden = scaled(attention_hidden, width)
+            self.head = AttentionHead(self.backbone.feature_channels, len(scales), hidden, dropout)
+
+    def forward(self, images: torch.Tensor, scales: Sequence[float] | None = None) -> dict:
+        """images [N, 3, H, W] -> {"out", "per_scale", "attention", "scales"}."""
+        scales = self.scales if scales is None else tuple(float(s) for s in scales)
+        _check_scales(scales)
+        if self.head is not None and len(scales) != len(self.scales):
+            raise ValueError(f"an attention model trained on {len(self.scales)} scales needs as many, got {scales}")
+        feats, per_scale = [], []
+        for s in scales:
+            x = images if s == 1.0 else resize(images, scaled_size(images.shape[-2:], s))
+            f, logits = self.backbone(x)
+            if self.head is not None:  # only the attention head needs the fc7 features
+                feats.append(f)
+            per_scale.append(logits)
+        if len(scales) == 1:
+            return {"out": per_scale[0], "per_scale": per_scale, "attention": None, "scales": scales}
+        ref_size = per_scale[scales.index(max(scales))].shape[-2:]
+        stacked = torch.stack([resize(lg, ref_size) for lg in per_scale], dim=1)  # [N, S, C, h, w]
+        out, attention = self._merge(stacked, feats, ref_size)
+        return {"out": out, "per_scale": per_scale, "attention": attention, "scales": scales}
+
+    def _merge(
+        self, stacked: torch.Tensor, feats: list[torch.Tensor], ref_size: torch.Size
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, s = stacked.shape[:2]
+        if self.merge == "max":
+            out = stacked.max(dim=1).values
+            with torch.no_grad():  # which scale supplied the winning score, for visualisation
+                winner = stacked.amax(dim=2).argmax(dim=1)  # [N, h, w]
+                weights = F.one_hot(winner, s).permute(0, 3, 1, 2).to(stacked.dtype)
+            return out, weights
+        if self.merge == "avg" or self.head is None:
+            weights = stacked.new_full((n, s, *ref_size), 1.0 / s)
+            return stacked.mean(dim=1), weights
+        cat = torch.cat([resize(f, ref_size) for f in feats], dim=1)  # [N, S*F, h, w]
+        weights = self.head(cat)  # [N, S, h, w]
+        return (stacked * weights.unsqueeze(2)).sum(dim=1), weights
+
+
+def _check_scales(scales: tuple[float, ...]) -> None:
+    if not scales:
+        raise ValueError("at least one scale is needed")
+    if any(not (s > 0) for s in scales):
+        raise ValueError(f"scales must be positive, got {scales}")
+    if len(set(scales)) != len(scales):
+        raise ValueError(f"scales must be distinct, got {scales}")
+
+
+def build_model(
+    num_classes: int,
+    scales: Sequence[float] = (1.0,),
+    merge: str = "attention",
+    extra_supervision: bool = True,
+    width: float = 1.0,
+    dropout: float = 0.5,
+    attention_hidden: int = 512,
+) -> ScaleNet:
+    """Build DeepLab-LargeFOV (one scale) or the share-net with max/avg/attention merging.
+
+    ``width`` scales every channel count (1 = the paper's network); tiny widths make
+    test and demo models.
+    """
+    return ScaleNet(
+        num_classes,
+        scales=scales,
+        merge=merge,
+        extra_supervision=extra_supervision,
+        width=width,
+        dropout=dropout,
+        attention_hidden=attention_hidden,
+    )
