@@ -26,6 +26,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -314,8 +315,9 @@ def _build_section(name: str, cls: type, values: Any, origin_of: Callable[[str],
         kwargs[key] = value
     try:
         section = cls(**kwargs)
-    except ConfigError as exc:  # CRFParams validates itself
-        raise ConfigError(f"{origin_of('')}: {exc}") from None
+    except ConfigError as exc:  # CRFParams validates itself and names the key
+        named = re.search(rf"\b{name}\.(\w+)", str(exc))
+        raise ConfigError(f"{origin_of(named.group(1) if named else '')}: {exc}") from None
     for key, f in fields.items():  # defaults must pass too (e.g. the required data.root)
         if key not in kwargs:
             check = f.metadata.get("check")
@@ -332,20 +334,20 @@ def _suggest(key: str, known: Mapping[str, Any] | Sequence[str]) -> str:
     return f" (known keys: {', '.join(known)})"
 
 
-def _cross_checks(recipe: Recipe, origin_of: Callable[[str, str], str]) -> None:
-    """Constraints between keys."""
+def _cross_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
+    """Constraints between keys; ``origin_of(*"section.key")`` names the first overridden key, else the file."""
     lo_hi = recipe.data.scale_range
     if lo_hi is not None and lo_hi[0] > lo_hi[1]:
-        raise ConfigError(f"{origin_of('data', 'scale_range')}: data.scale_range needs lo <= hi, got {list(lo_hi)}")
+        raise ConfigError(f"{origin_of('data.scale_range')}: data.scale_range needs lo <= hi, got {list(lo_hi)}")
     mb = recipe.train.micro_batch
     if mb is not None and recipe.train.batch_size % mb:
         raise ConfigError(
-            f"{origin_of('train', 'micro_batch')}: train.batch_size ({recipe.train.batch_size}) must be a multiple "
+            f"{origin_of('train.batch_size', 'train.micro_batch')}: train.batch_size ({recipe.train.batch_size}) must be a multiple "
             f"of train.micro_batch ({mb})"
         )
     if recipe.model.pretrained is not None and recipe.model.init_checkpoint is not None:
         raise ConfigError(
-            f"{origin_of('model', 'init_checkpoint')}: set model.pretrained or model.init_checkpoint, not both"
+            f"{origin_of('model.pretrained', 'model.init_checkpoint')}: set model.pretrained or model.init_checkpoint, not both"
         )
     if (
         recipe.eval.scales is not None
@@ -354,7 +356,7 @@ def _cross_checks(recipe: Recipe, origin_of: Callable[[str, str], str]) -> None:
         and len(recipe.eval.scales) != len(recipe.model.scales)
     ):
         raise ConfigError(
-            f"{origin_of('eval', 'scales')}: eval.scales must have as many scales as model.scales "
+            f"{origin_of('eval.scales', 'model.scales', 'model.merge')}: eval.scales must have as many scales as model.scales "
             f"({len(recipe.model.scales)}) for an attention model"
         )
 
@@ -373,6 +375,9 @@ def recipe_from_dict(values: Any, source: str | os.PathLike[str] = "<recipe>", o
     def origin(section: str, key: str = "") -> str:
         return overridden.get(f"{section}.{key}", str(source))
 
+    def first_origin(*dotted: str) -> str:
+        return next((overridden[k] for k in dotted if k in overridden), str(source))
+
     if not isinstance(values, Mapping):
         raise ConfigError(f"{source}: a recipe must be a table of sections, got {_describe(values)}")
     classes = _section_classes()
@@ -386,7 +391,7 @@ def recipe_from_dict(values: Any, source: str | os.PathLike[str] = "<recipe>", o
         for name, cls in classes.items()
     }
     recipe = Recipe(**sections)
-    _cross_checks(recipe, origin)
+    _cross_checks(recipe, first_origin)
     return recipe
 
 

@@ -149,7 +149,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = N
     crf.addPairwiseBilateral(
         sxy=params.bi_xy_std,
         srgb=params.bi_rgb_std,
-        rgbim=np.ascontiguousarray(image, dtype=np.uint8),
+        rgbim=np.array(image, dtype=np.uint8, order="C"),  # a writable copy: pydensecrf needs one
         compat=params.bi_w,
     )
     q = crf.inference(params.iterations)
@@ -248,23 +248,34 @@ def read_label(path: Path, num_classes: int, size: tuple[int, int], ignore_index
         raise DataError(f"{path}: label is {label.shape[1]}x{label.shape[0]}, probabilities are {size[1]}x{size[0]}")
     bad = (label >= num_classes) & (label != ignore_index)
     if bad.any():
-        raise DataError(f"{path}: label value {int(label[bad][0])} is not a class (0..{num_classes - 1}) or {ignore_index}")
+        value = int(label[bad][0])
+        raise DataError(f"{path}: label value {value} is not a class (0..{num_classes - 1}) or {ignore_index}")
     return label
 
 
 def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
-    """Bincount confusion matrix [C,C] (rows = ground truth, columns = prediction); ``ignore_index`` skipped."""
-    keep = label != ignore_index
-    index = label[keep].astype(np.int64) * num_classes + pred[keep].astype(np.int64)
-    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    """Confusion matrix [C,C] (rows = ground truth) via :class:`msattn.engine.metrics.ConfusionMatrix`."""
+    import torch
+
+    from msattn.engine.metrics import ConfusionMatrix
+
+    matrix = ConfusionMatrix(num_classes, ignore_index)
+    matrix.update(
+        torch.from_numpy(np.asarray(pred, dtype=np.int64)),
+        torch.from_numpy(np.asarray(label, dtype=np.int64)),
+    )
+    return matrix.mat.numpy()
 
 
 def mean_iou(confusion: np.ndarray) -> float:
-    """Mean IoU over classes present in the ground truth or the prediction."""
-    tp = np.diag(confusion).astype(np.float64)
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    present = union > 0
-    return float((tp[present] / union[present]).mean()) if present.any() else float("nan")
+    """mIoU of a [C,C] confusion matrix, as ``msattn evaluate`` computes it (absent classes left out)."""
+    import torch
+
+    from msattn.engine.metrics import ConfusionMatrix
+
+    matrix = ConfusionMatrix(confusion.shape[0])
+    matrix.mat = torch.from_numpy(np.asarray(confusion, dtype=np.int64))
+    return float(matrix.compute()["miou"])
 
 
 # ----------------------------------------------------------------------------- parallel driver
@@ -302,6 +313,12 @@ def _err_console() -> Any:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _skipped(console: Any, message: str) -> None:
+    from rich.markup import escape
+
+    console.print(f"[yellow]skipped[/] {escape(message)}")
+
+
 def _list_npz(probs: Path) -> list[str]:
     if not probs.is_dir():
         raise DataError(f"{probs}: probabilities folder not found")
@@ -336,7 +353,7 @@ def refine_folder(
     for name in todo:
         image_path = find_image(images, name)
         if image_path is None:
-            console.print(f"[yellow]skipped[/] {name}: no {name}.jpg/.jpeg/.png in {images}")
+            _skipped(console, f"{name}: no {name}.jpg/.jpeg/.png in {images}")
             failed += 1
             continue
         tasks.append((image_path, probs / f"{name}.npz", out / f"{name}.png", params))
@@ -346,7 +363,7 @@ def refine_folder(
             refined += 1
         else:
             failed += 1
-            console.print(f"[yellow]skipped[/] {tasks[i][1].stem}: {error}")
+            _skipped(console, f"{tasks[i][1].stem}: {error}")
     if todo and refined == 0:
         raise DataError(f"{probs}: none of the {len(todo)} images could be refined (see messages above)")
     return {"refined": refined, "skipped_done": done, "failed": failed}
@@ -376,7 +393,7 @@ def grid_search(
         image_path, label_path = find_image(images, name), labels / f"{name}.png"
         if image_path is None or not label_path.is_file():
             missing = label_path if image_path else images / f"{name}.jpg"
-            console.print(f"[yellow]skipped[/] {name}: {missing} not found")
+            _skipped(console, f"{name}: {missing} not found")
             continue
         items.append((image_path, probs / f"{name}.npz", label_path))
     if not items:
@@ -391,7 +408,7 @@ def grid_search(
     for i, result in _run_parallel(_search_one, tasks, workers, "CRF search"):
         if isinstance(result, str):
             if result not in bad:
-                console.print(f"[yellow]skipped[/] {result}")
+                _skipped(console, result)
             bad.add(result)
             continue
         s = i // len(items)

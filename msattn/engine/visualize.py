@@ -26,16 +26,9 @@ _MIN_PANEL, _MAX_PANEL = 192, 384  # panel heights in figures (small images are 
 
 def voc_palette(num: int = 256) -> np.ndarray:
     """The PASCAL VOC colour map (bit-interleaved), uint8 [num,3]; index 255 is the void colour."""
-    palette = np.zeros((num, 3), dtype=np.uint8)
-    for index in range(num):
-        c, r, g, b = index, 0, 0, 0
-        for bit in range(8):
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        palette[index] = (r, g, b)
-    return palette
+    from msattn.data.palette import voc_colormap
+
+    return np.asarray(voc_colormap(num), dtype=np.uint8).reshape(num, 3)
 
 
 def full_palette(palette: Any = None) -> np.ndarray:
@@ -127,16 +120,16 @@ def colour_bar(height: int, font_size: int = 12) -> Image.Image:
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w, text_h = _text_size(probe, "0.5", font)
     bar_w, pad = 14, text_h // 2 + 2
-    img = Image.new("RGB", (bar_w + 6 + text_w + 4, height), _BG)
+    img = Image.new("RGB", (bar_w + 2 + 6 + text_w + 4, height), _BG)
     inner = max(height - 2 * pad, 2)
     ramp = np.linspace(1.0, 0.0, inner)[:, None].repeat(bar_w, axis=1)
-    img.paste(Image.fromarray(heat_colors(ramp)), (0, pad))
+    img.paste(Image.fromarray(heat_colors(ramp)), (1, pad))
     draw = ImageDraw.Draw(img)
-    draw.rectangle((0, pad, bar_w - 1, pad + inner - 1), outline=_FG)
+    draw.rectangle((0, pad - 1, bar_w + 1, pad + inner), outline=_FG)  # frame outside the ramp
     for value, label in ((1.0, "1"), (0.5, "0.5"), (0.0, "0")):
         y = pad + round((1.0 - value) * (inner - 1))
-        draw.line((bar_w, y, bar_w + 3, y), fill=_FG)
-        draw.text((bar_w + 6, y), label, fill=_FG, font=font, anchor="lm")
+        draw.line((bar_w + 2, y, bar_w + 5, y), fill=_FG)
+        draw.text((bar_w + 8, y), label, fill=_FG, font=font, anchor="lm")
     return img
 
 
@@ -166,7 +159,7 @@ def attention_heatmap(
     heat = heat_colors(weights).astype(np.float32)
     mixed = (1 - alpha) * np.asarray(image, dtype=np.float32) + alpha * heat
     panel = Image.fromarray(np.clip(mixed + 0.5, 0, 255).astype(np.uint8))
-    panel = _resize(panel, _panel_height(panel.height))
+    panel = _resize(panel, max(panel.height, _MIN_PANEL))  # native size; small images enlarged
     font_size = max(12, panel.height // 16)
     band = font_size + 10
     titled = _titled(panel, title or "", _font(font_size), band)

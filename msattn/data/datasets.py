@@ -1,0 +1,175 @@
+"""Reading dataset folders: ``images/<id>.jpg``, ``labels/<id>.png``, ``<split>.txt``, ``dataset.json``.
+
+Any folder in this shape works, so users can bring their own data. Labels are single-channel PNGs
+(palette or grey) whose values are class indices; ``ignore_index`` (255) marks pixels to ignore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from msattn.data.palette import voc_colormap
+from msattn.errors import DataError
+from msattn.io import DEFAULT_MAX_PIXELS, check_id, open_image, read_id_list, read_json
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What ``dataset.json`` says about a dataset folder."""
+
+    name: str
+    classes: list[str]
+    ignore_index: int
+    palette: list[list[int]]
+    root: Path
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def read_dataset_info(root: Path) -> DatasetInfo:
+    """Read and check ``root/dataset.json``; a missing or malformed file raises :class:`DataError`."""
+    root = Path(root)
+    path = root / "dataset.json"
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    name = data.get("name", root.name)
+    classes = data.get("classes")
+    ignore_index = data.get("ignore_index", 255)
+    if not isinstance(name, str):
+        raise DataError(f"{path}: 'name' must be a string")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path}: 'classes' must be a non-empty list of class names (index 0 first)")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool) or not 0 <= ignore_index <= 255:
+        raise DataError(f"{path}: 'ignore_index' must be an integer in 0..255")
+    if len(classes) > 255 or (ignore_index < len(classes)):
+        raise DataError(f"{path}: {len(classes)} classes do not fit 8-bit labels with ignore_index {ignore_index}")
+    palette = data.get("palette")
+    if palette is None:
+        palette = voc_colormap(len(classes))
+    ok = isinstance(palette, list) and all(
+        isinstance(rgb, list) and len(rgb) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in rgb)
+        for rgb in palette
+    )
+    if not ok or len(palette) < len(classes):
+        raise DataError(f"{path}: 'palette' must list one [r, g, b] (0..255) per class")
+    return DatasetInfo(name=name, classes=list(classes), ignore_index=ignore_index, palette=palette, root=root)
+
+
+def read_label(path: Path, num_classes: int, ignore_index: int = 255, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A label PNG as ``uint8[H, W]``; other modes or values outside the classes raise :class:`DataError`."""
+    img = open_image(path, mode=None, max_pixels=max_pixels)
+    if img.mode not in ("P", "L", "I", "I;16"):
+        raise DataError(f"{path}: label is a mode {img.mode} image; expected single-channel class indices (P or L PNG)")
+    label = np.asarray(img)
+    values = np.unique(label)
+    bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
+    if bad.size:
+        raise DataError(
+            f"{path}: label values {', '.join(str(int(v)) for v in bad[:5])} outside 0..{num_classes - 1} "
+            f"(ignore: {ignore_index})"
+        )
+    return label.astype(np.uint8)
+
+
+class SegmentationFolder(Dataset):
+    """Items of one split of a dataset folder: ``{"image": float[3, H, W], "label": int64[H, W], "id": str}``.
+
+    ``transform(image, label, rng)`` gets the PIL RGB image, the PIL label (mode L, values checked)
+    and a generator seeded from ``(seed, epoch, index)``: call :meth:`set_epoch` each epoch for new
+    augmentations that stay reproducible whatever the number of loader workers (with
+    ``persistent_workers=True`` the workers keep the epoch they were started with). The default
+    transform is :class:`msattn.data.transforms.EvalTransform` with ImageNet statistics.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        transform: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        seed: int = 0,
+    ) -> None:
+        from msattn.data.transforms import EvalTransform
+
+        self.root = Path(root)
+        self.info = read_dataset_info(self.root)
+        self.split = check_id(split, self.root / "dataset.json")
+        list_path = self.root / f"{split}.txt"
+        self.ids = read_id_list(list_path)
+        if not self.ids:
+            raise DataError(f"{list_path}: lists no ids")
+        missing = [i for i in self.ids if not self.image_path(i).is_file() or not self.label_path(i).is_file()]
+        if missing:
+            first = missing[0]
+            which = self.image_path(first) if not self.image_path(first).is_file() else self.label_path(first)
+            raise DataError(f"{which}: file not found ({len(missing)} of the {len(self.ids)} ids in {list_path} lack files)")
+        self.transform = transform if transform is not None else EvalTransform()
+        self.max_pixels = max_pixels
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, item_id: str) -> Path:
+        return self.root / "images" / f"{item_id}.jpg"
+
+    def label_path(self, item_id: str) -> Path:
+        return self.root / "labels" / f"{item_id}.png"
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the augmentations of ``epoch`` (items are reproducible from ``(seed, epoch, index)``)."""
+        self.epoch = int(epoch)
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The generator handed to the transform for item ``index`` in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def read_pair(self, index: int) -> tuple[Any, Any]:
+        """The raw PIL RGB image and PIL label (mode L) of item ``index``, checked for size and values."""
+        from PIL import Image
+
+        item_id = self.ids[index]
+        image = open_image(self.image_path(item_id), mode="RGB", max_pixels=self.max_pixels)
+        label = read_label(self.label_path(item_id), self.info.num_classes, self.info.ignore_index, self.max_pixels)
+        if (label.shape[1], label.shape[0]) != image.size:
+            raise DataError(
+                f"{self.label_path(item_id)}: label is {label.shape[1]}x{label.shape[0]}, "
+                f"image is {image.size[0]}x{image.size[1]}"
+            )
+        return image, Image.fromarray(label)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self.read_pair(index)
+        image_t, label_t = self.transform(image, label, self.rng(index))
+        return {"image": image_t, "label": label_t, "id": self.ids[index]}
+
+
+def pad_collate(batch: Sequence[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
+    """Stack items of different sizes: images padded with 0 (the mean), labels with ``ignore_index``.
+
+    Returns ``{"image": [N, 3, H, W], "label": [N, H, W], "id": [str], "size": [(h, w)]}``.
+    """
+    height = max(item["image"].shape[-2] for item in batch)
+    width = max(item["image"].shape[-1] for item in batch)
+    images = torch.zeros(len(batch), 3, height, width, dtype=batch[0]["image"].dtype)
+    labels = torch.full((len(batch), height, width), ignore_index, dtype=torch.int64)
+    sizes = []
+    for n, item in enumerate(batch):
+        h, w = item["image"].shape[-2:]
+        images[n, :, :h, :w] = item["image"]
+        labels[n, :h, :w] = item["label"]
+        sizes.append((int(h), int(w)))
+    return {"image": images, "label": labels, "id": [item["id"] for item in batch], "size": sizes}

@@ -1,0 +1,384 @@
+"""Machinery shared by every ``prepare-data`` command.
+
+A command turns its source into a list of :class:`Task` (one per output id), and a
+top-level ``process(task, out) -> Result`` function that writes ``images/<id>.jpg`` and
+``labels/<id>.png`` for one task. :func:`run_tasks` runs them in-process or in a
+``ProcessPoolExecutor`` behind a Rich progress bar, skipping ids whose two files already
+exist: every file is written under a temporary name and renamed, so a file under its
+final name is complete, and re-running the command resumes an interrupted run.
+:func:`finish` writes ``train.txt``, ``val.txt``, ``dataset.json`` and
+``prepare_report.json`` and prints the summary.
+
+Images are **hard links** to the source JPEGs when source and output share a file
+system (no extra disk space; do not edit them in place), and copies otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+import shutil
+import signal
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from msattn import __version__
+from msattn.errors import DataError, MsattnError, ResourceError
+from msattn.io import atomic_write, clean_temporaries, read_json, write_id_list, write_json
+
+IGNORE_INDEX = 255
+MARKER_NAME = ".msattn-prepare.json"
+REPORT_NAME = "prepare_report.json"
+SPLITS = ("train", "val")
+
+# Result statuses
+WRITTEN, DONE, MISSING, SKIPPED, ERROR = "written", "done", "missing", "skipped", "error"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One output id: its split, its id and whatever (picklable) the dataset's worker needs."""
+
+    split: str
+    id: str
+    payload: Any = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """What became of one task. ``message`` says why for missing/skipped/error."""
+
+    split: str
+    id: str
+    status: str
+    message: str = ""
+
+
+@dataclass
+class PrepareSummary:
+    """Returned by every ``prepare_*`` function."""
+
+    name: str
+    out: Path
+    splits: dict[str, list[str]]
+    written: int = 0
+    already_done: int = 0
+    missing: list[Result] = field(default_factory=list)
+    skipped: list[Result] = field(default_factory=list)
+    errors: list[Result] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of usable ids per split."""
+        return {split: len(ids) for split, ids in self.splits.items()}
+
+
+def make_console(stderr: bool = False) -> Any:
+    """A Rich console bound to the current stdout/stderr (created per call so captured streams work)."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+# ----------------------------------------------------------------------------- output folder
+
+
+def prepare_output(out: Path, name: str, params: dict[str, Any]) -> None:
+    """Create ``out``'s folders, remove temporaries left by a killed run, and pin the settings.
+
+    A folder prepared earlier with other settings (another seed, size, dataset) is refused, since
+    resuming into it would mix two datasets.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose another --out")
+    for sub in (out, out / "images", out / "labels"):
+        sub.mkdir(parents=True, exist_ok=True)
+        clean_temporaries(sub)
+    marker = out / MARKER_NAME
+    wanted = {"name": name, "params": params}
+    if marker.is_file():
+        try:
+            found = read_json(marker)
+        except DataError:
+            found = None  # a damaged marker cannot pin anything; rewrite it
+        if found is not None and found != wanted:
+            raise DataError(
+                f"{out}: was prepared with other settings ({_describe_difference(found, wanted)}); "
+                "choose another --out or delete the folder"
+            )
+    elif (out / "dataset.json").is_file():
+        raise DataError(f"{out}: holds a dataset.json not written by this command; choose another --out")
+    write_json(marker, wanted)
+
+
+def _describe_difference(found: Any, wanted: dict[str, Any]) -> str:
+    if not isinstance(found, dict) or found.get("name") != wanted["name"]:
+        name = found.get("name") if isinstance(found, dict) else None
+        return f"dataset {name!r}, not {wanted['name']!r}"
+    old = found.get("params") or {}
+    keys = sorted(k for k in set(old) | set(wanted["params"]) if old.get(k) != wanted["params"].get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} -> {wanted['params'].get(k)!r}" for k in keys[:4])
+
+
+def image_path(out: Path, item_id: str) -> Path:
+    return out / "images" / f"{item_id}.jpg"
+
+
+def label_path(out: Path, item_id: str) -> Path:
+    return out / "labels" / f"{item_id}.png"
+
+
+def is_done(out: Path, item_id: str) -> bool:
+    """Both files of ``item_id`` exist under their final names (so both are complete)."""
+    return image_path(out, item_id).is_file() and label_path(out, item_id).is_file()
+
+
+# ----------------------------------------------------------------------------- writing files
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Atomically place ``src`` at ``dst``: a hard link when possible, else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and os.path.samefile(src, dst):
+        return
+    tmp = dst.parent / f".tmp-{dst.name}.{os.getpid()}"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        with open(src, "rb") as source, atomic_write(dst, "wb") as handle:
+            shutil.copyfileobj(source, handle)
+        return
+    try:
+        os.replace(tmp, dst)
+    finally:
+        # rename() is a no-op when both names are links to one file: never leave the temporary behind
+        tmp.unlink(missing_ok=True)
+
+
+def save_label(label: np.ndarray, path: Path, palette: Sequence[int]) -> None:
+    """Write an ``[H, W]`` uint8 class-index map as an 8-bit palette PNG (atomically)."""
+    from PIL import Image
+
+    from msattn.io import save_image
+
+    if label.dtype != np.uint8 or label.ndim != 2:
+        raise ValueError(f"labels must be 2-D uint8, got {label.dtype} {label.shape}")
+    img = Image.fromarray(np.ascontiguousarray(label))  # mode "L"
+    img.putpalette(list(palette))  # -> mode "P", indices unchanged
+    save_image(img, path)
+
+
+def check_label_values(label: np.ndarray, num_classes: int, source: Path | str) -> None:
+    """Raise :class:`DataError` naming ``source`` if a value is neither a class index nor 255."""
+    values = np.unique(label)
+    bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
+    if bad.size:
+        shown = ", ".join(str(int(v)) for v in bad[:5])
+        raise DataError(
+            f"{source}: label values {shown} outside the class range 0..{num_classes - 1} (255 = ignore)"
+        )
+
+
+def check_image(src: Path, size: tuple[int, int] | None = None) -> None:
+    """Fully decode an image (corrupt or truncated files raise :class:`DataError`); check its (W, H)."""
+    from msattn.io import open_image
+
+    img = open_image(src, mode=None)
+    if size is not None and img.size != tuple(size):
+        raise DataError(
+            f"{src}: image is {img.size[0]}x{img.size[1]} but its annotation is {size[0]}x{size[1]}"
+        )
+
+
+# ----------------------------------------------------------------------------- running tasks
+
+ProcessFn = Callable[[Task, Path], Result]
+
+
+def _run_one(process: ProcessFn, out: Path, task: Task) -> Result:
+    try:
+        return process(task, out)
+    except MsattnError as exc:
+        return Result(task.split, task.id, ERROR, str(exc))
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others; reported below
+        return Result(task.split, task.id, ERROR, f"{task.id}: unexpected {type(exc).__name__}: {exc}")
+
+
+def run_tasks(
+    process: ProcessFn, tasks: Sequence[Task], out: Path, workers: int, description: str
+) -> list[Result]:
+    """Run ``process`` over ``tasks`` (skipping finished ids) with a progress bar; results in task order."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import TimeRemainingColumn
+
+    results: dict[int, Result] = {}
+    todo: list[tuple[int, Task]] = []
+    for index, task in enumerate(tasks):
+        if is_done(out, task.id):
+            results[index] = Result(task.split, task.id, DONE)
+        else:
+            todo.append((index, task))
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    run_one = functools.partial(_run_one, process, out)
+    with Progress(*columns, console=make_console(stderr=True), transient=False) as progress:
+        bar = progress.add_task(description, total=len(tasks), completed=len(results))
+        if workers <= 0 or len(todo) <= 1:
+            for index, task in todo:
+                results[index] = run_one(task)
+                progress.advance(bar)
+        else:
+            for index, result in _run_pool(run_one, todo, workers):
+                results[index] = result
+                progress.advance(bar)
+    return [results[i] for i in range(len(tasks))]
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which stops handing out work and lets them finish their file."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_pool(
+    run_one: Callable[[Task], Result], todo: list[tuple[int, Task]], workers: int
+) -> Iterator[tuple[int, Result]]:
+    workers = min(workers, len(todo))
+    chunksize = max(1, min(16, len(todo) // (workers * 8)))
+    executor = ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
+    )
+    try:
+        indices = [index for index, _ in todo]
+        yield from zip(indices, executor.map(run_one, [task for _, task in todo], chunksize=chunksize))
+    except BrokenProcessPool:
+        raise ResourceError(
+            "a worker process died (out of memory?); re-run with fewer --workers: finished files are kept"
+        ) from None
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- finishing
+
+
+def dedupe(ids: Sequence[str]) -> list[str]:
+    """``ids`` without repeats, first occurrence kept."""
+    return list(dict.fromkeys(ids))
+
+
+def finish(
+    *,
+    name: str,
+    out: Path,
+    source: Path | str,
+    classes: Sequence[str],
+    palette: Sequence[Sequence[int]],
+    results: Sequence[Result],
+    sources: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    warnings: Sequence[str] = (),
+) -> PrepareSummary:
+    """Write the lists, ``dataset.json`` and the report; print the summary; fail if nothing is usable."""
+    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
+    summary = PrepareSummary(name=name, out=out, splits=splits, warnings=list(warnings))
+    for result in results:
+        if result.status in (WRITTEN, DONE):
+            if result.id not in splits[result.split]:
+                splits[result.split].append(result.id)
+            summary.written += result.status == WRITTEN
+            summary.already_done += result.status == DONE
+        elif result.status == MISSING:
+            summary.missing.append(result)
+        elif result.status == SKIPPED:
+            summary.skipped.append(result)
+        else:
+            summary.errors.append(result)
+
+    report = {
+        "missing": {f"{r.split}/{r.id}": r.message for r in summary.missing},
+        "skipped": {f"{r.split}/{r.id}": r.message for r in summary.skipped},
+        "errors": {f"{r.split}/{r.id}": r.message for r in summary.errors},
+    }
+    write_json(out / REPORT_NAME, report)
+    for split in SPLITS:
+        if not splits[split] and any(splits.values()):
+            summary.warnings.append(f"the {split} split is empty")
+    _print_summary(summary, results)
+
+    if not any(splits.values()):
+        first = (summary.errors or summary.missing or summary.skipped or [None])[0]
+        detail = f"; first problem: {first.message}" if first is not None else ""
+        raise DataError(
+            f"{source}: nothing usable was produced ({len(summary.missing)} missing, "
+            f"{len(summary.skipped)} skipped, {len(summary.errors)} unreadable{detail}); "
+            f"full list in {out / REPORT_NAME}"
+        )
+
+    for split in SPLITS:
+        write_id_list(out / f"{split}.txt", splits[split])
+    info = {
+        "format": "msattn-dataset",
+        "format_version": 1,
+        "name": name,
+        "classes": list(classes),
+        "ignore_index": IGNORE_INDEX,
+        "palette": [[int(v) for v in rgb] for rgb in palette[: len(classes)]],
+        "counts": summary.counts,
+        "sources": sources,
+        "msattn_version": __version__,
+    }
+    info.update(extra or {})
+    write_json(out / "dataset.json", info)
+    return summary
+
+
+def _print_summary(summary: PrepareSummary, results: Sequence[Result]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = make_console()
+    table = Table(title=f"prepare-data {summary.name} -> {summary.out}", title_justify="left")
+    for column in ("split", "usable", "written", "already done", "missing", "skipped", "errors"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split in SPLITS:
+        status = Counter(r.status for r in results if r.split == split)
+        table.add_row(
+            split,
+            str(len(summary.splits[split])),
+            str(status[WRITTEN]),
+            str(status[DONE]),
+            str(status[MISSING]),
+            str(status[SKIPPED]),
+            str(status[ERROR]),
+        )
+    console.print(table)
+    err = make_console(stderr=True)
+    for group, label in ((summary.missing, "missing"), (summary.skipped, "skipped")):
+        for message, count in Counter(r.message for r in group).most_common():
+            err.print(f"{label}: {count} id(s): {message}", markup=False, soft_wrap=True)
+    for result in summary.errors[:10]:
+        err.print(f"[red]error:[/red] {escape(result.message)}", soft_wrap=True, highlight=False)
+    if len(summary.errors) > 10:
+        err.print(f"... and {len(summary.errors) - 10} more errors", markup=False)
+    if summary.missing or summary.skipped or summary.errors:
+        err.print(f"full list of problems: {summary.out / REPORT_NAME}", markup=False, soft_wrap=True)
+    for message in summary.warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True, highlight=False)

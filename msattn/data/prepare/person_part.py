@@ -1,0 +1,146 @@
+"""PASCAL-Person-Part from the Pascal-Part annotations (``Annotations_Part/*.mat``) and VOC 2010 images.
+
+Merge rule (reproduces the published PASCAL-Person-Part ground truth):
+head = head, hair, eyes, ears, eyebrows, nose, mouth; torso = torso, neck;
+upper_arms = luarm, ruarm; lower_arms = llarm, rlarm, lhand, rhand;
+upper_legs = luleg, ruleg; lower_legs = llleg, rlleg, lfoot, rfoot.
+Person objects (``class_ind == 15``; names are not reliable keys) are painted in file order and
+within each person its parts in file order, later over earlier. Person pixels covered by no part,
+and every other pixel, are background (0). Only images with at least one person are written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from msattn.data.lists import shipped_ids, shipped_list_path
+from msattn.data.palette import flat_palette, voc_colormap
+from msattn.data.prepare import common
+from msattn.data.prepare.common import MISSING, SKIPPED, WRITTEN, PrepareSummary, Result, Task
+from msattn.errors import DataError
+from msattn.io import check_id
+
+CLASSES = ("background", "head", "torso", "upper_arms", "lower_arms", "upper_legs", "lower_legs")
+PERSON_CLASS_IND = 15
+_GROUPS = {
+    1: ("head", "hair", "leye", "reye", "lear", "rear", "lebrow", "rebrow", "nose", "mouth"),
+    2: ("torso", "neck"),
+    3: ("luarm", "ruarm"),
+    4: ("llarm", "rlarm", "lhand", "rhand"),
+    5: ("luleg", "ruleg"),
+    6: ("llleg", "rlleg", "lfoot", "rfoot"),
+}
+#: Pascal-Part person part name -> PASCAL-Person-Part class index
+PART_TO_CLASS: dict[str, int] = {name: index for index, names in _GROUPS.items() for name in names}
+
+
+def load_pascal_part(path: Path) -> list[dict[str, Any]]:
+    """Read one Pascal-Part ``.mat`` into ``[{"class_ind", "mask", "parts": [(name, mask), ...]}, ...]``.
+
+    Handles scipy's squeezing: one object (or one part) comes back as a bare struct, no parts as an
+    empty array. Unreadable or malformed files raise :class:`DataError` naming the file.
+    """
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
+        anno = mat["anno"]
+        objects = [_read_object(obj) for obj in _as_list(anno.objects)]
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Exception as exc:  # noqa: BLE001 - scipy raises many types on corrupt files
+        raise DataError(f"{path}: not a readable Pascal-Part annotation ({type(exc).__name__}: {exc})") from None
+    shapes = {obj["mask"].shape for obj in objects} | {m.shape for obj in objects for _, m in obj["parts"]}
+    if len(shapes) > 1 or any(len(s) != 2 for s in shapes):
+        raise DataError(f"{path}: masks of different or non-2-D shapes {sorted(shapes)}")
+    return objects
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, np.ndarray):
+        return list(value.ravel())
+    return [value]
+
+
+def _read_object(obj: Any) -> dict[str, Any]:
+    parts = [(str(p.part_name), np.asarray(p.mask)) for p in _as_list(obj.parts)]
+    return {"class_ind": int(obj.class_ind), "mask": np.asarray(obj.mask), "parts": parts}
+
+
+def person_part_label(objects: Sequence[dict[str, Any]], source: Path | str = "") -> np.ndarray | None:
+    """The ``[H, W]`` uint8 Person-Part label of one image, or ``None`` when it shows no person."""
+    persons = [obj for obj in objects if obj["class_ind"] == PERSON_CLASS_IND]
+    if not persons:
+        return None
+    label = np.zeros(persons[0]["mask"].shape, dtype=np.uint8)
+    for person in persons:
+        for name, mask in person["parts"]:
+            if name not in PART_TO_CLASS:
+                raise DataError(f"{source}: unknown person part {name!r}")
+            label[mask.astype(bool)] = PART_TO_CLASS[name]
+    return label
+
+
+def _process(task: Task, out: Path) -> Result:
+    mat_path, jpg_path = task.payload
+    mat_path, jpg_path = Path(mat_path), Path(jpg_path)
+    if not mat_path.is_file():
+        return Result(task.split, task.id, MISSING, f"no annotation in {mat_path.parent}")
+    label = person_part_label(load_pascal_part(mat_path), mat_path)
+    if label is None:
+        return Result(task.split, task.id, SKIPPED, "no person in the annotation")
+    if not jpg_path.is_file():
+        return Result(task.split, task.id, MISSING, f"no image in {jpg_path.parent}")
+    common.check_image(jpg_path, (label.shape[1], label.shape[0]))
+    common.save_label(label, common.label_path(out, task.id), flat_palette())
+    common.link_or_copy(jpg_path, common.image_path(out, task.id))
+    return Result(task.split, task.id, WRITTEN)
+
+
+def prepare_person_part(
+    source: Path,
+    out: Path,
+    workers: int = 2,
+    train_ids: Sequence[str] | None = None,
+    val_ids: Sequence[str] | None = None,
+) -> PrepareSummary:
+    """Write PASCAL-Person-Part to ``out`` from ``source`` (``Annotations_Part/``, ``JPEGImages/``).
+
+    Splits come from the shipped 1,716/1,831 lists unless ``train_ids``/``val_ids`` are given; listed
+    ids absent from ``source`` are counted and reported, not fatal.
+    """
+    source, out = Path(source), Path(out)
+    annotations, images = source / "Annotations_Part", source / "JPEGImages"
+    for folder in (annotations, images):
+        if not folder.is_dir():
+            raise DataError(f"{folder}: folder not found (--source must hold Annotations_Part/ and JPEGImages/)")
+    lists = {
+        "train": [check_id(i, "train_ids") for i in train_ids] if train_ids is not None else shipped_ids("person_part", "train"),
+        "val": [check_id(i, "val_ids") for i in val_ids] if val_ids is not None else shipped_ids("person_part", "val"),
+    }
+    common.prepare_output(out, "person_part", {})
+    tasks = [
+        Task(split, item_id, (str(annotations / f"{item_id}.mat"), str(images / f"{item_id}.jpg")))
+        for split in common.SPLITS
+        for item_id in common.dedupe(lists[split])
+    ]
+    results = common.run_tasks(_process, tasks, out, workers, "person-part")
+    list_sources = {
+        split: str(shipped_list_path("person_part", split)) if given is None else "given by the caller"
+        for split, given in (("train", train_ids), ("val", val_ids))
+    }
+    return common.finish(
+        name="person_part",
+        out=out,
+        source=source,
+        classes=CLASSES,
+        palette=voc_colormap(len(CLASSES)),
+        results=results,
+        sources={"pascal_part": str(source.resolve()), "lists": list_sources},
+    )

@@ -1,0 +1,385 @@
+"""Prediction: label maps, overlays, probabilities and attention maps for image files.
+
+:func:`predict_probs` / :func:`predict_batch` are the small reusable pieces (evaluate uses
+them): normalised images in, class probabilities and merge weights at image size out.
+:func:`predict_images` is ``msattn predict``: inputs -> files in the output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_image
+from msattn.errors import DataError, UsageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LIST_SUFFIX = ".txt"
+
+
+# ----------------------------------------------------------------------------- the forward pass
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``amp``; never on CPU (bf16 is ~100x slower there)."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def predict_batch(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    scales: Sequence[float] | None = None,
+    flip: bool = False,
+    amp: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class probabilities and merge weights at image size for a batch of same-size images.
+
+    images: normalised float [N,3,H,W] on the model's device. Returns float32
+    ``probs`` [N,C,H,W] (softmax of the bilinearly upsampled merged logits) and
+    ``attention`` [N,S,H,W] (the model's merge weights upsampled to image size; for max
+    merging the one-hot map of the winning scale, kept one-hot by nearest upsampling) or
+    None for a single-scale model. ``flip`` averages with the mirrored image. ``amp``
+    enables bf16 autocast on CUDA only.
+    """
+    size = tuple(images.shape[-2:])
+    nearest = getattr(model, "merge", None) == "max"
+    with torch.inference_mode(), _autocast(images.device, amp):
+        probs, attention = _forward(model, images, scales, size, nearest)
+        if flip:
+            probs_f, attention_f = _forward(model, images.flip(-1), scales, size, nearest)
+            probs = (probs + probs_f.flip(-1)) / 2
+            if attention is not None and attention_f is not None:
+                attention = (attention + attention_f.flip(-1)) / 2
+    return probs, attention
+
+
+def _forward(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    scales: Sequence[float] | None,
+    size: tuple[int, ...],
+    nearest: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from msattn.models import upsample_logits
+
+    output = model(images, scales=scales)
+    probs = torch.softmax(upsample_logits(output["out"].float(), size), dim=1)  # [N,C,H,W]
+    attention = output.get("attention")
+    if attention is not None:
+        attention = attention.float()
+        if nearest:
+            attention = F.interpolate(attention, size=size, mode="nearest")
+        else:  # bilinear keeps weights that sum to 1 summing to 1
+            attention = F.interpolate(attention, size=size, mode="bilinear", align_corners=False)
+    return probs, attention
+
+
+def predict_probs(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    scales: Sequence[float] | None = None,
+    flip: bool = False,
+    amp: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One normalised image [1,3,H,W] (or [3,H,W]) -> (probs [C,H,W], attention [S,H,W] or None).
+
+    See :func:`predict_batch`; tensors stay on the model's device, float32.
+    """
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"predict_probs wants one image [1,3,H,W], got {tuple(image.shape)}")
+    probs, attention = predict_batch(model, image, scales=scales, flip=flip, amp=amp)
+    return probs[0], None if attention is None else attention[0]
+
+
+# ----------------------------------------------------------------------------- inputs and names
+
+
+def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
+    """Expand image files, folders (their images, sorted, not recursive) and ``.txt`` list files
+    (one path per line, relative to the list's folder; blank lines and ``#`` comments skipped).
+
+    Paths on the command line must exist; entries of a list are checked when they are read.
+    """
+    found: list[Path] = []
+    for path in inputs:
+        path = Path(path)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.suffix.lower() == LIST_SUFFIX:
+            found += _read_list(path)
+        elif not path.exists():
+            raise DataError(f"{path}: input not found")
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(path)
+        else:
+            raise DataError(f"{path}: not an image (.jpg, .jpeg, .png), folder or .txt list")
+    return found
+
+
+def _read_list(path: Path) -> list[Path]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: list file not found") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: list file is not UTF-8 text") from None
+    entries = [line.strip() for line in lines]
+    return [Path(os.path.normpath(path.parent / line)) for line in entries if line and not line.startswith("#")]
+
+
+def output_files(name: str, scales: Sequence[float], save_probs: bool, save_attention: bool) -> list[str]:
+    """File names predict writes for image ``name``."""
+    files = [f"{name}.png", f"{name}_overlay.jpg"]
+    if save_probs:
+        files.append(f"{name}.npz")
+    if save_attention and len(scales) > 1:
+        files += [attention_file(name, s) for s in scales] + [f"{name}_attention.png"]
+    return files
+
+
+def attention_file(name: str, scale: float) -> str:
+    """``<name>_attention_<scale>.png`` with the scale written as a float (1.0, 0.75, 0.5)."""
+    return f"{name}_attention_{float(scale)}.png"
+
+
+def unique_names(paths: Sequence[Path], files_of: Any = None) -> tuple[list[str], list[str]]:
+    """Output names (file stems) for ``paths``, renaming ``x`` to ``x_2``, ``x_3``... where two inputs
+    would write the same file. Returns (names, one message per rename).
+
+    ``files_of(name) -> list[str]`` lists the files a name writes (default: just the name).
+    """
+    files_of = files_of or (lambda n: [n])
+    taken: set[str] = set()
+    names, notes = [], []
+    for path in paths:
+        stem, name, k = path.stem, path.stem, 1
+        while any(f in taken for f in files_of(name)):
+            k += 1
+            name = f"{stem}_{k}"
+        if name != stem:
+            notes.append(f"{path}: another input already writes '{stem}', writing this one as '{name}'")
+        taken.update(files_of(name))
+        names.append(name)
+    return names, notes
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@dataclass
+class _Labels:
+    """What predict needs from the checkpoint's dataset section."""
+
+    classes: list[str]
+    palette: np.ndarray  # uint8 [K,3]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _dataset_info(ckpt: dict[str, Any], num_classes: int) -> _Labels:
+    from msattn.engine.visualize import voc_palette
+
+    ds = ckpt.get("dataset") or {}
+    classes = [str(c) for c in ds.get("classes") or []] or [str(i) for i in range(num_classes)]
+    palette = ds.get("palette")
+    palette_arr = np.asarray(palette, dtype=np.uint8).reshape(-1, 3) if palette else voc_palette(num_classes)
+    mean = tuple(float(v) for v in ds.get("mean") or IMAGENET_MEAN)
+    std = tuple(float(v) for v in ds.get("std") or IMAGENET_STD)
+    return _Labels(classes, palette_arr, mean, std)
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    from msattn.io import atomic_write
+
+    with atomic_write(path, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+
+
+def write_prediction(
+    out: Path,
+    name: str,
+    image: np.ndarray,
+    probs: np.ndarray,
+    attention: np.ndarray | None,
+    labels: np.ndarray,
+    info: _Labels,
+    scales: Sequence[float],
+    merge: str,
+    save_probs: bool,
+    save_attention: bool,
+) -> None:
+    """Write one image's files (all atomically): labels PNG, overlay, optional npz and attention maps."""
+    from msattn.engine.visualize import attention_figure, attention_heatmap, label_image, overlay, scale_title
+    from msattn.io import save_image
+
+    save_image(label_image(labels, info.palette), out / f"{name}.png")
+    save_image(overlay(image, labels, info.palette), out / f"{name}_overlay.jpg", quality=90)
+    if save_probs:
+        arrays = {
+            "probs": probs.astype(np.float16),
+            "scales": np.asarray(scales, dtype=np.float32),
+            "classes": np.asarray(info.classes, dtype=str),
+            "palette": info.palette,
+        }
+        if attention is not None:
+            arrays["attention"] = attention.astype(np.float16)
+        _write_npz(out / f"{name}.npz", arrays)
+    if save_attention and attention is not None:
+        for weights, scale in zip(attention, scales):
+            heat = attention_heatmap(image, weights, title=scale_title(scale, merge))
+            save_image(heat, out / attention_file(name, scale))
+        figure = attention_figure(image, labels, attention, scales, info.palette, info.classes, merge)
+        save_image(figure, out / f"{name}_attention.png")
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _crf_params_from_checkpoint(ckpt: dict[str, Any], source: Path) -> Any:
+    from msattn.crf import CRFParams, _import_densecrf, crf_params_from_dict
+
+    _import_densecrf()  # fail before any work when pydensecrf is missing
+    section = (ckpt.get("config") or {}).get("crf")
+    return crf_params_from_dict(section, f"{source} (config.crf)") if section else CRFParams()
+
+
+def predict_images(
+    inputs: Sequence[Path],
+    checkpoint: Path,
+    out: Path,
+    save_probs: bool = False,
+    save_attention: bool = False,
+    crf: bool = False,
+    scales: Sequence[float] | None = None,
+    batch_size: int = 1,
+    amp: bool = True,
+    device: str | None = None,
+) -> dict[str, int]:
+    """``msattn predict``: write label maps, overlays and (optionally) probabilities and attention maps.
+
+    Unreadable images are reported and skipped; DataError only when no image could be processed.
+    Images of the same size in a batch run together, others one by one. Returns counts
+    {"written", "failed"}.
+    """
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from msattn.engine.distributed import resolve_device
+    from msattn.io import clean_temporaries, open_image
+
+    paths = list(dict.fromkeys(collect_inputs(inputs)))  # the same file named twice runs once
+    if not paths:
+        raise DataError(f"no images found in {', '.join(str(p) for p in inputs)}")
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt, checkpoint).to(dev)
+    memory_format = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    run_scales = tuple(float(s) for s in (scales or model.scales))
+    if getattr(model, "head", None) is not None and len(run_scales) != len(model.scales):
+        raise UsageError(
+            f"--scales: this attention model was trained on {len(model.scales)} scales "
+            f"{list(model.scales)}; give as many or none"
+        )
+    if model.num_classes > 255:
+        raise UsageError(f"{checkpoint}: {model.num_classes} classes do not fit an 8-bit label PNG")
+    info = _dataset_info(ckpt, model.num_classes)
+    crf_params = _crf_params_from_checkpoint(ckpt, checkpoint) if crf else None
+    merge = getattr(model, "merge", "attention")
+
+    names, notes = unique_names(paths, lambda n: output_files(n, run_scales, save_probs, save_attention))
+    out.mkdir(parents=True, exist_ok=True)
+    clean_temporaries(out)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    for note in notes:
+        console.print(f"[yellow]note[/] {escape(str(note))}")
+    if save_attention and len(run_scales) == 1:
+        console.print("[yellow]note[/] the model runs on one scale: there are no attention maps to save")
+
+    written = failed = 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("predict", total=len(paths))
+        for chunk in _chunks(list(zip(paths, names)), batch_size):
+            loaded = []
+            for path, name in chunk:
+                try:
+                    loaded.append((name, np.array(open_image(path, "RGB"))))
+                except DataError as exc:
+                    progress.console.print(f"[yellow]skipped[/] {escape(str(exc))}")
+                    failed += 1
+                    progress.advance(bar)
+            for group in _same_size_groups(loaded):
+                outputs = _predict_group(model, group, info, run_scales, amp, dev, memory_format)
+                for (name, image), (p, att) in zip(group, outputs):
+                    refined = _crf(image, p, crf_params) if crf_params is not None else p
+                    labels = refined.argmax(axis=0).astype(np.uint8)
+                    write_prediction(
+                        out, name, image, p, att, labels, info, run_scales, merge, save_probs, save_attention
+                    )
+                    written += 1
+                    progress.advance(bar)
+    Console(highlight=False).print(f"predicted {written} image(s), skipped {failed} -> {out}")
+    if written == 0:
+        raise DataError(f"none of the {len(paths)} input images could be read (see messages above)")
+    return {"written": written, "failed": failed}
+
+
+def _predict_group(
+    model: torch.nn.Module,
+    group: list[tuple[str, np.ndarray]],
+    info: _Labels,
+    scales: Sequence[float],
+    amp: bool,
+    device: torch.device,
+    memory_format: torch.memory_format,
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Run same-size images as one batch -> [(probs [C,H,W], attention [S,H,W] or None)] as numpy."""
+    from msattn.errors import ResourceError
+
+    batch = torch.stack([normalize_image(img, info.mean, info.std) for _, img in group])
+    batch = batch.to(device, memory_format=memory_format)  # [N,3,H,W]
+    try:
+        probs, attention = predict_batch(model, batch, scales=scales, amp=amp)
+    except torch.cuda.OutOfMemoryError:
+        h, w = batch.shape[-2:]
+        raise ResourceError(
+            f"out of GPU memory on {len(group)} image(s) of {w}x{h} (first: {group[0][0]}); "
+            "lower --batch-size or use --device cpu"
+        ) from None
+    probs_np = probs.cpu().numpy()
+    att_np = None if attention is None else attention.cpu().numpy()
+    return [(probs_np[i], None if att_np is None else att_np[i]) for i in range(len(group))]
+
+
+def _crf(image: np.ndarray, probs: np.ndarray, params: Any) -> np.ndarray:
+    from msattn.crf import dense_crf
+
+    return dense_crf(image, probs, params)
+
+
+def _same_size_groups(loaded: list[tuple[str, np.ndarray]]) -> list[list[tuple[str, np.ndarray]]]:
+    """Group (name, image) pairs by image size, keeping first-seen order."""
+    groups: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
+    for item in loaded:
+        groups.setdefault(item[1].shape, []).append(item)
+    return list(groups.values())

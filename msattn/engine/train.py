@@ -1,0 +1,715 @@
+"""Training: a loop you can read top to bottom (in the spirit of nanoGPT).
+
+``train(recipe, out_dir)`` builds the data, model, SGD optimizer and LambdaLR schedule,
+then steps ``train.iterations`` times. Each step takes ``train.batch_size`` images as
+micro-batches of ``train.micro_batch`` (gradient accumulation), split over DDP ranks when
+launched by ``torchrun``. The run folder gets ``config.json``, ``metrics.jsonl``,
+``last.pt`` / ``best.pt`` (atomic) and TensorBoard events when tensorboard is installed.
+
+Reproducibility and resume: the training stream is a pure function of the seed. Global
+sample number ``k`` (counting images over all iterations) is image
+``perm(seed, k // n)[k % n]`` of an ``n``-image split, augmented with RNGs seeded from
+``(seed, k)``; micro-batch ``j`` of iteration ``t`` holds samples
+``t*B + j*m ... t*B + (j+1)*m - 1`` and goes to rank ``j % world``. A checkpoint stores
+the model, optimizer, scheduler, GradScaler and every rank's torch/CUDA/numpy/python RNG
+state, so ``--resume`` continues bit-for-bit (exactly on CPU; on GPU as far as the
+kernels are deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import resource
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from msattn.config import Recipe, format_recipe, load_recipe, recipe_diff, recipe_from_dict, recipe_to_dict
+from msattn.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from msattn.engine.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    init_distributed,
+)
+from msattn.errors import CheckpointError, ConfigError, DataError, ResourceError, TrainingError, UsageError
+from msattn.io import clean_temporaries, write_json
+
+_AUG_STREAM = 1  # SeedSequence spawn keys: keep the augmentation and order streams apart
+_ORDER_STREAM = 2
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def train_from_recipe(
+    recipe_path: Path,
+    overrides: list[str],
+    out: Path | None = None,
+    resume: bool = False,
+    dry_run: bool = False,
+    device: str | None = None,
+) -> Path | None:
+    """``msattn train``: load and validate the recipe, then train (or only print it with ``dry_run``).
+
+    The run folder defaults to ``runs/<recipe file stem>``. Returns the final checkpoint path.
+    """
+    recipe = load_recipe(recipe_path, overrides)
+    out_dir = Path(out) if out is not None else Path("runs") / Path(recipe_path).stem
+    if dry_run:
+        dry_run_report(recipe, out_dir, resume=resume)
+        return None
+    return train(recipe, out_dir, resume=resume, device=device)
+
+
+def dry_run_report(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console | None = None) -> list[str]:
+    """Print the resolved recipe and what training would do; returns the warnings printed."""
+    console = console or Console(highlight=False)
+    recipe = resolve_paths(recipe)
+    warnings: list[str] = []
+    root = Path(recipe.data.root)
+    if not (root / "dataset.json").is_file():
+        if recipe.data.auto_prepare:
+            console.print(f"data: {root} is missing; training will prepare it (data.auto_prepare = "
+                          f"{recipe.data.auto_prepare!r})")
+        else:
+            warnings.append(f"data folder {root} not found or has no dataset.json (run msattn prepare-data first)")
+    else:
+        for split in (recipe.data.train_split, recipe.data.val_split):
+            if not (root / f"{split}.txt").is_file():
+                warnings.append(f"{root / (split + '.txt')}: split list not found")
+    for key in ("pretrained", "init_checkpoint"):
+        value = getattr(recipe.model, key)
+        if value and value != "torchvision" and not Path(value).expanduser().is_file():
+            warnings.append(f"model.{key}: {value} not found")
+    if (out_dir / "last.pt").exists() and not resume:
+        warnings.append(f"{out_dir} already holds a run (last.pt): training would refuse without --resume")
+    accumulation = recipe.train.batch_size // recipe.micro_batch
+    console.print(f"# resolved recipe (run folder: {out_dir})")
+    console.print(format_recipe(recipe), markup=False)
+    console.print(
+        f"# batch {recipe.train.batch_size} = micro-batch {recipe.micro_batch} x {accumulation} accumulation "
+        "step(s) (divided further over DDP ranks)"
+    )
+    for text in warnings:
+        Console(stderr=True, highlight=False).print(f"warning: {text}", markup=False)
+    console.print("recipe OK (dry run: nothing trained)")
+    return warnings
+
+
+def resolve_paths(recipe: Recipe) -> Recipe:
+    """Make ``data.root`` (and weight paths) absolute, relative to the working directory."""
+
+    def absolute(value: str | None) -> str | None:
+        if value is None or value == "torchvision":
+            return value
+        return str(Path(value).expanduser().resolve())
+
+    return dataclasses.replace(
+        recipe,
+        data=dataclasses.replace(recipe.data, root=absolute(recipe.data.root)),
+        model=dataclasses.replace(
+            recipe.model,
+            pretrained=absolute(recipe.model.pretrained),
+            init_checkpoint=absolute(recipe.model.init_checkpoint),
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------- data stream
+
+
+class TrainStream(Dataset):
+    """Item ``(k, index)`` of a SegmentationFolder: image ``index`` augmented with a generator seeded by ``(seed, k)``.
+
+    The augmentation of global sample ``k`` is thus fixed whatever the worker, rank or
+    resume point, and never touches the process's RNGs (which drive dropout).
+    """
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        k, index = key
+        image, label = self.dataset.read_pair(index)
+        rng = np.random.default_rng([self.seed, _AUG_STREAM, k])
+        image_t, label_t = self.dataset.transform(image, label, rng)
+        return {"image": image_t, "label": label_t, "id": self.dataset.ids[index]}
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which epoch ``epoch`` visits an ``n``-image split."""
+    return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(n)
+
+
+class StreamSampler(Sampler):
+    """Yields ``(k, index)`` keys of this rank's micro-batches for iterations ``start`` .. ``stop - 1``."""
+
+    def __init__(self, n: int, batch: int, micro: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1):
+        self.n, self.batch, self.micro, self.seed = n, batch, micro, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+        self.per_rank = batch // (micro * world)  # micro-batches per rank per iteration
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.per_rank * self.micro
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, order = -1, np.empty(0, dtype=np.int64)
+        for t in range(self.start, self.stop):
+            for a in range(self.per_rank):
+                j = a * self.world + self.rank  # micro-batch j of the iteration goes to rank j % world
+                first = t * self.batch + j * self.micro
+                for k in range(first, first + self.micro):
+                    if k // self.n != epoch:
+                        epoch = k // self.n
+                        order = epoch_order(self.seed, epoch, self.n)
+                    yield k, int(order[k % self.n])
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states as plain tensors/numbers (loadable with weights_only=True)."""
+    version, py_state, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached": float(cached)},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Inverse of :func:`capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_factor(recipe: Recipe) -> Any:
+    """The multiplier of every group's initial lr at iteration ``it`` (step or poly)."""
+    optim, total = recipe.optim, recipe.train.iterations
+    if optim.schedule == "poly":
+        return lambda it: max(0.0, 1.0 - it / total) ** optim.power
+    return lambda it: optim.gamma ** (it // optim.step_size)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(recipe: Recipe, out_dir: Path, resume: bool = False, device: str | None = None) -> Path:
+    """Train ``recipe`` into ``out_dir`` (``device`` overrides ``train.device``); returns the last checkpoint."""
+    info = init_distributed(device if device is not None else recipe.train.device)
+    try:
+        return _train(resolve_paths(recipe), Path(out_dir), resume, info)
+    finally:
+        cleanup(info)
+
+
+def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:  # noqa: C901 - the loop, on purpose
+    from msattn.data import read_dataset_info
+    from msattn.models import build_model, param_groups, segmentation_loss
+
+    console = Console(highlight=False, quiet=not info.is_main)
+    dev, cfg = info.device, recipe.train
+    cuda = dev.type == "cuda"
+
+    # --- the run folder: refuse to overwrite a run, or resume it
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    state = None
+    if last_path.exists():
+        if not resume:
+            raise UsageError(f"{out_dir}: already holds a run (last.pt); add --resume to continue it or pick another --out")
+        state = load_checkpoint(last_path)
+    elif resume:
+        console.print(f"no {last_path} yet: starting a new run")
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        clean_temporaries(out_dir)
+
+    # --- data (prepared by rank 0 when the recipe says so)
+    if info.is_main:
+        maybe_prepare(recipe, console)
+    barrier(info)
+    root = Path(recipe.data.root)
+    dataset_info = read_dataset_info(root)
+    num_classes = len(dataset_info.classes)
+    if recipe.model.num_classes is not None and recipe.model.num_classes != num_classes:
+        raise ConfigError(f"model.num_classes is {recipe.model.num_classes} but {root} has {num_classes} classes")
+    train_set, val_set = build_datasets(recipe, dataset_info, console)
+    micro, world = recipe.micro_batch, info.world_size
+    if cfg.batch_size % (micro * world):
+        raise ConfigError(
+            f"train.batch_size ({cfg.batch_size}) must be a multiple of train.micro_batch x GPUs ({micro} x {world})"
+        )
+    accumulation = cfg.batch_size // (micro * world)
+
+    # --- model, optimizer, schedule
+    seed_everything(cfg.seed)
+    model = build_model(
+        num_classes,
+        scales=recipe.model.scales,
+        merge=recipe.model.merge,
+        extra_supervision=recipe.model.extra_supervision,
+        width=recipe.model.width,
+        dropout=recipe.model.dropout,
+        attention_hidden=recipe.model.attention_hidden,
+    )
+    if state is None:
+        init_weights(model, recipe, console)
+    model.to(dev)
+    if cuda and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cuda:
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg.deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    optimizer = torch.optim.SGD(
+        param_groups(model, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.head_lr_mult),
+        lr=recipe.optim.lr,
+        momentum=recipe.optim.momentum,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+
+    start, best_miou, last_metrics = 0, -math.inf, {}
+    if state is None:
+        seed_everything(cfg.seed + 1000 * info.rank)  # dropout differs per rank, like per image in one process
+    else:
+        start, best_miou = _load_training_state(state, recipe, model, optimizer, scheduler, scaler, info, console)
+        last_metrics = state.get("metrics") or {}
+    ddp_model = model
+    if info.distributed:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if cuda else None)
+
+    dataset_meta = {
+        "name": dataset_info.name,
+        "classes": list(dataset_info.classes),
+        "palette": [list(c) for c in dataset_info.palette],
+        "ignore_index": int(dataset_info.ignore_index),
+        "root": str(root),
+        "mean": list(recipe.data.mean),
+        "std": list(recipe.data.std),
+    }
+    config = recipe_to_dict(recipe)
+    if info.is_main:
+        write_json(out_dir / "config.json", config)
+    log = MetricsLog(out_dir, start, enabled=info.is_main)
+
+    def checkpoint(iteration: int, path: Path | list[Path]) -> None:
+        rng = all_gather_objects(capture_rng(dev), info)  # collective: every rank calls it
+        if not info.is_main:
+            return
+        ckpt = make_checkpoint(
+            model,
+            dataset_meta,
+            config,
+            iteration,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(),
+            rng={"per_rank": rng},
+            best_miou=best_miou if math.isfinite(best_miou) else None,
+            metrics=last_metrics,
+        )
+        for p in path if isinstance(path, list) else [path]:
+            save_checkpoint(p, ckpt)
+
+    # --- the loop
+    loader = make_train_loader(train_set, recipe, start, info)
+    batches = iter(loader)
+    autocast = (
+        torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    )
+    total = cfg.iterations
+    console.print(
+        f"training {total - start} iterations (from {start}) on {dev}{f' x {world} ranks' if world > 1 else ''}: "
+        f"batch {cfg.batch_size} = {micro} x {accumulation} accumulation x {world}, {len(train_set)} images, "
+        f"run folder {out_dir}"
+    )
+    ddp_model.train()
+    window: dict[str, float] = {}
+    window_iters, window_start = 0, time.perf_counter()
+    with _progress(console, enabled=info.is_main) as progress:
+        task = progress.add_task("train", total=total, completed=start, loss=float("nan"))
+        for it in range(start, total):
+            # one optimizer step = `accumulation` micro-batches on every rank
+            optimizer.zero_grad(set_to_none=True)
+            step_terms: dict[str, torch.Tensor] = {}
+            for a in range(accumulation):
+                batch = next(batches)
+                images = batch["image"].to(dev, non_blocking=True)
+                labels = batch["label"].to(dev, non_blocking=True)
+                if cuda and cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                sync = ddp_model.no_sync() if info.distributed and a < accumulation - 1 else contextlib.nullcontext()
+                with sync:
+                    try:
+                        with autocast:
+                            outputs = ddp_model(images)
+                        loss, terms = segmentation_loss(
+                            outputs,
+                            labels,
+                            extra_supervision=recipe.model.extra_supervision,
+                            label_mode=cfg.label_mode,
+                            ignore_index=dataset_info.ignore_index,
+                        )
+                        scaler.scale(loss / accumulation).backward()
+                    except torch.OutOfMemoryError:
+                        raise ResourceError(
+                            f"out of GPU memory with micro-batches of {micro} images at crop {recipe.data.crop_size} "
+                            f"and scales {list(recipe.model.scales)}: lower train.micro_batch (accumulation keeps "
+                            "the batch), data.crop_size or the scales, or use train.amp=bf16"
+                        ) from None
+                for name, value in {"loss": loss.detach(), **terms}.items():
+                    step_terms[name] = step_terms.get(name, 0.0) + value.float() / accumulation
+
+            # stop cleanly on NaN/inf (all ranks agree before anyone raises)
+            step_loss = all_reduce_mean(step_terms["loss"].reshape(1), info)
+            if not torch.isfinite(step_loss).all():
+                checkpoint(it, out_dir / "failed.pt")
+                raise TrainingError(
+                    f"loss became {step_loss.item()} at iteration {it + 1}; the state before this step is saved in "
+                    f"{out_dir / 'failed.pt'} (last.pt keeps the last good checkpoint). Lower optim.lr, check the "
+                    "data, or use train.amp=bf16/off, then resume with --resume"
+                )
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            done = it + 1
+
+            # --- logging (terms averaged over the window and over ranks)
+            for name, value in step_terms.items():
+                window[name] = window.get(name, 0.0) + value
+            window_iters += 1
+            if done % cfg.log_every == 0 or done == total:
+                names = sorted(window)
+                means = all_reduce_mean(torch.stack([torch.as_tensor(window[n]) for n in names]) / window_iters, info)
+                elapsed = time.perf_counter() - window_start
+                record = {"iteration": done, **{n: float(v) for n, v in zip(names, means.tolist())}}
+                record["lr"] = recipe.optim.lr * lr_factor(recipe)(it)  # the lr of this step (backbone weights)
+                record["images_per_s"] = window_iters * cfg.batch_size / max(elapsed, 1e-9)
+                record["memory_mb"] = memory_mb(dev)
+                log.write(record)
+                progress.update(task, loss=record["loss"])
+                console.print(
+                    f"it {done:>6}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                    f"{record['images_per_s']:.1f} img/s  {record['memory_mb']:.0f} MB"
+                )
+                window, window_iters, window_start = {}, 0, time.perf_counter()
+            progress.update(task, completed=done)
+
+            # --- validation, checkpoints
+            validate = val_set is not None and ((cfg.val_every and done % cfg.val_every == 0) or done == total)
+            if validate:
+                last_metrics = run_validation(model, val_set, recipe, dataset_info, info, amp_dtype)
+                log.write({"iteration": done, "val_miou": last_metrics["miou"],
+                           "val_pixel_accuracy": last_metrics["pixel_accuracy"]})
+                console.print(f"it {done:>6}/{total}  val mIoU {last_metrics['miou']:.4f}  "
+                              f"pixel acc {last_metrics['pixel_accuracy']:.4f}")
+            improved = validate and last_metrics["miou"] > best_miou
+            if improved:
+                best_miou = last_metrics["miou"]
+            save_last = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total
+            targets = ([last_path] if save_last else []) + ([best_path] if improved else [])
+            if targets:
+                checkpoint(done, targets)
+            ddp_model.train()
+
+    barrier(info)
+    log.close()
+    if start >= total:
+        console.print(f"{last_path} is already at iteration {start} of {total}: nothing to train")
+    if cfg.eval_at_end and info.is_main:
+        report_final(recipe, out_dir, last_metrics, dataset_info, console)
+    return last_path
+
+
+def _load_training_state(
+    state: dict[str, Any],
+    recipe: Recipe,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    info: DistInfo,
+    console: Console,
+) -> tuple[int, float]:
+    """Restore everything from a checkpoint; returns (iteration, best mIoU)."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot resume: the checkpoint does not match this recipe ({first})") from None
+    try:
+        previous = recipe_from_dict(state.get("config", {}), source="checkpoint config")
+        changed = [key for key in recipe_diff(previous, recipe)]
+        if changed:
+            console.print(f"warning: resuming with changed keys: {', '.join(changed)}")
+    except ConfigError:
+        console.print("warning: the checkpoint's recipe is unreadable by this version; resuming anyway")
+    states = (state.get("rng") or {}).get("per_rank") or []
+    if len(states) == info.world_size:
+        restore_rng(states[info.rank], info.device)
+    else:
+        console.print(f"warning: checkpoint has RNG states of {len(states)} rank(s), this run has "
+                      f"{info.world_size}: data order is exact, dropout masks are not")
+        seed_everything(recipe.train.seed + 1000 * info.rank + int(state["iteration"]))
+    best = state.get("best_miou")
+    iteration = int(state["iteration"])
+    console.print(f"resumed from iteration {iteration}")
+    return iteration, (best if isinstance(best, float) else -math.inf)
+
+
+def init_weights(model: torch.nn.Module, recipe: Recipe, console: Console) -> None:
+    """ImageNet VGG-16 (model.pretrained) or an msattn checkpoint (model.init_checkpoint); else random."""
+    from msattn.models.convert import init_from_vgg16, load_vgg16_state_dict
+
+    if recipe.model.pretrained is not None:
+        console.print(f"initialising from ImageNet VGG-16 ({recipe.model.pretrained})")
+        init_from_vgg16(model, load_vgg16_state_dict(recipe.model.pretrained))
+    elif recipe.model.init_checkpoint is not None:
+        source = load_checkpoint(recipe.model.init_checkpoint)["model"]
+        own = model.state_dict()
+        usable = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(set(own) - set(usable))
+        model.load_state_dict(usable, strict=False)
+        console.print(
+            f"initialised {len(usable)} tensors from {recipe.model.init_checkpoint}"
+            + (f"; kept fresh: {', '.join(skipped)}" if skipped else "")
+        )
+
+
+def maybe_prepare(recipe: Recipe, console: Console) -> None:
+    """Build the dataset folder when it is missing and ``data.auto_prepare`` says how."""
+    root = Path(recipe.data.root)
+    if (root / "dataset.json").is_file() or recipe.data.auto_prepare is None:
+        return
+    if recipe.data.auto_prepare == "demo":
+        from msattn.data.prepare.demo import prepare_demo
+
+        console.print(f"preparing the synthetic demo dataset in {root}")
+        prepare_demo(out=root, num_train=240, num_val=60, image_size=96, seed=0, workers=recipe.data.workers)
+
+
+def build_datasets(recipe: Recipe, info: Any, console: Console) -> tuple[Dataset, Dataset | None]:
+    """The training split with TrainTransform and the validation split (None when its list is missing)."""
+    from msattn.data import SegmentationFolder
+    from msattn.data.transforms import EvalTransform, TrainTransform
+
+    data = recipe.data
+    train_tf = TrainTransform(
+        crop_size=data.crop_size,
+        scale_range=data.scale_range,
+        flip=data.flip,
+        mean=data.mean,
+        std=data.std,
+        ignore_index=info.ignore_index,
+    )
+    root = Path(data.root)
+    train_set = SegmentationFolder(root, data.train_split, transform=train_tf, max_pixels=data.max_pixels)
+    if len(train_set) == 0:
+        raise DataError(f"{root / (data.train_split + '.txt')}: the training split is empty")
+    val_set = None
+    if (root / f"{data.val_split}.txt").is_file():
+        val_set = SegmentationFolder(
+            root, data.val_split, transform=EvalTransform(mean=data.mean, std=data.std), max_pixels=data.max_pixels
+        )
+    else:
+        console.print(f"warning: {root / (data.val_split + '.txt')} not found: no validation, no best.pt")
+    return train_set, val_set
+
+
+def make_train_loader(train_set: Dataset, recipe: Recipe, start: int, info: DistInfo) -> DataLoader:
+    """A DataLoader over this rank's part of the seeded stream, from iteration ``start`` on."""
+    cfg = recipe.train
+    sampler = StreamSampler(
+        len(train_set), cfg.batch_size, recipe.micro_batch, cfg.seed, start, cfg.iterations, info.rank, info.world_size
+    )
+    workers = recipe.data.workers
+    return DataLoader(
+        TrainStream(train_set, cfg.seed),
+        batch_size=recipe.micro_batch,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=info.device.type == "cuda",
+        drop_last=False,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(cfg.seed),  # never draws from the global RNG
+    )
+
+
+def run_validation(
+    model: torch.nn.Module, val_set: Dataset, recipe: Recipe, dataset_info: Any, info: DistInfo, amp_dtype: Any
+) -> dict[str, Any]:
+    """Validation mIoU of the current weights (sharded over ranks, reduced)."""
+    from msattn.engine.evaluate import evaluate_model
+
+    return evaluate_model(
+        model,
+        val_set,
+        num_classes=len(dataset_info.classes),
+        class_names=list(dataset_info.classes),
+        ignore_index=dataset_info.ignore_index,
+        scales=recipe.eval.scales,
+        flip=recipe.eval.flip,
+        batch_size=recipe.eval.batch_size,
+        limit=recipe.eval.limit,
+        device=info.device,
+        amp_dtype=amp_dtype,
+        rank=info.rank,
+        world_size=info.world_size,
+        progress=False,
+    )
+
+
+def report_final(recipe: Recipe, out_dir: Path, metrics: dict[str, Any], dataset_info: Any, console: Console) -> None:
+    """After training: the per-class table, the mIoU and where everything is."""
+    from msattn.engine.evaluate import print_metrics_table
+    from msattn.engine.metrics import json_safe
+
+    if not metrics:
+        console.print("no validation split: nothing to report")
+        return
+    report = {"checkpoint": str(out_dir / "last.pt"), "split": recipe.data.val_split, **metrics}
+    write_json(out_dir / "eval.json", json_safe(report))
+    print_metrics_table(metrics, title=f"{dataset_info.name} {recipe.data.val_split}", console=console)
+    console.print(f"mIoU {metrics['miou']:.4f} on {metrics['num_images']} {recipe.data.val_split} images")
+    console.print(f"outputs: {out_dir}/ (last.pt, best.pt, config.json, metrics.jsonl, eval.json)")
+
+
+# ----------------------------------------------------------------------------- logging helpers
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object a line, flushed) and TensorBoard scalars when available.
+
+    On resume, lines after the checkpoint's iteration (written by the killed run) and a
+    half-written last line are dropped.
+    """
+
+    def __init__(self, out_dir: Path, start: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.handle = None
+        self.tb = None
+        if not enabled:
+            return
+        path = out_dir / "metrics.jsonl"
+        kept = []
+        if start > 0 and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and record.get("iteration", 0) <= start:
+                    kept.append(json.dumps(record))
+        from msattn.io import write_text
+
+        write_text(path, "".join(line + "\n" for line in kept))
+        self.handle = path.open("a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start or None)
+        except Exception:  # noqa: BLE001 - tensorboard is optional
+            self.tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled or self.handle is None:
+            return
+        from msattn.engine.metrics import json_safe
+
+        self.handle.write(json.dumps(json_safe(record)) + "\n")
+        self.handle.flush()
+        if self.tb is not None:
+            step = record["iteration"]
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated (CUDA) or peak resident memory of this process (CPU), in MB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
+
+
+@contextlib.contextmanager
+def _progress(console: Console, enabled: bool) -> Iterator[Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+    with progress:
+        yield progress
+
+
+__all__ = [
+    "StreamSampler",
+    "TrainStream",
+    "dry_run_report",
+    "epoch_order",
+    "load_recipe",
+    "train",
+    "train_from_recipe",
+]

@@ -1,0 +1,224 @@
+"""Recipes: every shipped recipe validates; bad keys, types and overrides fail naming key and file."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from msattn.config import (
+    Recipe,
+    apply_overrides,
+    format_recipe,
+    load_recipe,
+    parse_override,
+    read_toml,
+    recipe_from_dict,
+    recipe_to_dict,
+)
+from msattn.crf import CRFParams
+from msattn.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
+
+
+def write(tmp_path: Path, text: str, name: str = "r.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_recipes_exist() -> None:
+    names = {p.name for p in RECIPES}
+    assert {"voc.toml", "person_part.toml", "coco.toml", "demo.toml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_round_trips(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    assert isinstance(recipe.crf, CRFParams)
+    assert recipe_from_dict(recipe_to_dict(recipe), source="copy") == recipe
+    # the printed form is valid TOML that loads back to the same recipe
+    printed = write_recipe_text(path.parent, format_recipe(recipe))
+    assert load_recipe(printed) == recipe
+    printed.unlink()
+
+
+def write_recipe_text(folder: Path, text: str) -> Path:
+    import tempfile
+
+    handle = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False, dir=tempfile.gettempdir())
+    handle.write(text)
+    handle.close()
+    return Path(handle.name)
+
+
+def test_voc_recipe_is_the_papers_best_model() -> None:
+    r = load_recipe(ROOT / "recipes" / "voc.toml")
+    assert r.model.scales == (1.0, 0.75, 0.5)
+    assert r.model.merge == "attention" and r.model.extra_supervision
+    assert r.model.pretrained == "torchvision"
+    assert r.train.batch_size == 30 and r.train.batch_size % r.micro_batch == 0
+    assert (r.optim.lr, r.optim.head_lr_mult, r.optim.momentum, r.optim.weight_decay) == (1e-3, 10.0, 0.9, 5e-4)
+    assert (r.optim.schedule, r.optim.step_size, r.optim.gamma, r.train.iterations) == ("step", 2000, 0.1, 6000)
+    assert r.data.crop_size == 321 and r.data.train_split == "train_aug"
+
+
+def matrix_rows() -> list[list[str]]:
+    """The `--set` overrides of every table row in recipes/README.md."""
+    rows = []
+    for line in (ROOT / "recipes" / "README.md").read_text().splitlines():
+        if line.startswith("| ") and ("`model." in line or "(none)" in line):
+            rows.append(re.findall(r"`([a-z_]+\.[a-z_]+=[^`]*)`", line))
+    return rows
+
+
+def test_readme_matrix_covers_the_paper_rows_and_every_row_loads() -> None:
+    rows = matrix_rows()
+    assert len(rows) == 13  # baseline + 2 scale sets x 3 merges x (with, without E-Supv)
+    seen = set()
+    for overrides in rows:
+        for name in ("voc", "person_part", "coco"):
+            r = load_recipe(ROOT / "recipes" / f"{name}.toml", overrides)
+            seen.add((r.model.scales, r.model.merge if len(r.model.scales) > 1 else "-", r.model.extra_supervision
+                      if len(r.model.scales) > 1 else "-"))
+    assert len(seen) == 13
+
+
+def test_overrides_parse_as_toml_or_bare_strings(tmp_path: Path) -> None:
+    path = write(tmp_path, '[data]\nroot = "d"\n')
+    r = load_recipe(path, ["model.scales=[1, 0.5]", "model.merge=max", "optim.lr=0.02", "train.amp=off",
+                           "model.extra_supervision=false", "data.scale_range=[0.5, 1.5]", "model.pretrained=none",
+                           'data.root="other dir"', "crf.iterations=3"])
+    assert r.model.scales == (1.0, 0.5) and r.model.merge == "max" and r.optim.lr == 0.02
+    assert r.train.amp == "off" and r.model.extra_supervision is False
+    assert r.data.scale_range == (0.5, 1.5) and r.model.pretrained is None
+    assert r.data.root == "other dir" and r.crf.iterations == 3
+    assert parse_override("a.b=x = 1") == ("a", "b", "x = 1")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.scalez=[1]", "unknown key model.scalez (did you mean scales?)"),
+        ("modle.scales=[1]", "unknown section modle"),
+        ("model.width=true", "model.width must be a number"),
+        ("train.iterations=1.5", "train.iterations must be an integer"),
+        ("train.iterations=0", "train.iterations must be >= 1"),
+        ("model.merge=sum", "model.merge must be one of"),
+        ("model.scales=[]", "model.scales needs at least one value"),
+        ("model.scales=[1, 1.0]", "distinct"),
+        ("optim.lr=nan", "optim.lr must be a finite number"),
+        ("train.batch_size=7", "multiple of train.micro_batch"),
+        ("crf.bi_w=-1", "crf.bi_w must be a positive number"),
+        ("noequals", "expected section.key=value"),
+        ("a.b.c=1", "expected section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_override(tmp_path: Path, override: str, message: str) -> None:
+    path = write(tmp_path, '[data]\nroot = "d"\n[train]\nbatch_size = 10\nmicro_batch = 5\n')
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, [override])
+    assert message in str(info.value)
+    assert f"--set {override}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[data]\nroot = "d"\n[model]\nscalez = [1.0]\n', "unknown key model.scalez"),
+        ('[data]\nroot = "d"\n[modle]\n', "unknown section [modle]"),
+        ('[data]\nroot = "d"\ncrop_size = true\n', "data.crop_size must be an integer, got a boolean"),
+        ('[data]\nroot = "d"\nflip = 1\n', "data.flip must be true or false"),
+        ('[data]\nroot = "d"\nmean = [0.5, 0.5]\n', "data.mean needs exactly 3 values"),
+        ('[data]\nroot = "d"\nscale_range = [1.4, 0.6]\n', "lo <= hi"),
+        ('[data]\nroot = "d"\n[optim]\nlr = 1e400\n', "optim.lr must be a finite number"),
+        ('[data]\nroot = "d"\n[optim]\nlr = 100000000000000000000000000000000000000000000000000\n', "optim.lr must be <="),
+        ('[data]\nroot = "d"\n[train]\nseed = -1\n', "train.seed must be >= 0"),
+        ('[data]\nroot = "d"\n[eval]\nscales = [1.0, 0.5]\n', "eval.scales must have as many scales"),
+        ('[data]\nroot = "d"\n[model]\npretrained = "torchvision"\ninit_checkpoint = "x.pt"\n', "not both"),
+        ('[model]\nwidth = 0.5\n', "missing section [data]"),
+        ('[data]\ncrop_size = 32\n', "missing key data.root"),
+        ('data = 3\n', "[data] must be a table"),
+        ("[data\n", "not valid TOML"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_file(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_types_are_strict_but_ints_are_numbers(tmp_path: Path) -> None:
+    r = load_recipe(write(tmp_path, '[data]\nroot = "d"\nscale_range = [1, 2]\n[optim]\nlr = 1\n'))
+    assert r.optim.lr == 1.0 and isinstance(r.optim.lr, float)
+    assert r.data.scale_range == (1.0, 2.0)
+    assert r.model.num_classes is None and r.train.micro_batch is None and r.micro_batch == 30
+
+
+def test_missing_and_non_utf8_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="recipe not found"):
+        read_toml(tmp_path / "nope.toml")
+    bad = tmp_path / "bin.toml"
+    bad.write_bytes(b"\xff\xfe[data]")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        read_toml(bad)
+    with pytest.raises(ConfigError, match="is a folder"):
+        read_toml(tmp_path)
+
+
+def test_apply_overrides_creates_missing_sections() -> None:
+    values: dict = {"data": {"root": "x"}}
+    origins = apply_overrides(values, ["eval.flip=true"])
+    assert values["eval"] == {"flip": True}
+    assert origins == {"eval.flip": "--set eval.flip=true"}
+
+
+def test_cli_dry_run_reports_bad_key_with_exit_2(run_cli, tmp_path: Path) -> None:
+    path = write(tmp_path, '[data]\nroot = "d"\n[train]\niteratons = 5\n')
+    code, out, err = run_cli("train", path, "--dry-run")
+    assert code == 2
+    assert "unknown key train.iteratons" in err and str(path) in err
+    assert "Traceback" not in err
+
+
+def test_cli_dry_run_prints_config_and_warns_about_missing_data(run_cli, tmp_path: Path) -> None:
+    path = write(tmp_path, f'[data]\nroot = "{tmp_path / "nodata"}"\n')
+    code, out, err = run_cli("train", path, "--dry-run", "--out", tmp_path / "run", "--set", "model.merge=max")
+    assert code == 0, err
+    assert "[model]" in out and 'merge = "max"' in out and "recipe OK" in out
+    assert "batch 30 = micro-batch 30 x 1" in out
+    assert "warning" in err and "nodata" in err
+    assert not (tmp_path / "run").exists()
+
+
+# A TOML document is a tree of tables, arrays and scalars: any of them must load or raise ConfigError.
+scalars = st.one_of(
+    st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=8),
+    st.sampled_from(["none", "max", "poly", "torchvision", "demo", ""]),
+)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3), max_leaves=6)
+keys = st.sampled_from(
+    ["root", "crop_size", "scales", "merge", "width", "lr", "iterations", "batch_size", "micro_batch", "scale_range",
+     "mean", "bi_w", "iterations", "flip", "limit", "pretrained", "schedule", "amp", "unknown"]
+)
+sections = st.sampled_from(["data", "model", "optim", "train", "eval", "crf", "other"])
+documents = st.dictionaries(sections, st.one_of(st.dictionaries(keys, values, max_size=4), scalars), max_size=4)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents)
+def test_any_document_gives_a_recipe_or_config_error(doc: dict) -> None:
+    try:
+        recipe = recipe_from_dict(doc, source="doc.toml")
+    except ConfigError as exc:
+        assert str(exc).startswith("doc.toml") or str(exc).startswith("--set")
+    else:
+        assert recipe_from_dict(recipe_to_dict(recipe)) == recipe

@@ -1,0 +1,121 @@
+"""prepare-data demo: determinism, scale range, workers, resume after a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _data_helpers import run_cli, tree_bytes
+from PIL import Image
+
+from msattn.data.prepare.demo import CLASSES, HEIGHT_RANGE, prepare_demo, render_scene, scene_rng
+
+
+def test_cli_demo_writes_a_dataset_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    code, stdout, stderr = run_cli(capsys, "prepare-data", "demo", "--out", out, "--num-train", "8", "--num-val", "3",
+                                   "--image-size", "48", "--workers", "0")  # fmt: skip
+    assert code == 0, stderr
+    assert "demo" in stdout
+    assert (out / "train.txt").read_text().split() == [f"train_{i:05d}" for i in range(8)]
+    assert (out / "val.txt").read_text().split() == [f"val_{i:05d}" for i in range(3)]
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["classes"] == list(CLASSES) == ["background", "head", "torso", "arms", "legs"]
+    assert info["counts"] == {"train": 8, "val": 3}
+    seen = set()
+    for item_id in ["train_00000", "val_00002"]:
+        image = Image.open(out / "images" / f"{item_id}.jpg")
+        label = Image.open(out / "labels" / f"{item_id}.png")
+        assert image.format == "JPEG" and image.size == (48, 48) and image.mode == "RGB"
+        assert label.mode == "P" and label.size == (48, 48)
+        seen |= set(np.unique(np.array(label)).tolist())
+    assert seen <= set(range(len(CLASSES))) and 0 in seen and len(seen) > 2
+
+
+def test_same_seed_same_bytes_other_seed_other_images(tmp_path: Path) -> None:
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        prepare_demo(tmp_path / name, num_train=4, num_val=2, image_size=40, seed=seed, workers=0)
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    a, c = (np.array(Image.open(tmp_path / n / "labels" / "train_00000.png")) for n in "ac")
+    assert not np.array_equal(a, c)
+
+
+def test_workers_give_the_same_output(tmp_path: Path) -> None:
+    prepare_demo(tmp_path / "serial", num_train=10, num_val=4, image_size=40, seed=5, workers=0)
+    prepare_demo(tmp_path / "pool", num_train=10, num_val=4, image_size=40, seed=5, workers=2)
+    assert tree_bytes(tmp_path / "serial") == tree_bytes(tmp_path / "pool")
+
+
+def test_figures_span_more_than_8x_and_labels_follow_the_drawing() -> None:
+    size = 96
+    heights, present = [], set()
+    for index in range(150):
+        image, label, figures = render_scene(scene_rng(0, "train", index), size)
+        assert image.shape == (size, size, 3) and image.dtype == np.uint8 and label.dtype == np.uint8
+        heights += [f["height"] for f in figures]
+        present |= set(np.unique(label).tolist())
+        assert 1 <= len(figures) <= 4
+    assert HEIGHT_RANGE[1] / HEIGHT_RANGE[0] >= 8
+    assert min(heights) < 0.15 * size and max(heights) > 0.85 * size
+    assert max(heights) / min(heights) >= 8
+    assert present == set(range(len(CLASSES)))
+    # a big figure: its head is round and on top of its torso, its legs below
+    image, label, figures = render_scene(scene_rng(0, "train", 1), size)
+    rows = {c: np.nonzero((label == c).any(axis=1))[0] for c in (1, 2, 4) if (label == c).any()}
+    if len(rows) == 3 and max(f["height"] for f in figures) > 60:
+        assert rows[1].mean() < rows[2].mean() < rows[4].mean()
+
+
+def test_part_colours_differ() -> None:
+    """Head (skin), torso (shirt) and legs (dark trousers) carry colour cues a tiny model can learn."""
+    means = {c: [] for c in range(1, 5)}
+    for index in range(60):
+        image, label, _ = render_scene(scene_rng(2, "val", index), 64)
+        for c in means:
+            if (label == c).sum() > 20:
+                means[c].append(image[label == c].mean(axis=0))
+    head, legs = np.mean(means[1], axis=0), np.mean(means[4], axis=0)
+    assert head[0] > head[2] + 30  # skin: red over blue
+    assert legs.mean() < 90  # trousers are dark
+    assert legs.mean() < head.mean() - 60
+
+
+def test_killed_run_resumes_to_identical_output(tmp_path: Path) -> None:
+    out, fresh = tmp_path / "killed", tmp_path / "fresh"
+    args = ["--num-train", "120", "--num-val", "10", "--image-size", "32", "--seed", "7", "--workers", "0"]
+    cmd = [sys.executable, "-m", "msattn.cli", "prepare-data", "demo", "--out", str(out), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "labels").is_dir() and len(os.listdir(out / "labels")) >= 10:
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = len([p for p in (out / "labels").iterdir() if p.suffix == ".png"])
+    assert proc.returncode == -signal.SIGKILL and 0 < done < 130, "the run was not interrupted midway"
+    assert not (out / "dataset.json").exists()
+
+    summary = prepare_demo(out, num_train=120, num_val=10, image_size=32, seed=7, workers=0)
+    assert summary.already_done >= done - 1 and summary.written + summary.already_done == 130
+    prepare_demo(fresh, num_train=120, num_val=10, image_size=32, seed=7, workers=0)
+    assert tree_bytes(out) == tree_bytes(fresh)
+    assert not [p for p in out.rglob(".tmp-*")]
+
+
+def test_other_settings_into_the_same_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "d"
+    prepare_demo(out, num_train=2, num_val=1, image_size=32, seed=0, workers=0)
+    code, _, stderr = run_cli(capsys, "prepare-data", "demo", "--out", out, "--num-train", "2", "--num-val", "1",
+                              "--image-size", "32", "--seed", "1")  # fmt: skip
+    assert code == 2
+    assert stderr.strip() == f"msattn: error: {out}: was prepared with other settings (seed: 0 -> 1); choose another --out or delete the folder"

@@ -1,0 +1,171 @@
+"""Training engine on CPU with tiny models: loss goes down, resume is bit-for-bit, NaN stops cleanly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import msattn.models
+from engine_helpers import make_tiny_dataset, write_recipe
+from msattn.config import load_recipe
+from msattn.engine.checkpoint import load_checkpoint
+from msattn.engine.train import StreamSampler, epoch_order, lr_factor, train
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_lowers_the_loss_and_writes_the_run_folder(tiny_data: Path, tmp_path: Path) -> None:
+    recipe = load_recipe(
+        write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 30, "log_every": 5, "val_every": 15,
+                                                             "checkpoint_every": 10}),
+        ["model.scales=[1.0]", "optim.lr=0.01"],
+    )
+    last = train(recipe, tmp_path / "run", device="cpu")
+    run = tmp_path / "run"
+    assert last == run / "last.pt"
+    losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
+    assert len(losses) == 6
+    assert losses[-1] < 0.7 * losses[0], losses
+    vals = [r for r in read_metrics(run) if "val_miou" in r]
+    assert [r["iteration"] for r in vals] == [15, 30]
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["scales"] == [1.0] and Path(config["data"]["root"]).is_absolute()
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["iteration"] == 30 and ckpt["dataset"]["classes"] == ["background", "red", "green"]
+    assert ckpt["config"] == config
+    best = load_checkpoint(run / "best.pt")
+    assert best["best_miou"] == max(r["val_miou"] for r in vals)
+    # the lr followed the poly schedule in every parameter group (x lr_mult)
+    group = next(g for g in ckpt["optimizer"]["param_groups"] if g["name"] == "head_bias")
+    assert group["lr"] == pytest.approx(0.01 * 20 * lr_factor(recipe)(30))
+    assert not list(run.glob(".tmp-*"))
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tiny_data: Path, tmp_path: Path, run_cli) -> None:
+    recipe = write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 1, "batch_size": 2},
+                          model={"scales": [1.0]})
+    assert run_cli("train", recipe, "--out", tmp_path / "run")[0] == 0
+    code, _, err = run_cli("train", recipe, "--out", tmp_path / "run")
+    assert code == 2 and "--resume" in err
+    code, out, err = run_cli("train", recipe, "--out", tmp_path / "run", "--resume")
+    assert code == 0, err
+    assert "nothing to train" in out
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interrupt_is_bit_for_bit(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """Kill a run after its checkpoint at iteration 3 (mid-way to 4), resume: same weights as an unbroken run.
+
+    Dropout, random scaling, flips and two scales exercise every RNG the checkpoint must restore.
+    """
+    overrides = ["model.dropout=0.5", "data.scale_range=[0.7, 1.3]", "data.flip=true", "optim.schedule=step",
+                 "optim.step_size=2", "optim.gamma=0.5"]
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 6,
+                                                                             "checkpoint_every": 3}), overrides)
+    full = train(recipe, tmp_path / "full", device="cpu")
+
+    real_loss = msattn.models.segmentation_loss
+    calls = {"n": 0}
+
+    def dying_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3 * 2 + 2:  # second micro-batch of iteration 4
+            raise Interrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(msattn.models, "segmentation_loss", dying_loss)
+    with pytest.raises(Interrupt):
+        train(recipe, tmp_path / "broken", device="cpu")
+    assert load_checkpoint(tmp_path / "broken" / "last.pt")["iteration"] == 3
+    monkeypatch.setattr(msattn.models, "segmentation_loss", real_loss)
+    resumed = train(recipe, tmp_path / "broken", resume=True, device="cpu")
+
+    a, b = load_checkpoint(full), load_checkpoint(resumed)
+    assert b["iteration"] == 6
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+    assert torch.equal(a["rng"]["per_rank"][0]["torch"], b["rng"]["per_rank"][0]["torch"])
+    # metrics.jsonl of the resumed run has each iteration once
+    iterations = [r["iteration"] for r in read_metrics(tmp_path / "broken") if "loss" in r]
+    assert iterations == [1, 2, 3, 4, 5, 6]
+    losses = [r["loss"] for r in read_metrics(tmp_path / "full") if "loss" in r]
+    assert losses == [r["loss"] for r in read_metrics(tmp_path / "broken") if "loss" in r]
+
+
+def test_nan_loss_saves_a_checkpoint_and_stops_with_a_clear_error(
+    tiny_data: Path, tmp_path: Path, monkeypatch, run_cli
+) -> None:
+    real_loss = msattn.models.segmentation_loss
+    calls = {"n": 0}
+
+    def nan_loss(*args, **kwargs):
+        calls["n"] += 1
+        total, terms = real_loss(*args, **kwargs)
+        return (total * float("nan"), terms) if calls["n"] > 4 else (total, terms)
+
+    monkeypatch.setattr(msattn.models, "segmentation_loss", nan_loss)
+    recipe = write_recipe(tmp_path / "r.toml", tiny_data, model={"scales": [1.0]})
+    code, _, err = run_cli("train", recipe, "--out", tmp_path / "run")
+    assert code == 1
+    assert "loss became nan at iteration 3" in err and "failed.pt" in err and "Traceback" not in err
+    failed = load_checkpoint(tmp_path / "run" / "failed.pt")
+    assert failed["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in failed["model"].values())
+
+
+def test_stream_is_a_pure_function_of_seed_and_splits_across_ranks() -> None:
+    def keys(**kw):
+        return list(StreamSampler(n=7, batch=4, micro=2, seed=3, **kw))
+
+    whole = keys(start=0, stop=5)
+    assert len(whole) == 20 and [k for k, _ in whole] == list(range(20))
+    # every epoch visits each image once, in a seeded order
+    assert sorted(i for k, i in whole if k < 7) == list(range(7))
+    assert [i for k, i in whole if k < 7] == epoch_order(3, 0, 7).tolist()
+    # a resumed stream is the suffix of the full one
+    assert keys(start=2, stop=5) == whole[8:]
+    # two ranks split each iteration's micro-batches between them
+    rank0, rank1 = keys(start=0, stop=5, rank=0, world=2), keys(start=0, stop=5, rank=1, world=2)
+    assert sorted(rank0 + rank1) == sorted(whole)
+    assert rank0[:2] == whole[0:2] and rank1[:2] == whole[2:4]
+    assert not np.array_equal(epoch_order(3, 0, 50), epoch_order(3, 1, 50))
+
+
+def test_cli_train_runs_and_evaluate_at_end_prints_the_table(tiny_data: Path, tmp_path: Path, run_cli) -> None:
+    recipe = write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 2, "eval_at_end": True},
+                          model={"scales": [1.0]})
+    code, out, err = run_cli("train", recipe, "--out", tmp_path / "run", "--device", "cpu")
+    assert code == 0, err
+    assert "mean IoU" in out and "green" in out and "outputs:" in out
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(report["per_class"]) == {"background", "red", "green"} and report["num_images"] == 4
+
+
+def test_init_checkpoint_and_bad_device(tiny_data: Path, tmp_path: Path, run_cli) -> None:
+    recipe = write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 1, "batch_size": 2},
+                          model={"scales": [1.0]})
+    assert run_cli("train", recipe, "--out", tmp_path / "a")[0] == 0
+    code, out, err = run_cli("train", recipe, "--out", tmp_path / "b", "--set",
+                             f"model.init_checkpoint={json.dumps(str(tmp_path / 'a' / 'last.pt'))}")
+    assert code == 0, err
+    assert "initialised" in out
+    if not torch.cuda.is_available():
+        code, _, err = run_cli("train", recipe, "--out", tmp_path / "c", "--device", "cuda")
+        assert code == 2 and "CUDA is not available" in err
