@@ -42,10 +42,21 @@ def root(
         bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    max_pixels: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-pixels",
+            min=0,
+            help="Refuse images with more pixels (decompression bombs; 0: no limit; default 100,000,000; "
+            "env MSATTN_MAX_PIXELS). Recipes use data.max_pixels.",
+        ),
+    ] = None,
 ) -> None:
     """msattn: prepare data, train, evaluate, predict and refine with a dense CRF."""
     if debug:
         os.environ["MSATTN_DEBUG"] = "1"
+    if max_pixels is not None:
+        os.environ["MSATTN_MAX_PIXELS"] = str(max_pixels)  # read by msattn.io, inherited by worker processes
 
 
 # ----------------------------------------------------------------------------- prepare-data
@@ -269,22 +280,88 @@ def bench(
 # ----------------------------------------------------------------------------- entry point
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the app, turning msattn errors into one line and an exit code."""
-    from msattn.errors import MsattnError
+_ENV_OPTIONS = ("MSATTN_DEBUG", "MSATTN_MAX_PIXELS")  # set by root options; restored after each main() call
 
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turning errors into one line and an exit code.
+
+    msattn errors carry their own exit code (2: usage/input, 1: runtime). Errors from outside
+    msattn that users cause (a file where a folder should be, no permission, a full disk, out of
+    memory) become one line too. ``--debug`` (or ``MSATTN_DEBUG=1``) re-raises with the traceback.
+    """
     args = sys.argv[1:] if argv is None else argv
+    saved = {name: os.environ.get(name) for name in _ENV_OPTIONS}
     debug = "--debug" in args or os.environ.get("MSATTN_DEBUG") == "1"
     try:
+        code, message = _run(args, debug)
+    finally:
+        for name, value in saved.items():  # an in-process caller (tests, notebooks) gets its environment back
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    if message is not None:
+        typer.echo(f"msattn: error: {message}", err=True)
+    if code:
+        sys.exit(code)
+
+
+def _run(args: list[str], debug: bool) -> tuple[int, str | None]:
+    """Run the app; returns (exit code, one-line error message or None)."""
+    from msattn.errors import MsattnError
+
+    try:
+        from msattn.io import max_pixels_limit
+
+        max_pixels_limit()  # a malformed MSATTN_MAX_PIXELS is a usage error before any work
         app(args=args, prog_name="msattn")
     except MsattnError as exc:
         if debug:
             raise
-        typer.echo(f"msattn: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code, _one_line(exc)
     except KeyboardInterrupt:
         typer.echo("msattn: interrupted", err=True)
-        sys.exit(130)
+        return 130, None
+    except OSError as exc:
+        if debug:
+            raise
+        return _os_error(exc)
+    except MemoryError:
+        if debug:
+            raise
+        return 1, "out of memory: lower the batch size, the crop size, the number of scales or --workers"
+    except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError; torch is not imported here
+        if debug or type(exc).__name__ != "OutOfMemoryError":
+            raise
+        return 1, (
+            "out of GPU memory: lower the batch size (train.micro_batch, --batch-size), the crop "
+            "(data.crop_size) or the number of scales, or use mixed precision (train.amp, --amp)"
+        )
+    return 0, None
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line; for an error re-raised by a DataLoader worker, the original message."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:  # torch's ExceptionWrapper: "Caught X in DataLoader worker...\n<traceback>"
+        last = text.splitlines()[-1]
+        prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+        text = last[len(prefix) :] if last.startswith(prefix) else last.split(": ", 1)[-1]
+    return " ".join(text.splitlines())
+
+
+def _os_error(exc: OSError) -> tuple[int, str]:
+    """An OSError from outside msattn's own checks as (exit code, message naming the file)."""
+    import errno
+
+    where = f"{exc.filename}: " if exc.filename else ""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        return 1, f"{where}no space left on device; free disk space and retry (finished files are kept)"
+    if isinstance(exc, (FileExistsError, NotADirectoryError, IsADirectoryError, FileNotFoundError)):
+        return 2, f"{where}{reason}"
+    return 1, f"{where}{reason}"
 
 
 if __name__ == "__main__":

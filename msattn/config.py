@@ -152,8 +152,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum; iteration-based step or poly schedule."""
+    """SGD with momentum (or AdamW); iteration-based step or poly schedule; DeepLab parameter groups."""
 
+    optimizer: str = _opt("sgd", _one_of("sgd", "adamw"), "sgd (the paper's, with momentum) or adamw (from scratch)")
     lr: float = _opt(1e-3, _between(0, 10, lo_open=True), "base learning rate (backbone weights)")
     head_lr_mult: float = _opt(10.0, _between(0, 1000, lo_open=True), "lr multiplier of fc8 + attention head")
     momentum: float = _opt(0.9, _between(0, 1, hi_open=True), "SGD momentum")
@@ -342,12 +343,13 @@ def _cross_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
     mb = recipe.train.micro_batch
     if mb is not None and recipe.train.batch_size % mb:
         raise ConfigError(
-            f"{origin_of('train.batch_size', 'train.micro_batch')}: train.batch_size ({recipe.train.batch_size}) must be a multiple "
-            f"of train.micro_batch ({mb})"
+            f"{origin_of('train.batch_size', 'train.micro_batch')}: train.batch_size ({recipe.train.batch_size}) "
+            f"must be a multiple of train.micro_batch ({mb})"
         )
     if recipe.model.pretrained is not None and recipe.model.init_checkpoint is not None:
         raise ConfigError(
-            f"{origin_of('model.pretrained', 'model.init_checkpoint')}: set model.pretrained or model.init_checkpoint, not both"
+            f"{origin_of('model.pretrained', 'model.init_checkpoint')}: set model.pretrained or "
+            "model.init_checkpoint, not both"
         )
     if (
         recipe.eval.scales is not None
@@ -356,15 +358,17 @@ def _cross_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
         and len(recipe.eval.scales) != len(recipe.model.scales)
     ):
         raise ConfigError(
-            f"{origin_of('eval.scales', 'model.scales', 'model.merge')}: eval.scales must have as many scales as model.scales "
-            f"({len(recipe.model.scales)}) for an attention model"
+            f"{origin_of('eval.scales', 'model.scales', 'model.merge')}: eval.scales must have as many scales as "
+            f"model.scales ({len(recipe.model.scales)}) for an attention model"
         )
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def recipe_from_dict(values: Any, source: str | os.PathLike[str] = "<recipe>", overridden: Mapping[str, str] | None = None) -> Recipe:
+def recipe_from_dict(
+    values: Any, source: str | os.PathLike[str] = "<recipe>", overridden: Mapping[str, str] | None = None
+) -> Recipe:
     """Validate a nested mapping (parsed TOML or a checkpoint's ``config``) into a :class:`Recipe`.
 
     ``overridden`` maps ``"section.key"`` to the ``--set`` text that supplied it, so errors

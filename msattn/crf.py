@@ -342,18 +342,20 @@ def refine_folder(
     names = _list_npz(probs)
     if not images.is_dir():
         raise DataError(f"{images}: image folder not found")
-    out.mkdir(parents=True, exist_ok=True)
-    clean_temporaries(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder; choose another --out")
+    clean_temporaries(out)  # the folder itself is made by the first write: a failed run leaves nothing
     console = _err_console()
     todo = [n for n in names if not (out / f"{n}.png").exists()]
     done = len(names) - len(todo)
     if done:
         console.print(f"resuming: {done} of {len(names)} already refined in {out}")
-    tasks, failed = [], 0
+    tasks, failed, problems = [], 0, []
     for name in todo:
         image_path = find_image(images, name)
         if image_path is None:
-            _skipped(console, f"{name}: no {name}.jpg/.jpeg/.png in {images}")
+            problems.append(f"{name}: no {name}.jpg/.jpeg/.png in {images}")
+            _skipped(console, problems[-1])
             failed += 1
             continue
         tasks.append((image_path, probs / f"{name}.npz", out / f"{name}.png", params))
@@ -363,9 +365,11 @@ def refine_folder(
             refined += 1
         else:
             failed += 1
-            _skipped(console, f"{tasks[i][1].stem}: {error}")
+            problems.append(f"{tasks[i][1].stem}: {error}")
+            _skipped(console, problems[-1])
     if todo and refined == 0:
-        raise DataError(f"{probs}: none of the {len(todo)} images could be refined (see messages above)")
+        first = f"; first: {problems[0]}" if problems else ""
+        raise DataError(f"{probs}: none of the {len(todo)} images could be refined{first}")
     return {"refined": refined, "skipped_done": done, "failed": failed}
 
 
@@ -457,6 +461,7 @@ def crf_refine_command(
     from rich.console import Console
 
     params = resolve_params(overrides, recipe)
+    _import_densecrf()  # a missing pydensecrf stops here, before any file is read or written
     console = Console(highlight=False, soft_wrap=True)
     if not search:
         if labels is not None:

@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from msattn.errors import DataError, ResourceError
+from msattn.errors import DataError, ResourceError, UsageError
 
 #: Images with more pixels than this are refused (decompression bombs); 0 disables the check.
 DEFAULT_MAX_PIXELS = 100_000_000
+#: Environment variable (set by ``msattn --max-pixels N``) that changes the default limit.
+MAX_PIXELS_ENV = "MSATTN_MAX_PIXELS"
 
 _TMP_PREFIX = ".tmp-"
 
@@ -141,21 +143,40 @@ def write_id_list(path: str | os.PathLike[str], ids: list[str]) -> None:
     write_text(path, "".join(f"{i}\n" for i in ids))
 
 
-def open_image(path: str | os.PathLike[str], mode: str | None = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS):
+def max_pixels_limit() -> int:
+    """The default pixel limit: ``$MSATTN_MAX_PIXELS`` (``msattn --max-pixels N``) or :data:`DEFAULT_MAX_PIXELS`."""
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UsageError(f"{MAX_PIXELS_ENV}={text!r}: expected a whole number of pixels >= 0 (0: no limit)")
+    return value
+
+
+def open_image(path: str | os.PathLike[str], mode: str | None = "RGB", max_pixels: int | None = None):
     """Open and fully decode an image; corrupt, truncated or oversized files raise :class:`DataError`.
 
     ``mode`` converts the result (``None`` keeps the file's mode, e.g. ``"P"`` for palette labels).
+    ``max_pixels`` (None: :func:`max_pixels_limit`; 0: no limit) is checked on the header, before
+    any pixel is decoded, so a decompression bomb costs nothing.
     """
     from PIL import Image
 
     path = Path(path)
+    limit = max_pixels_limit() if max_pixels is None else max_pixels
+    Image.MAX_IMAGE_PIXELS = None  # the check below replaces PIL's own (which would warn, then refuse at 2x)
     try:
         with Image.open(path) as img:
             width, height = img.size
-            if max_pixels and width * height > max_pixels:
+            if limit and width * height > limit:
                 raise DataError(
-                    f"{path}: image has {width}x{height} = {width * height} pixels, over the limit of "
-                    f"{max_pixels} (raise --max-pixels if you trust the file)"
+                    f"{path}: image has {width}x{height} = {width * height} pixels, over the limit of {limit} "
+                    f"(if you trust the file, raise it: msattn --max-pixels N ..., {MAX_PIXELS_ENV}=N, "
+                    "or data.max_pixels in a recipe)"
                 )
             img.load()
             return img.convert(mode) if mode and img.mode != mode else img.copy()
@@ -163,9 +184,11 @@ def open_image(path: str | os.PathLike[str], mode: str | None = "RGB", max_pixel
         raise
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not an image") from None
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: refused as a decompression bomb ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from None
 
 

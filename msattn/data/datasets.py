@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from msattn.data.palette import voc_colormap
 from msattn.errors import DataError
-from msattn.io import DEFAULT_MAX_PIXELS, check_id, open_image, read_id_list, read_json
+from msattn.io import check_id, open_image, read_id_list, read_json
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,11 @@ def read_dataset_info(root: Path) -> DatasetInfo:
     return DatasetInfo(name=name, classes=list(classes), ignore_index=ignore_index, palette=palette, root=root)
 
 
-def read_label(path: Path, num_classes: int, ignore_index: int = 255, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A label PNG as ``uint8[H, W]``; other modes or values outside the classes raise :class:`DataError`."""
+def read_label(path: Path, num_classes: int, ignore_index: int = 255, max_pixels: int | None = None) -> np.ndarray:
+    """A label PNG as ``uint8[H, W]``; other modes or values outside the classes raise :class:`DataError`.
+
+    ``max_pixels``: see :func:`msattn.io.open_image` (None: the default limit).
+    """
     img = open_image(path, mode=None, max_pixels=max_pixels)
     if img.mode not in ("P", "L", "I", "I;16"):
         raise DataError(f"{path}: label is a mode {img.mode} image; expected single-channel class indices (P or L PNG)")
@@ -98,7 +101,7 @@ class SegmentationFolder(Dataset):
         root: Path,
         split: str,
         transform: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int | None = None,
         seed: int = 0,
     ) -> None:
         from msattn.data.transforms import EvalTransform

@@ -82,6 +82,8 @@ def area_ratio(scales: Sequence[float]) -> float:
 
 @dataclass(frozen=True)
 class Settings:
+    """What every case of a run shares (the CLI options)."""
+
     device: torch.device
     batch: int
     amp: bool
@@ -282,23 +284,30 @@ def probe_case(case: Case, settings: Settings) -> dict[str, Any]:
     }
 
 
-def matmul_peak(settings: Settings, repeats: int = 3) -> dict[str, Any]:
-    """Best GFLOP/s of a large square matmul in the dtype the convolutions run in."""
+def matmul_case(settings: Settings) -> tuple[Callable[[], None], int, str]:
+    """A large square matmul in the dtype the convolutions run in: (step, FLOPs, description).
+
+    It is timed in the same interleaved rounds as the cases, so the achieved fraction of its
+    GFLOP/s compares like with like even on a busy machine.
+    """
     dev = settings.device
     n = 8192 if dev.type == "cuda" else (2048 if settings.width >= 0.5 else 512)
     dtype = torch.bfloat16 if settings.amp else torch.float32
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
+    # fp32 convolutions use TF32 on CUDA by default (cudnn.allow_tf32): let the matmul do the same
     tf32 = dev.type == "cuda" and not settings.amp and torch.backends.cudnn.allow_tf32
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32  # fp32 convolutions use TF32 on CUDA by default: compare alike
-    try:
-        timed(lambda: a @ b, dev)
-        best = min(timed(lambda: a @ b, dev) for _ in range(repeats))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+
+    def step() -> None:
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            torch.mm(a, b)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+
     dtype_name = "bf16" if settings.amp else ("tf32" if tf32 else "fp32")
-    return {"matmul_gflops_s": 2 * n**3 / best / 1e9, "matmul": f"{n}x{n} {dtype_name}"}
+    return step, 2 * n**3, f"{n}x{n} {dtype_name} matmul"
 
 
 class LoadMonitor:
@@ -333,9 +342,16 @@ class LoadMonitor:
 def bench_model(mode: str, size: int, settings: Settings, context: dict[str, Any]) -> list[dict[str, Any]]:
     """Time every (scales, merge) case of ``mode`` at ``size`` interleaved; one record per case."""
     cases = build_cases(mode, size, settings)
+    matmul_step, matmul_flops, matmul_name = matmul_case(settings)
+    matmul = Case((), None, matmul_step, matmul_step, lambda: 0)
     monitor = LoadMonitor()
-    run_interleaved(cases, settings)
+    run_interleaved([matmul, *cases], settings)
     other = monitor.other_load()
+    peak = {
+        "matmul": matmul_name,
+        "matmul_gflops_s": matmul_flops / statistics.median(matmul.times) / 1e9,
+        "matmul_gflops_s_best": matmul_flops / min(matmul.times) / 1e9,
+    }
     records = []
     for case in cases:
         probe = probe_case(case, settings)
@@ -353,7 +369,8 @@ def bench_model(mode: str, size: int, settings: Settings, context: dict[str, Any
             "images_per_s": 1.0 / per_image,
             "gflops": gflops,
             "gflops_per_s": gflops / per_image,
-            "peak_fraction": gflops / per_image / context["matmul_gflops_s"],
+            "peak_fraction": gflops / per_image / peak["matmul_gflops_s"],
+            **peak,
             **probe,
             "cpu_other_load": other,
         }
@@ -430,6 +447,8 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
         if record["mode"] == "data" or base is None:
             continue
         record["latency_ratio"] = record["latency_ms"] / base["latency_ms"]
+        if "latency_ms_min" in record and "latency_ms_min" in base:  # best round over best round
+            record["latency_ratio_min"] = record["latency_ms_min"] / base["latency_ms_min"]
         record["flop_ratio"] = record["gflops"] / base["gflops"] if base["gflops"] else None
         record["area_ratio"] = area_ratio(record["scales"])
 
@@ -515,14 +534,12 @@ def run_bench(
         "torch": torch.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if any(m != "data" for m in modes):
-        context.update(matmul_peak(settings))
     records: list[dict[str, Any]] = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TF32.*")
         for size in sizes:
             for mode in modes:
-                with console.status(f"bench {mode} at {size}x{size} on {context['device_name']}"):
+                with errors.status(f"bench {mode} at {size}x{size} on {context['device_name']}"):
                     if mode == "data":
                         records += bench_data(size, settings, context)
                     else:
@@ -551,12 +568,15 @@ def print_report(records: list[dict[str, Any]], context: dict[str, Any], console
     flags = [f"batch {context['batch']}", "bf16 autocast" if context["amp"] else "fp32"]
     flags += ["channels_last" if context["channels_last"] else "contiguous"]
     flags += ["torch.compile"] * context["compile"] + [f"width {context['width']:g}", f"{context['threads']} threads"]
-    table = Table(title=f"msattn bench: {context['device_name']} ({context['device']}), {', '.join(flags)}",
-                  title_justify="left", caption="x1: cost over one scale in this run; arithmetic = FLOP ratio; "
-                  "gap = measured / arithmetic - 1; pure area: {1, 0.5} 1.25, {1, 0.75, 0.5} 1.8125",
-                  caption_justify="left")
+    caption = (
+        "time x1: median time over the single-scale median of this run; best x1: the same with the fastest rounds; "
+        "arith x1: FLOP ratio; gap: time x1 / arith x1 - 1; pure area ratio: {1, 0.5} 1.25, {1, 0.75, 0.5} 1.8125; "
+        "of peak: GFLOP/s over the matmul's in the same rounds"
+    )
+    title = f"msattn bench: {context['device_name']} ({context['device']}), {', '.join(flags)}"
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     columns = ("mode", "size", "scales", "merge", "ms/img", "img/s", "GFLOP/img", "GFLOP/s", "of peak", "mem MB",
-               "time x1", "arith x1", "gap")
+               "time x1", "best x1", "arith x1", "gap")
     for name in columns:
         table.add_column(name, justify="left" if name in ("mode", "scales", "merge") else "right")
     for r in records:
@@ -566,12 +586,17 @@ def print_report(records: list[dict[str, Any]], context: dict[str, Any], console
             r["mode"], str(r["size"]), ", ".join(f"{s:g}" for s in r["scales"]) or r.get("stage", ""),
             r["merge"] or "-", _fmt(r["latency_ms"], ".1f"), _fmt(r["images_per_s"], ".2f"),
             _fmt(r["gflops"], ".1f"), _fmt(r["gflops_per_s"], ".1f"), _fmt(r.get("peak_fraction"), ".0%"),
-            _fmt(r["peak_mem_mb"], ".0f"), _fmt(ratio if multi else None, ".3f"), _fmt(arith if multi else None, ".3f"),
+            _fmt(r["peak_mem_mb"], ".0f"), _fmt(ratio if multi else None, ".3f"),
+            _fmt(r.get("latency_ratio_min") if multi else None, ".3f"), _fmt(arith if multi else None, ".3f"),
             _fmt(ratio / arith - 1 if multi and ratio and arith else None, "+.1%"),
         )
     console.print(table)
-    if "matmul_gflops_s" in context:
-        console.print(f"matmul peak in this run: {context['matmul_gflops_s']:.1f} GFLOP/s ({context['matmul']})")
+    for r in records:
+        if r["mode"] != "data" and len(r["scales"]) == 1:
+            console.print(
+                f"{r['mode']} {r['size']}: {r['matmul']} timed in the same rounds: {r['matmul_gflops_s']:.1f} GFLOP/s "
+                f"(best {r['matmul_gflops_s_best']:.1f}); one scale reaches {r['peak_fraction']:.0%} of it"
+            )
     loads = [r["cpu_other_load"] for r in records if r.get("cpu_other_load") is not None]
     if loads and max(loads) > 0.05:
         console.print(

@@ -286,6 +286,9 @@ def predict_images(
     from msattn.engine.distributed import resolve_device
     from msattn.io import clean_temporaries, open_image
 
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder; choose another --out")
     paths = list(dict.fromkeys(collect_inputs(inputs)))  # the same file named twice runs once
     if not paths:
         raise DataError(f"no images found in {', '.join(str(p) for p in inputs)}")
@@ -307,8 +310,7 @@ def predict_images(
     merge = getattr(model, "merge", "attention")
 
     names, notes = unique_names(paths, lambda n: output_files(n, run_scales, save_probs, save_attention))
-    out.mkdir(parents=True, exist_ok=True)
-    clean_temporaries(out)
+    clean_temporaries(out)  # the folder itself is made by the first write: a failed run leaves nothing
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     for note in notes:
         console.print(f"[yellow]note[/] {escape(str(note))}")
@@ -316,6 +318,7 @@ def predict_images(
         console.print("[yellow]note[/] the model runs on one scale: there are no attention maps to save")
 
     written = failed = 0
+    first_problem = ""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("predict", total=len(paths))
@@ -326,6 +329,7 @@ def predict_images(
                     loaded.append((name, np.array(open_image(path, "RGB"))))
                 except DataError as exc:
                     progress.console.print(f"[yellow]skipped[/] {escape(str(exc))}")
+                    first_problem = first_problem or str(exc)
                     failed += 1
                     progress.advance(bar)
             for group in _same_size_groups(loaded):
@@ -340,7 +344,7 @@ def predict_images(
                     progress.advance(bar)
     Console(highlight=False).print(f"predicted {written} image(s), skipped {failed} -> {out}")
     if written == 0:
-        raise DataError(f"none of the {len(paths)} input images could be read (see messages above)")
+        raise DataError(f"none of the {len(paths)} input image(s) could be read; first: {first_problem}")
     return {"written": written, "failed": failed}
 
 
@@ -353,22 +357,33 @@ def _predict_group(
     device: torch.device,
     memory_format: torch.memory_format,
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Run same-size images as one batch -> [(probs [C,H,W], attention [S,H,W] or None)] as numpy."""
+    """Run same-size images as one batch -> [(probs [C,H,W], attention [S,H,W] or None)] as numpy.
+
+    Out of GPU memory on a batch, the images are retried one by one; out of memory on one
+    image stops with a :class:`ResourceError` that says what to turn down.
+    """
     from msattn.errors import ResourceError
 
-    batch = torch.stack([normalize_image(img, info.mean, info.std) for _, img in group])
-    batch = batch.to(device, memory_format=memory_format)  # [N,3,H,W]
     try:
+        batch = torch.stack([normalize_image(img, info.mean, info.std) for _, img in group])
+        batch = batch.to(device, memory_format=memory_format)  # [N,3,H,W]
         probs, attention = predict_batch(model, batch, scales=scales, amp=amp)
+        probs_np = probs.cpu().numpy()
+        att_np = None if attention is None else attention.cpu().numpy()
     except torch.cuda.OutOfMemoryError:
-        h, w = batch.shape[-2:]
-        raise ResourceError(
-            f"out of GPU memory on {len(group)} image(s) of {w}x{h} (first: {group[0][0]}); "
-            "lower --batch-size or use --device cpu"
-        ) from None
-    probs_np = probs.cpu().numpy()
-    att_np = None if attention is None else attention.cpu().numpy()
-    return [(probs_np[i], None if att_np is None else att_np[i]) for i in range(len(group))]
+        probs_np = att_np = None  # handled below, outside the except block, so the failed tensors are freed
+    if probs_np is not None:
+        return [(probs_np[i], None if att_np is None else att_np[i]) for i in range(len(group))]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if len(group) > 1:
+        return [r for item in group for r in _predict_group(model, [item], info, scales, amp, device, memory_format)]
+    name, image = group[0]
+    h, w = image.shape[:2]
+    raise ResourceError(
+        f"out of GPU memory on {name} ({w}x{h}, scales {list(scales)}) even alone: give smaller --scales, "
+        f"keep --amp on{'' if amp else ' (it is off)'}, downscale the image, or use --device cpu"
+    )
 
 
 def _crf(image: np.ndarray, probs: np.ndarray, params: Any) -> np.ndarray:

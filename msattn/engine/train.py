@@ -257,15 +257,17 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
         state = load_checkpoint(last_path)
     elif resume:
         console.print(f"no {last_path} yet: starting a new run")
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        clean_temporaries(out_dir)
 
     # --- data (prepared by rank 0 when the recipe says so)
     if info.is_main:
         maybe_prepare(recipe, console)
     barrier(info)
     root = Path(recipe.data.root)
+    if not (root / "dataset.json").is_file():
+        raise DataError(
+            f"{root}: no dataset folder here (dataset.json missing); build it with `msattn prepare-data ...` "
+            "or point data.root at one (--set data.root=DIR)"
+        )
     dataset_info = read_dataset_info(root)
     num_classes = len(dataset_info.classes)
     if recipe.model.num_classes is not None and recipe.model.num_classes != num_classes:
@@ -300,11 +302,11 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
     if cfg.deterministic:
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
-    optimizer = torch.optim.SGD(
-        param_groups(model, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.head_lr_mult),
-        lr=recipe.optim.lr,
-        momentum=recipe.optim.momentum,
-    )
+    groups = param_groups(model, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.head_lr_mult)
+    if recipe.optim.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=recipe.optim.lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=recipe.optim.lr, momentum=recipe.optim.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
@@ -330,6 +332,8 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
     }
     config = recipe_to_dict(recipe)
     if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        clean_temporaries(out_dir)
         write_json(out_dir / "config.json", config)
     log = MetricsLog(out_dir, start, enabled=info.is_main)
 
@@ -709,7 +713,7 @@ __all__ = [
     "TrainStream",
     "dry_run_report",
     "epoch_order",
-    "load_recipe",
+    "lr_factor",
     "train",
     "train_from_recipe",
 ]

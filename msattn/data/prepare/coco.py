@@ -152,7 +152,7 @@ def _split_tasks(
         tasks = []
         for image_id in chosen:
             img = images[image_id]
-            name = str(img["file_name"])
+            name = check_id(str(img["file_name"]), path)  # a plain file name: nothing outside the folder is read
             item_id = check_id(Path(name).stem, path)
             payload = (str(folder / name), int(img["height"]), int(img["width"]), by_image[image_id], str(path))
             tasks.append(Task(split, item_id, payload))
@@ -195,12 +195,12 @@ def prepare_coco(
             warnings.append(f"{paths[split]} has {len(ids)} images, fewer than the {sizes[split]} asked for; using all")
         chosen[split] = draw_subset(ids, sizes[split], seed, stream)
 
-    params = {"seed": seed, "train_size": train_size, "val_size": val_size, "sha256": hashes}
-    common.prepare_output(out, "coco", params)
-    tasks: list[Task] = []
+    tasks: list[Task] = []  # built (and every entry checked) before anything is written
     for split in common.SPLITS:
         tasks += _split_tasks(split, data[split], paths[split], folders[split], chosen[split], cat_map)
     del data
+    params = {"seed": seed, "train_size": train_size, "val_size": val_size, "sha256": hashes}
+    common.prepare_output(out, "coco", params)
     results = common.run_tasks(_process, tasks, out, workers, "coco")
     subset = {
         "seed": seed,

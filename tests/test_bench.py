@@ -1,0 +1,120 @@
+"""msattn bench: runs through the real CLI on a tiny network and writes valid JSON (never asserts speed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from msattn.engine.bench import MemoryProbe, add_ratios, area_ratio, scale_merge_pairs
+
+TINY = ["--width", "0.0625", "--iters", "1", "--warmup", "0"]
+REQUIRED = ("mode", "scales", "merge", "size", "device", "latency_ms", "images_per_s", "gflops", "peak_mem_mb")
+
+
+def read_records(path: Path) -> list[dict]:
+    records = json.loads(path.read_text())
+    assert isinstance(records, list) and records
+    for record in records:
+        missing = [key for key in REQUIRED if key not in record]
+        assert not missing, (missing, record)
+        assert record["device"] == "cpu"
+        assert all(isinstance(s, float) for s in record["scales"])
+        assert record["latency_ms"] > 0 and math.isclose(record["images_per_s"], 1000 / record["latency_ms"])
+    return records
+
+
+def test_inference_and_train_cover_every_scale_set_and_merge(run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    code, stdout, stderr = run_cli("bench", *TINY, "--size", "33", "--mode", "inference", "--mode", "train",
+                                   "--json", out)
+    assert code == 0, stderr
+    records = read_records(out)
+    expected = [(list(s), m) for s, m in scale_merge_pairs()]
+    assert len(expected) == 7 and expected[0] == ([1.0], None)
+    for mode in ("inference", "train"):
+        rows = [r for r in records if r["mode"] == mode]
+        assert [(r["scales"], r["merge"]) for r in rows] == expected
+        assert all(r["size"] == 33 and r["width"] == 0.0625 and r["gflops"] > 0 for r in rows)
+        assert all(r["peak_mem_mb"] is None or r["peak_mem_mb"] > 0 for r in rows)
+        single = rows[0]
+        for row in rows[1:]:
+            assert row["latency_ratio"] == pytest.approx(row["latency_ms"] / single["latency_ms"])
+            assert row["flop_ratio"] == pytest.approx(row["gflops"] / single["gflops"])
+            assert row["flop_ratio"] > 1 and row["area_ratio"] == pytest.approx(area_ratio(row["scales"]))
+        by_merge = {r["merge"]: r["gflops"] for r in rows if len(r["scales"]) == 3}
+        assert by_merge["max"] == pytest.approx(by_merge["avg"]) and by_merge["attention"] > by_merge["max"]
+    inference = {(tuple(r["scales"]), r["merge"]): r["gflops"] for r in records if r["mode"] == "inference"}
+    for r in records:
+        if r["mode"] == "train":  # forward + backward: about three forwards (no input gradient)
+            assert 2.0 < r["gflops"] / inference[(tuple(r["scales"]), r["merge"])] < 3.1
+    assert all(r["matmul_gflops_s"] > 0 and r["peak_fraction"] > 0 for r in records)
+    assert "matmul timed in the same rounds" in stdout and "attention" in stdout
+
+
+def test_data_mode_and_amp_refused_on_cpu(run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "data.json"
+    code, stdout, stderr = run_cli("bench", *TINY, "--size", "40", "--mode", "data", "--amp", "--json", out)
+    assert code == 0, stderr
+    assert "--amp ignored on CPU" in stderr
+    records = read_records(out)
+    assert [r["stage"] for r in records] == ["prepare_demo", "decode_augment"]
+    for record in records:
+        assert record["mode"] == "data" and record["scales"] == [] and record["amp"] is False
+        assert record["size"] == 40 and record["images"] >= 1 and record["gflops"] is None
+    assert "worker" in stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mode", "fast"], "unknown mode"),
+        (["--size", "4"], "at least 8 pixels"),
+        (["--device", "tpu"], "--device tpu"),
+    ],
+)
+def test_bad_options_are_usage_errors(run_cli, args: list[str], message: str) -> None:
+    code, _, stderr = run_cli("bench", *TINY, *args)
+    assert code == 2 and message in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_cuda_without_a_gpu_is_a_clear_error(run_cli) -> None:
+    code, _, stderr = run_cli("bench", *TINY, "--device", "cuda")
+    assert code == 2 and "no CUDA GPU" in stderr
+
+
+def test_ratios_use_the_single_scale_row_of_the_same_mode_and_size() -> None:
+    def row(mode: str, size: int, scales: list[float], latency: float, gflops: float) -> dict:
+        return {"mode": mode, "size": size, "scales": scales, "latency_ms": latency, "gflops": gflops}
+
+    records = [
+        row("inference", 321, [1.0], 100.0, 10.0),
+        row("inference", 321, [1.0, 0.75, 0.5], 230.0, 23.0),
+        row("inference", 513, [1.0], 300.0, 25.0),
+        row("inference", 513, [1.0, 0.5], 450.0, 32.0),
+        row("train", 321, [1.0], 50.0, 30.0),
+        row("train", 321, [1.0, 0.5], 80.0, 39.0),
+        {"mode": "data", "size": 321, "scales": [], "latency_ms": 5.0, "gflops": None},
+    ]
+    add_ratios(records)
+    assert records[1]["latency_ratio"] == pytest.approx(2.3) and records[1]["flop_ratio"] == pytest.approx(2.3)
+    assert records[1]["area_ratio"] == pytest.approx(1.8125)
+    assert records[3]["latency_ratio"] == pytest.approx(1.5) and records[3]["flop_ratio"] == pytest.approx(1.28)
+    assert records[5]["latency_ratio"] == pytest.approx(1.6) and records[5]["area_ratio"] == pytest.approx(1.25)
+    assert "latency_ratio" not in records[6]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak RSS is read from Linux /proc")
+def test_cpu_memory_probe_sees_a_64_mb_allocation() -> None:
+    probe = MemoryProbe(torch.device("cpu"))
+    with probe.measure():
+        block = torch.ones(16 * 2**20)  # 64 MiB, touched
+        del block
+    if probe.peak_bytes is None:
+        pytest.skip(f"peak RSS cannot be reset here: {probe.kind}")
+    assert 60 * 2**20 < probe.peak_bytes < 200 * 2**20

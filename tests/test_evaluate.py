@@ -1,0 +1,125 @@
+"""Evaluation: full-resolution scoring by hand, the CLI's JSON and table, option errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from engine_helpers import CLASSES, make_tiny_dataset
+from msattn.data import SegmentationFolder
+from msattn.engine.checkpoint import make_checkpoint, save_checkpoint
+from msattn.engine.evaluate import evaluate_model, predict_probs
+from msattn.models import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=2, num_val=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = build_model(3, scales=(1.0, 0.5), merge="attention", width=0.0625)
+    meta = {"name": "tiny", "classes": CLASSES, "palette": [[0, 0, 0], [128, 0, 0], [0, 128, 0]],
+            "ignore_index": 255, "root": str(tiny_data), "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, make_checkpoint(model, meta, config={}, iteration=0))
+    return path
+
+
+class ColourModel(nn.Module):
+    """Predicts by colour at output stride 8: red-ish -> 1, green-ish -> 2, else 0 (a known answer)."""
+
+    def forward(self, images: torch.Tensor, scales=None) -> dict:
+        small = nn.functional.avg_pool2d(images, 8, ceil_mode=True)  # [N, 3, h, w]
+        r, g = small[:, 0], small[:, 1]
+        logits = torch.stack([torch.full_like(r, 0.5), r - g, g - r], dim=1) * 10
+        return {"out": logits}
+
+
+class ConstantModel(nn.Module):
+    def __init__(self, cls: int) -> None:
+        super().__init__()
+        self.cls = cls
+
+    def forward(self, images: torch.Tensor, scales=None) -> dict:
+        n, _, h, w = images.shape
+        logits = torch.zeros(n, 3, (h + 7) // 8, (w + 7) // 8)
+        logits[:, self.cls] = 1.0
+        return {"out": logits}
+
+
+def test_constant_prediction_scores_as_computed_by_hand(tiny_data: Path) -> None:
+    dataset = SegmentationFolder(tiny_data, "val")
+    labels = torch.stack([dataset[i]["label"] for i in range(len(dataset))])
+    valid = labels != 255
+    metrics = evaluate_model(ConstantModel(1), dataset, num_classes=3, class_names=CLASSES, progress=False)
+    red = ((labels == 1) & valid).sum().item()
+    assert metrics["pixel_accuracy"] == pytest.approx(red / valid.sum().item())
+    assert metrics["per_class"]["red"] == pytest.approx(red / valid.sum().item())
+    assert metrics["per_class"]["background"] == 0.0 and metrics["per_class"]["green"] == 0.0
+    assert metrics["miou"] == pytest.approx(metrics["per_class"]["red"] / 3)
+    assert metrics["num_images"] == 4 and metrics["pixels"] == valid.sum().item()
+
+
+def test_full_resolution_batching_flip_and_limit(tiny_data: Path) -> None:
+    dataset = SegmentationFolder(tiny_data, "val")
+    one = evaluate_model(ColourModel(), dataset, num_classes=3, progress=False)
+    assert one["miou"] > 0.5  # the colour rule is right away from rectangle borders
+    batched = evaluate_model(ColourModel(), dataset, num_classes=3, batch_size=3, progress=False)
+    assert batched["per_class"] == one["per_class"]
+    flipped = evaluate_model(ColourModel(), dataset, num_classes=3, flip=True, progress=False)
+    assert flipped["pixels"] == one["pixels"] and flipped["miou"] > 0.5
+    limited = evaluate_model(ColourModel(), dataset, num_classes=3, limit=2, progress=False)
+    assert limited["num_images"] == 2 and limited["pixels"] < one["pixels"]
+    # two "ranks" see disjoint halves whose pixel counts add up
+    halves = [evaluate_model(ColourModel(), dataset, num_classes=3, rank=r, world_size=2, progress=False) for r in (0, 1)]
+    assert halves[0]["pixels"] + halves[1]["pixels"] == one["pixels"]
+
+
+def test_predict_probs_are_full_size_distributions() -> None:
+    images = torch.randn(2, 3, 37, 45)
+    probs = predict_probs(ColourModel(), images, flip=True)
+    assert probs.shape == (2, 3, 37, 45)
+    assert torch.allclose(probs.sum(1), torch.ones(2, 37, 45), atol=1e-5)
+
+
+def test_cli_evaluate_writes_json_and_prints_the_table(tiny_checkpoint: Path, tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "scores.json"
+    code, stdout, err = run_cli("evaluate", "--checkpoint", tiny_checkpoint, "--json", out, "--flip")
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert set(result) >= {"miou", "pixel_accuracy", "per_class", "num_images", "checkpoint", "scales", "flip"}
+    assert list(result["per_class"]) == CLASSES and result["num_images"] == 4
+    assert result["scales"] == [1.0, 0.5] and result["flip"] is True
+    assert 0.0 <= result["miou"] <= 1.0
+    assert "mean IoU" in stdout and "green" in stdout
+
+
+def test_cli_evaluate_options(tiny_checkpoint: Path, tiny_data: Path, tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "s.json"
+    code, _, err = run_cli("evaluate", "--checkpoint", tiny_checkpoint, "--data", tiny_data, "--split", "train",
+                           "--limit", "1", "--json", out)
+    assert code == 0, err
+    assert json.loads(out.read_text())["num_images"] == 1
+    code, _, err = run_cli("evaluate", "--checkpoint", tiny_checkpoint, "--scales", "1", "--scales", "0.75",
+                           "--scales", "0.5")
+    assert code == 2 and "trained on 2 scales" in err
+    code, _, err = run_cli("evaluate", "--checkpoint", tiny_checkpoint, "--data", tmp_path / "none")
+    assert code == 2 and "dataset folder not found" in err
+    code, _, err = run_cli("evaluate", "--checkpoint", tmp_path / "missing.pt")
+    assert code == 2 and "checkpoint not found" in err
+
+
+def test_cli_evaluate_with_crf(tiny_checkpoint: Path, tmp_path: Path, run_cli) -> None:
+    pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is not installed")
+    out = tmp_path / "crf.json"
+    code, _, err = run_cli("evaluate", "--checkpoint", tiny_checkpoint, "--crf", "--limit", "2", "--json", out)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["crf"] is True and result["num_images"] == 2
