@@ -27,6 +27,7 @@ import difflib
 import math
 import os
 import re
+import reprlib
 import tomllib
 import types
 import typing
@@ -36,7 +37,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from msattn.errors import ConfigError
-from msattn.io import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from msattn.crf import CRFParams
@@ -129,7 +129,9 @@ class DataConfig:
     mean: tuple[float, ...] = _opt(IMAGENET_MEAN, _all(_length(3), _between(0, 1)), "RGB mean on [0, 1]")
     std: tuple[float, ...] = _opt(IMAGENET_STD, _all(_length(3), _between(0, 1, lo_open=True)), "RGB std on [0, 1]")
     workers: int = _opt(2, _between(0, 256), "DataLoader worker processes (0: in-process)")
-    max_pixels: int = _opt(DEFAULT_MAX_PIXELS, _count, "refuse images with more pixels (0: no limit)")
+    max_pixels: int | None = _opt(
+        None, _count, "refuse images with more pixels (0: no limit; none: msattn --max-pixels or 100M)"
+    )
     auto_prepare: str | None = _opt(None, _one_of("demo"), '"demo": build the synthetic set at root if missing')
 
 
@@ -239,10 +241,12 @@ class _Bad(Exception):
 
 
 def _describe(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array", dict: "a table"}
+    names = {
+        bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array", dict: "a table"
+    }
     for kind, name in names.items():
         if type(value) is kind:
-            text = repr(value)
+            text = reprlib.repr(value)  # depth- and length-limited
             return f"{name} ({text if len(text) <= 40 else text[:37] + '...'})"
     return f"a {type(value).__name__}"
 
@@ -423,7 +427,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     try:
         parsed = tomllib.loads(f"v = {raw}")
         value = parsed["v"] if list(parsed) == ["v"] else raw
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # e.g. "[[[[...": not a TOML value, keep the text
         value = raw
     return parts[0], parts[1], value
 

@@ -30,7 +30,8 @@ def make_tiny_dataset(root: Path, num_train: int = 8, num_val: int = 4, size: in
                 image[top : top + h, left : left + w] = COLOURS[cls]
                 label[top : top + h, left : left + w] = cls
             label[0, :3] = 255  # a few ignored pixels
-            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"{item_id}.jpg", quality=95)
+            rgb = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+            rgb.save(root / "images" / f"{item_id}.jpg", quality=95)
             png = Image.fromarray(label, mode="L")
             png.putpalette([v for rgb in PALETTE for v in rgb] + [0] * (768 - 9))
             png.save(root / "labels" / f"{item_id}.png")

@@ -43,7 +43,8 @@ def test_inference_and_train_cover_every_scale_set_and_merge(run_cli, tmp_path: 
         assert all(r["peak_mem_mb"] is None or r["peak_mem_mb"] > 0 for r in rows)
         single = rows[0]
         for row in rows[1:]:
-            assert row["latency_ratio"] == pytest.approx(row["latency_ms"] / single["latency_ms"])
+            rounds = [t / b for t, b in zip(row["times_ms"], single["times_ms"])]
+            assert len(rounds) == 1 and row["latency_ratio"] == pytest.approx(rounds[0])
             assert row["flop_ratio"] == pytest.approx(row["gflops"] / single["gflops"])
             assert row["flop_ratio"] > 1 and row["area_ratio"] == pytest.approx(area_ratio(row["scales"]))
         by_merge = {r["merge"]: r["gflops"] for r in rows if len(r["scales"]) == 3}
@@ -107,6 +108,17 @@ def test_ratios_use_the_single_scale_row_of_the_same_mode_and_size() -> None:
     assert records[3]["latency_ratio"] == pytest.approx(1.5) and records[3]["flop_ratio"] == pytest.approx(1.28)
     assert records[5]["latency_ratio"] == pytest.approx(1.6) and records[5]["area_ratio"] == pytest.approx(1.25)
     assert "latency_ratio" not in records[6]
+
+
+def test_ratios_compare_cases_within_each_round() -> None:
+    """Load that comes and goes between rounds must not leak into the ratio."""
+    single = {"mode": "inference", "size": 65, "scales": [1.0], "gflops": 1.0, "latency_ms": 300.0,
+              "latency_ms_min": 100.0, "times_ms": [100.0, 300.0, 300.0]}
+    multi = {"mode": "inference", "size": 65, "scales": [1.0, 0.5], "gflops": 1.3, "latency_ms": 230.0,
+             "latency_ms_min": 230.0, "times_ms": [230.0, 230.0, 690.0]}
+    add_ratios([single, multi])
+    assert multi["latency_ratio"] == pytest.approx(2.3)  # rounds: 2.3, 0.77, 2.3
+    assert multi["latency_ratio_min"] == pytest.approx(2.3) and multi["flop_ratio"] == pytest.approx(1.3)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak RSS is read from Linux /proc")

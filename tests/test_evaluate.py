@@ -12,7 +12,8 @@ from torch import nn
 from engine_helpers import CLASSES, make_tiny_dataset
 from msattn.data import SegmentationFolder
 from msattn.engine.checkpoint import make_checkpoint, save_checkpoint
-from msattn.engine.evaluate import evaluate_model, predict_probs
+from msattn.engine.evaluate import evaluate_model
+from msattn.engine.predict import predict_batch
 from msattn.models import build_model
 
 
@@ -78,13 +79,15 @@ def test_full_resolution_batching_flip_and_limit(tiny_data: Path) -> None:
     limited = evaluate_model(ColourModel(), dataset, num_classes=3, limit=2, progress=False)
     assert limited["num_images"] == 2 and limited["pixels"] < one["pixels"]
     # two "ranks" see disjoint halves whose pixel counts add up
-    halves = [evaluate_model(ColourModel(), dataset, num_classes=3, rank=r, world_size=2, progress=False) for r in (0, 1)]
+    halves = [
+        evaluate_model(ColourModel(), dataset, num_classes=3, rank=r, world_size=2, progress=False) for r in (0, 1)
+    ]
     assert halves[0]["pixels"] + halves[1]["pixels"] == one["pixels"]
 
 
 def test_predict_probs_are_full_size_distributions() -> None:
     images = torch.randn(2, 3, 37, 45)
-    probs = predict_probs(ColourModel(), images, flip=True)
+    probs, _ = predict_batch(ColourModel(), images, flip=True)
     assert probs.shape == (2, 3, 37, 45)
     assert torch.allclose(probs.sum(1), torch.ones(2, 37, 45), atol=1e-5)
 

@@ -136,6 +136,9 @@ def test_test_time_scales_override() -> None:
     model = tiny((1.0, 0.5), "avg").eval()
     out = model(torch.randn(1, 3, 32, 32), scales=(1.0, 0.75, 0.5))
     assert len(out["per_scale"]) == 3
+    attention = tiny((1.0, 0.5), "attention").eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(attention(x, scales=(0.5, 1.0))["out"], attention(x)["out"])
     with pytest.raises(ValueError, match="needs as many"):
         tiny((1.0, 0.5), "attention")(torch.randn(1, 3, 32, 32), scales=(1.0,))
 

@@ -366,10 +366,14 @@ def bench_model(mode: str, size: int, settings: Settings, context: dict[str, Any
             **context,
             "latency_ms": per_image * 1e3,
             "latency_ms_min": min(case.times) / settings.batch * 1e3,
+            "times_ms": [t / settings.batch * 1e3 for t in case.times],  # per image, one per timed round
             "images_per_s": 1.0 / per_image,
             "gflops": gflops,
             "gflops_per_s": gflops / per_image,
-            "peak_fraction": gflops / per_image / peak["matmul_gflops_s"],
+            # per round: this case's GFLOP/s over the matmul's, both timed moments apart
+            "peak_fraction": statistics.median(
+                gflops * settings.batch / t / (matmul_flops / 1e9 / m) for t, m in zip(case.times, matmul.times)
+            ),
             **peak,
             **probe,
             "cpu_other_load": other,
@@ -397,7 +401,7 @@ def bench_data(size: int, settings: Settings, context: dict[str, Any]) -> list[d
     common.update({"image_side": side, "gflops_per_s": None, "peak_fraction": None})
     with tempfile.TemporaryDirectory(prefix="msattn-bench-") as tmp:
         root = Path(tmp) / "demo"
-        memory = MemoryProbe(torch.device("cpu"))
+        memory, monitor = MemoryProbe(torch.device("cpu")), LoadMonitor()
         with memory.measure():
             quiet = io.StringIO()  # prepare_demo's own progress bar and summary table
             with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
@@ -406,10 +410,11 @@ def bench_data(size: int, settings: Settings, context: dict[str, Any]) -> list[d
                 seconds = time.perf_counter() - start
         count = num_train + num_val
         prepare = _data_record(common, "prepare_demo", seconds / count, [seconds / count], memory, count)
+        prepare["cpu_other_load"] = monitor.other_load()
 
         dataset = SegmentationFolder(root, "train", transform=TrainTransform(size, scale_range=(0.5, 1.5), flip=True))
         times: list[float] = []
-        memory = MemoryProbe(torch.device("cpu"))
+        memory, monitor = MemoryProbe(torch.device("cpu")), LoadMonitor()
         with memory.measure():
             for round_ in range(settings.warmup + settings.iters):
                 dataset.set_epoch(round_)
@@ -419,6 +424,7 @@ def bench_data(size: int, settings: Settings, context: dict[str, Any]) -> list[d
                     if round_ >= settings.warmup:
                         times.append(time.perf_counter() - start)
         load = _data_record(common, "decode_augment", sum(times) / len(times), times, memory, len(times))
+        load["cpu_other_load"] = monitor.other_load()
     return [prepare, load]
 
 
@@ -440,13 +446,22 @@ def _data_record(
 
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
-    """Each multi-scale record's cost over the single-scale record of the same mode and size."""
+    """Each multi-scale record's cost over the single-scale record of the same mode and size.
+
+    With per-round times (``times_ms``) the ratio is the median over rounds of the ratio within
+    a round, whose cases ran moments apart: load from other processes that comes and goes
+    between rounds then cancels out. Otherwise it is the ratio of the medians.
+    """
     single = {(r["mode"], r["size"]): r for r in records if r["mode"] != "data" and len(r["scales"]) == 1}
     for record in records:
         base = single.get((record["mode"], record["size"]))
         if record["mode"] == "data" or base is None:
             continue
-        record["latency_ratio"] = record["latency_ms"] / base["latency_ms"]
+        times, base_times = record.get("times_ms"), base.get("times_ms")
+        if times and base_times and len(times) == len(base_times):
+            record["latency_ratio"] = statistics.median(t / b for t, b in zip(times, base_times))
+        else:
+            record["latency_ratio"] = record["latency_ms"] / base["latency_ms"]
         if "latency_ms_min" in record and "latency_ms_min" in base:  # best round over best round
             record["latency_ratio_min"] = record["latency_ms_min"] / base["latency_ms_min"]
         record["flop_ratio"] = record["gflops"] / base["gflops"] if base["gflops"] else None
@@ -569,9 +584,10 @@ def print_report(records: list[dict[str, Any]], context: dict[str, Any], console
     flags += ["channels_last" if context["channels_last"] else "contiguous"]
     flags += ["torch.compile"] * context["compile"] + [f"width {context['width']:g}", f"{context['threads']} threads"]
     caption = (
-        "time x1: median time over the single-scale median of this run; best x1: the same with the fastest rounds; "
+        "time x1: median over rounds of the time over the single-scale time in the same round; "
+        "best x1: fastest round over fastest round; "
         "arith x1: FLOP ratio; gap: time x1 / arith x1 - 1; pure area ratio: {1, 0.5} 1.25, {1, 0.75, 0.5} 1.8125; "
-        "of peak: GFLOP/s over the matmul's in the same rounds"
+        "of peak: GFLOP/s over the matmul's in the same round (median)"
     )
     title = f"msattn bench: {context['device_name']} ({context['device']}), {', '.join(flags)}"
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")

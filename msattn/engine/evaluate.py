@@ -17,31 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from msattn.engine.metrics import ConfusionMatrix, json_safe
+from msattn.engine.predict import predict_batch
 from msattn.errors import DataError, UsageError
-
-
-def predict_probs(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    scales: Sequence[float] | None = None,
-    flip: bool = False,
-    amp_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Class probabilities [N, C, H, W] at the input size of images [N, 3, H, W]."""
-    from msattn.models import upsample_logits
-
-    size = images.shape[-2:]
-    autocast = torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-    def probs(x: torch.Tensor) -> torch.Tensor:
-        with autocast:
-            logits = model(x, scales=scales)["out"]
-        return torch.softmax(upsample_logits(logits.float(), size), dim=1)
-
-    out = probs(images)
-    if flip:
-        out = (out + probs(images.flip(-1)).flip(-1)) / 2
-    return out
 
 
 def _collate_list(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -94,7 +71,8 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index, device)
-    progress_bar = _eval_progress(console or Console(highlight=False), enabled=progress and rank == 0)
+    console = console or Console(highlight=False, soft_wrap=True)
+    progress_bar = _eval_progress(console, enabled=progress and rank == 0)
     try:
         with progress_bar:
             task = progress_bar.add_task("evaluate", total=len(indices))
@@ -102,7 +80,7 @@ def evaluate_model(
                 for group in _same_size_groups(items):
                     images = torch.stack([item["image"] for item in group]).to(device, non_blocking=True)
                     labels = torch.stack([item["label"] for item in group]).to(device, non_blocking=True)
-                    probs = predict_probs(model, images, scales=scales, flip=flip, amp_dtype=amp_dtype)
+                    probs, _ = predict_batch(model, images, scales=scales, flip=flip, amp_dtype=amp_dtype)
                     if crf_params is not None:
                         probs = _refine(probs, images, crf_params, mean, std)
                     matrix.update(probs.argmax(1), labels)
@@ -159,7 +137,7 @@ def _eval_progress(console: Console, enabled: bool) -> Any:
 
 def print_metrics_table(metrics: dict[str, Any], title: str = "", console: Console | None = None) -> None:
     """Per-class IoU (%) like the paper's Table 2, then mean IoU and pixel accuracy."""
-    console = console or Console(highlight=False)
+    console = console or Console(highlight=False, soft_wrap=True)
     table = Table(title=title or None)
     table.add_column("class")
     table.add_column("IoU (%)", justify="right")
@@ -196,9 +174,9 @@ def evaluate_checkpoint(
     from msattn.data.transforms import EvalTransform
     from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint
     from msattn.engine.distributed import resolve_device
-    from msattn.io import DEFAULT_MAX_PIXELS, check_id, write_json
+    from msattn.io import check_id, write_json
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     dev = resolve_device(device)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint).to(dev)
@@ -229,7 +207,7 @@ def evaluate_checkpoint(
         from msattn.crf import CRFParams
 
         crf_params = config.crf if config is not None else CRFParams()
-    max_pixels = config.data.max_pixels if config is not None else DEFAULT_MAX_PIXELS
+    max_pixels = config.data.max_pixels if config is not None else None
     mean, std = meta.get("mean"), meta.get("std")
     dataset = SegmentationFolder(root, split, transform=EvalTransform(mean=mean, std=std), max_pixels=max_pixels)
     if len(dataset) == 0:

@@ -28,11 +28,15 @@ LIST_SUFFIX = ".txt"
 # ----------------------------------------------------------------------------- the forward pass
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
     """bf16 autocast on CUDA when ``amp``; never on CPU (bf16 is ~100x slower there)."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.bfloat16 if amp and device.type == "cuda" else None
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
 
 
 def predict_batch(
@@ -40,7 +44,7 @@ def predict_batch(
     images: torch.Tensor,
     scales: Sequence[float] | None = None,
     flip: bool = False,
-    amp: bool = False,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Class probabilities and merge weights at image size for a batch of same-size images.
 
@@ -48,12 +52,12 @@ def predict_batch(
     ``probs`` [N,C,H,W] (softmax of the bilinearly upsampled merged logits) and
     ``attention`` [N,S,H,W] (the model's merge weights upsampled to image size; for max
     merging the one-hot map of the winning scale, kept one-hot by nearest upsampling) or
-    None for a single-scale model. ``flip`` averages with the mirrored image. ``amp``
-    enables bf16 autocast on CUDA only.
+    None for a single-scale model. ``flip`` averages with the mirrored image.
+    ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the network under autocast.
     """
     size = tuple(images.shape[-2:])
     nearest = getattr(model, "merge", None) == "max"
-    with torch.inference_mode(), _autocast(images.device, amp):
+    with torch.inference_mode(), _autocast(images.device, amp_dtype):
         probs, attention = _forward(model, images, scales, size, nearest)
         if flip:
             probs_f, attention_f = _forward(model, images.flip(-1), scales, size, nearest)
@@ -89,7 +93,7 @@ def predict_probs(
     image: torch.Tensor,
     scales: Sequence[float] | None = None,
     flip: bool = False,
-    amp: bool = False,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One normalised image [1,3,H,W] (or [3,H,W]) -> (probs [C,H,W], attention [S,H,W] or None).
 
@@ -99,7 +103,7 @@ def predict_probs(
         image = image.unsqueeze(0)
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"predict_probs wants one image [1,3,H,W], got {tuple(image.shape)}")
-    probs, attention = predict_batch(model, image, scales=scales, flip=flip, amp=amp)
+    probs, attention = predict_batch(model, image, scales=scales, flip=flip, amp_dtype=amp_dtype)
     return probs[0], None if attention is None else attention[0]
 
 
@@ -367,7 +371,7 @@ def _predict_group(
     try:
         batch = torch.stack([normalize_image(img, info.mean, info.std) for _, img in group])
         batch = batch.to(device, memory_format=memory_format)  # [N,3,H,W]
-        probs, attention = predict_batch(model, batch, scales=scales, amp=amp)
+        probs, attention = predict_batch(model, batch, scales=scales, amp_dtype=amp_dtype_for(device, amp))
         probs_np = probs.cpu().numpy()
         att_np = None if attention is None else attention.cpu().numpy()
     except torch.cuda.OutOfMemoryError:

@@ -76,7 +76,7 @@ def train_from_recipe(
 
 def dry_run_report(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console | None = None) -> list[str]:
     """Print the resolved recipe and what training would do; returns the warnings printed."""
-    console = console or Console(highlight=False)
+    console = console or Console(highlight=False, soft_wrap=True)
     recipe = resolve_paths(recipe)
     warnings: list[str] = []
     root = Path(recipe.data.root)
@@ -104,7 +104,7 @@ def dry_run_report(recipe: Recipe, out_dir: Path, resume: bool = False, console:
         "step(s) (divided further over DDP ranks)"
     )
     for text in warnings:
-        Console(stderr=True, highlight=False).print(f"warning: {text}", markup=False)
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"warning: {text}", markup=False)
     console.print("recipe OK (dry run: nothing trained)")
     return warnings
 
@@ -244,7 +244,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
     from msattn.data import read_dataset_info
     from msattn.models import build_model, param_groups, segmentation_loss
 
-    console = Console(highlight=False, quiet=not info.is_main)
+    console = Console(highlight=False, soft_wrap=True, quiet=not info.is_main)
     dev, cfg = info.device, recipe.train
     cuda = dev.type == "cuda"
 
@@ -253,7 +253,9 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
     state = None
     if last_path.exists():
         if not resume:
-            raise UsageError(f"{out_dir}: already holds a run (last.pt); add --resume to continue it or pick another --out")
+            raise UsageError(
+                f"{out_dir}: already holds a run (last.pt); add --resume to continue it or pick another --out"
+            )
         state = load_checkpoint(last_path)
     elif resume:
         console.print(f"no {last_path} yet: starting a new run")
@@ -690,7 +692,14 @@ def memory_mb(device: torch.device) -> float:
 
 @contextlib.contextmanager
 def _progress(console: Console, enabled: bool) -> Iterator[Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),

@@ -97,8 +97,11 @@ class ScaleNet(nn.Module):
         """images [N, 3, H, W] -> {"out", "per_scale", "attention", "scales"}."""
         scales = self.scales if scales is None else tuple(float(s) for s in scales)
         _check_scales(scales)
-        if self.head is not None and len(scales) != len(self.scales):
-            raise ValueError(f"an attention model trained on {len(self.scales)} scales needs as many, got {scales}")
+        if self.head is not None:
+            if len(scales) != len(self.scales):
+                raise ValueError(f"an attention model trained on {len(self.scales)} scales needs as many, got {scales}")
+            if sorted(scales) == sorted(self.scales):
+                scales = self.scales  # the head's output channels follow the training order
         feats, per_scale = [], []
         for s in scales:
             x = images if s == 1.0 else resize(images, scaled_size(images.shape[-2:], s))
