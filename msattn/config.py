@@ -179,7 +179,7 @@ class TrainConfig:
     val_every: int = _opt(1000, _count, "iterations between validations (0: only at the end)")
     checkpoint_every: int = _opt(500, _count, "iterations between last.pt saves (0: only at the end)")
     amp: str = _opt("bf16", _one_of("bf16", "fp16", "off"), "autocast dtype on CUDA (fp16 uses a GradScaler)")
-    channels_last: bool = _opt(True, None, "channels_last memory format (CUDA)")
+    channels_last: bool = _opt(True, None, "channels_last memory format (faster on CUDA and CPU)")
     deterministic: bool = _opt(False, None, "deterministic kernels (slower; disables cudnn.benchmark)")
     device: str | None = _opt(None, None, "cpu, cuda or cuda:N; none = cuda when available")
     label_mode: str = _opt("downsample", _one_of("downsample", "upsample"), "labels to logits size, or the reverse")

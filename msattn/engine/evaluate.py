@@ -179,7 +179,7 @@ def evaluate_checkpoint(
     console = Console(highlight=False, soft_wrap=True)
     dev = resolve_device(device)
     state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state, checkpoint).to(dev)
+    model = model_from_checkpoint(state, checkpoint).to(dev, memory_format=torch.channels_last)
     meta = state["dataset"]
     root = Path(data) if data is not None else Path(str(meta.get("root", "")))
     if not str(root) or not (root / "dataset.json").is_file():

@@ -296,7 +296,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
     if state is None:
         init_weights(model, recipe, console)
     model.to(dev)
-    if cuda and cfg.channels_last:
+    if cfg.channels_last:  # faster on CUDA and on CPU (see benchmarks/README.md)
         model.to(memory_format=torch.channels_last)
     if cuda:
         torch.backends.cudnn.benchmark = not cfg.deterministic
@@ -383,7 +383,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
                 batch = next(batches)
                 images = batch["image"].to(dev, non_blocking=True)
                 labels = batch["label"].to(dev, non_blocking=True)
-                if cuda and cfg.channels_last:
+                if cfg.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 sync = ddp_model.no_sync() if info.distributed and a < accumulation - 1 else contextlib.nullcontext()
                 with sync:
