@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-
-from msattn.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+from _data_helpers import fixtures_dir as shared_fixtures
+from _data_helpers import run_cli as run_cli_captured
 
 
 @pytest.fixture(autouse=True)
@@ -22,23 +21,10 @@ def _few_threads() -> None:
 @pytest.fixture
 def fixtures_dir() -> Path:
     """The real-format fixtures (../shared/fixtures from the project root); skips when absent."""
-    if not FIXTURES.is_dir():
-        pytest.skip(f"real-format fixtures not found at {FIXTURES} (they live beside the checkout in shared/)")
-    return FIXTURES
+    return shared_fixtures()
 
 
 @pytest.fixture
-def run_cli(capsys: pytest.CaptureFixture[str]):
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
     """Run ``msattn ARGS...`` in-process; returns (exit_code, stdout, stderr)."""
-
-    def run(*args: object) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
+    return partial(run_cli_captured, capsys)
