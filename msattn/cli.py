@@ -185,6 +185,7 @@ def predict(
     scales: Annotated[Optional[list[float]], typer.Option("--scales", help="Scales (default: the model's).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 1,
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
+    resume: Annotated[bool, typer.Option(help="Skip images whose outputs are all in --out already.")] = False,
     device: Device = None,
 ) -> None:
     """Predict label maps (and attention maps) for images."""
@@ -201,6 +202,7 @@ def predict(
         batch_size=batch_size,
         amp=amp,
         device=device,
+        resume=resume,
     )
 
 

@@ -233,3 +233,24 @@ def test_predict_probs_flip_is_mirror_consistent() -> None:
     torch.testing.assert_close(probs.sum(0), torch.ones(33, 41), atol=1e-5, rtol=0)
     with pytest.raises(ValueError):
         predict_probs(model, torch.randn(2, 3, 8, 8))
+
+
+def test_resume_skips_images_with_every_output_written(tmp_path, run_cli) -> None:
+    tiny_checkpoint(tmp_path / "m.pt")
+    paths = small_images(tmp_path / "in", sizes=((40, 48), (36, 40), (32, 36)))
+    out = tmp_path / "o"
+    args = ("predict", tmp_path / "in", "--checkpoint", tmp_path / "m.pt", "--out", out, "--save-probs")
+    code, stdout, err = run_cli(*args)
+    assert code == 0, err
+    first = paths[0].stem
+    (out / f"{first}.npz").unlink()  # as if killed before this image's last file
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    code, stdout, err = run_cli(*args, "--resume")
+    assert code == 0, err
+    assert "predicted 1 image(s), skipped 0, 2 already done" in stdout
+    assert (out / f"{first}.npz").is_file()
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    rewritten = {name for name in before if after[name] != before[name]}
+    assert rewritten <= {f"{first}.png", f"{first}_overlay.jpg"}  # the others were left alone
+    code, stdout, _ = run_cli(*args, "--resume")
+    assert code == 0 and "predicted 0 image(s), skipped 0, 3 already done" in stdout

@@ -275,12 +275,14 @@ def predict_images(
     batch_size: int = 1,
     amp: bool = True,
     device: str | None = None,
+    resume: bool = False,
 ) -> dict[str, int]:
     """``msattn predict``: write label maps, overlays and (optionally) probabilities and attention maps.
 
     Unreadable images are reported and skipped; DataError only when no image could be processed.
-    Images of the same size in a batch run together, others one by one. Returns counts
-    {"written", "failed"}.
+    Images of the same size in a batch run together, others one by one. With ``resume``, images
+    whose every output file already exists are skipped (an interrupted run continues). Returns
+    counts {"written", "failed", "done"}.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -321,12 +323,16 @@ def predict_images(
     if save_attention and len(run_scales) == 1:
         console.print("[yellow]note[/] the model runs on one scale: there are no attention maps to save")
 
+    todo = list(zip(paths, names))
+    if resume:
+        todo = [(p, n) for p, n in todo if not _outputs_exist(out, n, run_scales, save_probs, save_attention)]
+    done = len(paths) - len(todo)
     written = failed = 0
     first_problem = ""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
-        bar = progress.add_task("predict", total=len(paths))
-        for chunk in _chunks(list(zip(paths, names)), batch_size):
+        bar = progress.add_task("predict", total=len(todo))
+        for chunk in _chunks(todo, batch_size):
             loaded = []
             for path, name in chunk:
                 try:
@@ -346,10 +352,15 @@ def predict_images(
                     )
                     written += 1
                     progress.advance(bar)
-    Console(highlight=False).print(f"predicted {written} image(s), skipped {failed} -> {out}")
-    if written == 0:
+    already = f", {done} already done" if done else ""
+    Console(highlight=False).print(f"predicted {written} image(s), skipped {failed}{already} -> {out}")
+    if written == 0 and done == 0:
         raise DataError(f"none of the {len(paths)} input image(s) could be read; first: {first_problem}")
-    return {"written": written, "failed": failed}
+    return {"written": written, "failed": failed, "done": done}
+
+
+def _outputs_exist(out: Path, name: str, scales: Sequence[float], save_probs: bool, save_attention: bool) -> bool:
+    return all((out / f).is_file() for f in output_files(name, scales, save_probs, save_attention))
 
 
 def _predict_group(
