@@ -121,21 +121,22 @@ def check_id(item_id: str, source: str | os.PathLike[str]) -> str:
     return item_id
 
 
-def read_id_list(path: str | os.PathLike[str]) -> list[str]:
-    """Read one id per line (blank lines and ``#`` comments skipped), validating every id."""
+def read_list_lines(path: str | os.PathLike[str], what: str = "list file") -> list[str]:
+    """Non-blank lines of a UTF-8 list file, stripped, ``#`` comments skipped; DataError names the file."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise DataError(f"{path}: id list not found") from None
+        raise DataError(f"{path}: {what} not found") from None
     except UnicodeDecodeError:
-        raise DataError(f"{path}: id list is not UTF-8 text") from None
-    ids = []
-    for line in lines:
-        line = line.strip()
-        if line and not line.startswith("#"):
-            ids.append(check_id(line, path))
-    return ids
+        raise DataError(f"{path}: {what} is not UTF-8 text") from None
+    entries = (line.strip() for line in lines)
+    return [entry for entry in entries if entry and not entry.startswith("#")]
+
+
+def read_id_list(path: str | os.PathLike[str]) -> list[str]:
+    """Read one id per line (blank lines and ``#`` comments skipped), validating every id."""
+    return [check_id(item_id, path) for item_id in read_list_lines(path, "id list")]
 
 
 def write_id_list(path: str | os.PathLike[str], ids: list[str]) -> None:

@@ -133,14 +133,9 @@ def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
 
 
 def _read_list(path: Path) -> list[Path]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: list file not found") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: list file is not UTF-8 text") from None
-    entries = [line.strip() for line in lines]
-    return [Path(os.path.normpath(path.parent / line)) for line in entries if line and not line.startswith("#")]
+    from msattn.io import read_list_lines
+
+    return [Path(os.path.normpath(path.parent / line)) for line in read_list_lines(path)]
 
 
 def output_files(name: str, scales: Sequence[float], save_probs: bool, save_attention: bool) -> list[str]:
