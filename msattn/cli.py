@@ -219,7 +219,7 @@ def crf_refine(
     iterations: Annotated[Optional[int], typer.Option(min=1, help="Mean-field iterations (default 10).")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="Take defaults from this recipe's [crf] section.")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="Ground-truth label folder (for --search).")] = None,
-    search: Annotated[bool, typer.Option(help="Grid-search bi_w, bi_xy_std, bi_rgb_std against --labels.")] = False,
+    search: Annotated[bool, typer.Option(help="Grid-search bi_w, bi_xy_std, bi_rgb_std (those not given) against --labels.")] = False,
     workers: Workers = 2,
 ) -> None:
     """Refine saved probabilities with the fully connected CRF."""

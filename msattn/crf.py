@@ -474,7 +474,9 @@ def crf_refine_command(
         return
     if labels is None:
         raise UsageError("--search needs --labels DIR (ground-truth label PNGs)")
-    rows = grid_search(images, probs, labels, params, workers=workers)
+    # settings given on the command line stay fixed; the others are searched
+    grid = {key: (overrides[key],) if overrides.get(key) is not None else values for key, values in SEARCH_GRID.items()}
+    rows = grid_search(images, probs, labels, params, grid=grid, workers=workers)
     _print_search(console, rows)
     from msattn.io import write_json
 

@@ -247,3 +247,17 @@ def test_crf_search_prints_best_setting(tmp_path, run_cli) -> None:
     assert result["best"]["miou"] == max(r["miou"] for r in rows) > 0.9
     assert result["best"]["iterations"] == 5  # non-grid settings come from the CLI
     assert f"{100 * result['best']['miou']:.2f}" in stdout
+
+
+def test_crf_search_keeps_command_line_settings_fixed(tmp_path, run_cli) -> None:
+    images, probs, labels = write_case(tmp_path, ["a"])
+    out = tmp_path / "search"
+    code, _, err = run_cli(
+        "crf-refine", "--images", images, "--probs", probs, "--out", out, "--labels", labels,
+        "--search", "--workers", "0", "--iterations", "2", "--bi-w", "4", "--bi-rgb-std", "5",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = [r for r in json.loads((out / "crf_search.json").read_text())["results"] if r["params"] is not None]
+    assert len(rows) == 3  # only bi_xy_std is searched
+    assert {r["params"]["bi_w"] for r in rows} == {4.0} and {r["params"]["bi_rgb_std"] for r in rows} == {5.0}
+    assert {r["params"]["bi_xy_std"] for r in rows} == {50.0, 80.0, 121.0}
