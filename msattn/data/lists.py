@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from msattn.errors import DataError
-from msattn.io import read_id_list
+from msattn.io import check_id, read_id_list
 
 #: dataset name -> split name -> file name under ``datasets/<dataset>/``
 SHIPPED_LISTS: dict[str, dict[str, str]] = {
@@ -41,3 +41,10 @@ def shipped_list_path(dataset: str, split: str) -> Path:
 def shipped_ids(dataset: str, split: str) -> list[str]:
     """The ids of a shipped list, in file order."""
     return read_id_list(shipped_list_path(dataset, split))
+
+
+def split_ids(dataset: str, split: str, given: list[str] | None) -> tuple[list[str], str]:
+    """The ids of a split: ``given`` (checked) or the shipped list; and where they came from."""
+    if given is not None:
+        return [check_id(i, f"{split} ids") for i in given], "given by the caller"
+    return shipped_ids(dataset, split), str(shipped_list_path(dataset, split))

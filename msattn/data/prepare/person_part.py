@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from msattn.data.lists import shipped_ids, shipped_list_path
+from msattn.data.lists import split_ids
 from msattn.data.palette import flat_palette, voc_colormap
 from msattn.data.prepare import common
 from msattn.data.prepare.common import MISSING, SKIPPED, WRITTEN, PrepareSummary, Result, Task
 from msattn.errors import DataError
-from msattn.io import check_id
 
 CLASSES = ("background", "head", "torso", "upper_arms", "lower_arms", "upper_legs", "lower_legs")
 PERSON_CLASS_IND = 15
@@ -120,10 +119,9 @@ def prepare_person_part(
     for folder in (annotations, images):
         if not folder.is_dir():
             raise DataError(f"{folder}: folder not found (--source must hold Annotations_Part/ and JPEGImages/)")
-    lists = {
-        "train": [check_id(i, "train_ids") for i in train_ids] if train_ids is not None else shipped_ids("person_part", "train"),
-        "val": [check_id(i, "val_ids") for i in val_ids] if val_ids is not None else shipped_ids("person_part", "val"),
-    }
+    train, train_source = split_ids("person_part", "train", train_ids)
+    val, val_source = split_ids("person_part", "val", val_ids)
+    lists = {"train": train, "val": val}
     common.prepare_output(out, "person_part", {})
     tasks = [
         Task(split, item_id, (str(annotations / f"{item_id}.mat"), str(images / f"{item_id}.jpg")))
@@ -131,10 +129,6 @@ def prepare_person_part(
         for item_id in common.dedupe(lists[split])
     ]
     results = common.run_tasks(_process, tasks, out, workers, "person-part")
-    list_sources = {
-        split: str(shipped_list_path("person_part", split)) if given is None else "given by the caller"
-        for split, given in (("train", train_ids), ("val", val_ids))
-    }
     return common.finish(
         name="person_part",
         out=out,
@@ -142,5 +136,5 @@ def prepare_person_part(
         classes=CLASSES,
         palette=voc_colormap(len(CLASSES)),
         results=results,
-        sources={"pascal_part": str(source.resolve()), "lists": list_sources},
+        sources={"pascal_part": str(source.resolve()), "lists": {"train": train_source, "val": val_source}},
     )

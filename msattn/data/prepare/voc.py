@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from msattn.data.lists import shipped_ids, shipped_list_path
+from msattn.data.lists import split_ids
 from msattn.data.palette import flat_palette, voc_colormap
 from msattn.data.prepare import common
 from msattn.data.prepare.common import MISSING, WRITTEN, PrepareSummary, Result, Task
 from msattn.errors import DataError
-from msattn.io import check_id
 
 CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -123,8 +122,8 @@ def prepare_voc(
     images = root / "JPEGImages"
     sbd_images = sbd_cls.parent / "img" if sbd_cls is not None else None
 
-    train = [check_id(i, "train_ids") for i in train_ids] if train_ids is not None else shipped_ids("voc", "train_aug")
-    val = [check_id(i, "val_ids") for i in val_ids] if val_ids is not None else shipped_ids("voc", "val")
+    train, train_source = split_ids("voc", "train_aug", train_ids)
+    val, val_source = split_ids("voc", "val", val_ids)
     voc_have, sbd_have = _stems(voc_labels, ".png"), _stems(sbd_cls, ".mat")
     warnings = []
     if sbd_cls is None:
@@ -148,10 +147,7 @@ def prepare_voc(
 
     tasks = [task("train", i) for i in common.dedupe(train)] + [task("val", i) for i in common.dedupe(val)]
     results = common.run_tasks(_process, tasks, out, workers, "voc")
-    lists = {
-        "train": str(shipped_list_path("voc", "train_aug")) if train_ids is None else "given by the caller",
-        "val": str(shipped_list_path("voc", "val")) if val_ids is None else "given by the caller",
-    }
+    lists = {"train": train_source, "val": val_source}
     return common.finish(
         name="voc",
         out=out,
