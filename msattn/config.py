@@ -181,6 +181,7 @@ class TrainConfig:
     amp: str = _opt("bf16", _one_of("bf16", "fp16", "off"), "autocast dtype on CUDA (fp16 uses a GradScaler)")
     channels_last: bool = _opt(True, None, "channels_last memory format (faster on CUDA and CPU)")
     deterministic: bool = _opt(False, None, "deterministic kernels (slower; disables cudnn.benchmark)")
+    compile: bool = _opt(False, None, "torch.compile the training forward/backward (the first steps compile)")
     device: str | None = _opt(None, None, "cpu, cuda or cuda:N; none = cuda when available")
     label_mode: str = _opt("downsample", _one_of("downsample", "upsample"), "labels to logits size, or the reverse")
     eval_at_end: bool = _opt(False, None, "evaluate the final model on the val split and print the table")

@@ -14,6 +14,7 @@ from engine_helpers import make_tiny_dataset, write_recipe
 from msattn.config import load_recipe
 from msattn.engine.checkpoint import load_checkpoint
 from msattn.engine.train import StreamSampler, epoch_order, lr_factor, train
+from msattn.errors import TrainingError
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,20 @@ def test_resume_after_interrupt_is_bit_for_bit(tiny_data: Path, tmp_path: Path, 
     assert losses == [r["loss"] for r in read_metrics(tmp_path / "broken") if "loss" in r]
 
 
+def test_resumes_a_checkpoint_whose_optimizer_was_not_fused(tiny_data: Path, tmp_path: Path) -> None:
+    """Checkpoints of earlier versions (foreach SGD) resume into the fused optimizer the step relies on."""
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 2}), ["model.scales=[1.0]"])
+    last = train(recipe, tmp_path / "run", device="cpu")
+    ckpt = load_checkpoint(last)
+    for group in ckpt["optimizer"]["param_groups"]:
+        group.update(fused=None, foreach=True)
+    torch.save(ckpt, last)
+    longer = load_recipe(write_recipe(tmp_path / "r4.toml", tiny_data, train={"iterations": 4}), ["model.scales=[1.0]"])
+    resumed = load_checkpoint(train(longer, tmp_path / "run", resume=True, device="cpu"))
+    assert resumed["iteration"] == 4
+    assert all(g["fused"] for g in resumed["optimizer"]["param_groups"])
+
+
 def test_nan_loss_saves_a_checkpoint_and_stops_with_a_clear_error(
     tiny_data: Path, tmp_path: Path, monkeypatch, run_cli
 ) -> None:
@@ -124,10 +139,58 @@ def test_nan_loss_saves_a_checkpoint_and_stops_with_a_clear_error(
     recipe = write_recipe(tmp_path / "r.toml", tiny_data, model={"scales": [1.0]})
     code, _, err = run_cli("train", recipe, "--out", tmp_path / "run")
     assert code == 1
-    assert "loss became nan at iteration 3" in err and "failed.pt" in err and "Traceback" not in err
+    assert "loss became nan at iteration 3;" in err and "failed.pt" in err and "Traceback" not in err
+    assert "optimizer state before that step" in err
     failed = load_checkpoint(tmp_path / "run" / "failed.pt")
     assert failed["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in failed["model"].values())
+
+
+def test_nan_is_caught_at_the_next_log_point_with_the_state_before_the_bad_step(
+    tiny_data: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The host looks at the loss only every log_every steps; updates after the bad step are skipped on the device."""
+    overrides = ["model.scales=[1.0]", "optim.schedule=step", "optim.step_size=1000"]
+    clean = load_recipe(write_recipe(tmp_path / "clean.toml", tiny_data, train={"iterations": 2}), overrides)
+    train(clean, tmp_path / "clean", device="cpu")
+
+    real_loss = msattn.models.segmentation_loss
+    calls = {"n": 0}
+
+    def nan_from_iteration_3(*args, **kwargs):
+        calls["n"] += 1
+        total, terms = real_loss(*args, **kwargs)
+        return (total * float("nan"), terms) if calls["n"] in (5, 6) else (total, terms)  # iteration 3 only
+
+    monkeypatch.setattr(msattn.models, "segmentation_loss", nan_from_iteration_3)
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 8, "log_every": 5}),
+                         overrides)
+    with pytest.raises(TrainingError, match="loss became nan at iteration 3;"):
+        train(recipe, tmp_path / "run", device="cpu")
+    assert calls["n"] == 10  # it trained on to the log point at iteration 5, then stopped
+    failed, reference = load_checkpoint(tmp_path / "run" / "failed.pt"), load_checkpoint(tmp_path / "clean" / "last.pt")
+    assert failed["iteration"] == 2
+    for key, value in reference["model"].items():
+        assert torch.equal(value, failed["model"][key]), key
+    for sa, sb in zip(reference["optimizer"]["state"].values(), failed["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert not (tmp_path / "run" / "last.pt").exists()  # nothing non-finite became a checkpoint
+
+
+def test_train_compile_wraps_the_training_model_only(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """train.compile=true compiles the model used by the step (torch.compile is stubbed: no compile time in tests)."""
+    compiled = []
+
+    def fake_compile(module, *args, **kwargs):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 2}),
+                         ["model.scales=[1.0]", "train.compile=true"])
+    train(recipe, tmp_path / "run", device="cpu")
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == "ScaleNet"
+    assert all(not k.startswith("_orig_mod") for k in load_checkpoint(tmp_path / "run" / "last.pt")["model"])
 
 
 def test_stream_is_a_pure_function_of_seed_and_splits_across_ranks() -> None:

@@ -5,8 +5,8 @@ For each input size and mode the cases below are built on one shared backbone an
 weighs on all cases alike and the multi-scale / single-scale ratios stay meaningful.
 
 - ``inference``: one forward under ``torch.inference_mode()``; time per image.
-- ``train``: forward + loss + backward + SGD step (momentum, DeepLab parameter groups) on a
-  ``size`` x ``size`` crop; images/s.
+- ``train``: the training engine's step (forward + loss + backward + fused SGD step with momentum
+  and DeepLab parameter groups) on a ``size`` x ``size`` crop; images/s.
 - ``data``: ``prepare_demo`` into a temporary folder (images/s, one process) and decode +
   augment (``SegmentationFolder`` + ``TrainTransform``) in one process, i.e. per loader worker.
 
@@ -126,7 +126,7 @@ def build_cases(mode: str, size: int, settings: Settings) -> list[Case]:
             make_step = functools.partial(_inference_step, images=images, settings=settings)
         else:
             model.train()
-            optimizer = torch.optim.SGD(param_groups(model, lr=1e-3, weight_decay=5e-4), momentum=0.9)
+            optimizer = torch.optim.SGD(param_groups(model, lr=1e-3, weight_decay=5e-4), momentum=0.9, fused=True)
             make_step = functools.partial(_train_step, optimizer=optimizer, images=images, labels=labels,
                                           settings=settings)
         eager_step = make_step(model)
@@ -146,14 +146,32 @@ def _inference_step(model: nn.Module, images: torch.Tensor, settings: Settings) 
 def _train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, settings: Settings
 ) -> Callable[[], None]:
-    def step() -> None:  # no .item() or other host-device sync inside the step
-        with settings.autocast():
-            loss, _ = segmentation_loss(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    """The training engine's own step (one micro-batch, fused SGD, no host-device sync)."""
+    from msattn.engine.distributed import DistInfo
+    from msattn.engine.train import NonFiniteGuard, train_step
 
-    return step
+    step = functools.partial(
+        train_step,
+        model,
+        [{"image": images, "label": labels}],
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda", enabled=False),
+        guard=NonFiniteGuard(settings.device),
+        device=settings.device,
+        amp_dtype=torch.bfloat16 if settings.amp else None,
+        channels_last=settings.channels_last,
+        loss_fn=segmentation_loss,
+        loss_options={"ignore_index": IGNORE_INDEX},
+        micro=settings.batch,
+        crop=images.shape[-1],
+        scales=tuple(getattr(model, "scales", (1.0,))),
+        info=DistInfo(device=settings.device),
+    )
+
+    def run() -> None:
+        step()
+
+    return run
 
 
 def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Callable[[], int]:

@@ -1,8 +1,9 @@
 """Segmentation metrics from a confusion matrix (torchvision-references style).
 
 ``mat[t, p]`` counts pixels of ground-truth class ``t`` predicted as ``p``; it lives on
-the model's device and is filled with one ``bincount`` per batch. Pixels whose label is
-``ignore_index`` (or outside ``[0, num_classes)``) are not counted.
+the model's device and is filled with one ``index_add_`` per batch, without a host-device
+sync. Pixels whose label is ``ignore_index`` (or outside ``[0, num_classes)``) are not
+counted.
 
 Per-class IoU = TP / (TP + FP + FN). A class absent from both the ground truth and the
 predictions of the evaluated images has no IoU: it is ``NaN`` and left out of the mean
@@ -34,8 +35,12 @@ class ConfusionMatrix:
         target = target.to(self.mat.device).reshape(-1).long()
         pred = pred.to(self.mat.device).reshape(-1).long()
         valid = (target >= 0) & (target < n) & (target != self.ignore_index)
-        index = target[valid] * n + pred[valid].clamp(0, n - 1)
-        self.mat += torch.bincount(index, minlength=n * n).reshape(n, n)
+        # no boolean indexing and no bincount: both make a GPU wait for the host (output size);
+        # uncounted pixels go to a spare bin n*n instead
+        index = torch.where(valid, target * n + pred.clamp(0, n - 1), n * n)
+        counts = torch.zeros(n * n + 1, dtype=torch.int64, device=index.device)
+        counts.index_add_(0, index, torch.ones_like(index))
+        self.mat += counts[: n * n].reshape(n, n)
 
     def reset(self) -> None:
         self.mat.zero_()

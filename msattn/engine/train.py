@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -305,10 +306,11 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
     groups = param_groups(model, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.head_lr_mult)
+    # fused: one kernel per step, and it can skip an update on the device (see NonFiniteGuard)
     if recipe.optim.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=recipe.optim.lr)
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=recipe.optim.lr, fused=True)
     else:
-        optimizer = torch.optim.SGD(groups, lr=recipe.optim.lr, momentum=recipe.optim.momentum)
+        optimizer = torch.optim.SGD(groups, lr=recipe.optim.lr, momentum=recipe.optim.momentum, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
@@ -322,6 +324,8 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
     ddp_model = model
     if info.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if cuda else None)
+    if cfg.compile:  # the training forward/backward only; validation and checkpoints use the eager model
+        ddp_model = torch.compile(ddp_model)
 
     dataset_meta = {
         "name": dataset_info.name,
@@ -361,9 +365,39 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
     # --- the loop
     loader = make_train_loader(train_set, recipe, start, info)
     batches = iter(loader)
-    autocast = (
-        torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    step = functools.partial(
+        train_step,
+        ddp_model,
+        optimizer=optimizer,
+        scaler=scaler,
+        device=dev,
+        amp_dtype=amp_dtype,
+        channels_last=cfg.channels_last,
+        loss_fn=segmentation_loss,
+        loss_options={"extra_supervision": recipe.model.extra_supervision, "label_mode": cfg.label_mode,
+                      "ignore_index": dataset_info.ignore_index},
+        micro=micro,
+        crop=recipe.data.crop_size,
+        scales=tuple(recipe.model.scales),
+        info=info,
     )
+    guard = NonFiniteGuard(dev)
+
+    def stop_if_nonfinite() -> None:
+        """Host check of the guard (a sync): at log, validation and checkpoint points only."""
+        bad = guard.first_bad()
+        if bad is None:
+            return
+        offset, value = bad
+        checkpoint(start + offset, out_dir / "failed.pt")
+        saved = "the weights at this point (the GradScaler skipped the non-finite steps)" if scaler.is_enabled() \
+            else "the weights and optimizer state before that step"
+        raise TrainingError(
+            f"loss became {value} at iteration {start + offset + 1}; {saved} are saved in "
+            f"{out_dir / 'failed.pt'} (last.pt keeps the last good checkpoint). Lower optim.lr, check the "
+            "data, or use train.amp=bf16/off, then resume with --resume"
+        )
+
     total = cfg.iterations
     console.print(
         f"training {total - start} iterations (from {start}) on {dev}{f' x {world} ranks' if world > 1 else ''}: "
@@ -371,53 +405,13 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
         f"run folder {out_dir}"
     )
     ddp_model.train()
-    window: dict[str, float] = {}
+    window: dict[str, torch.Tensor] = {}
     window_iters, window_start = 0, time.perf_counter()
     with _progress(console, enabled=info.is_main) as progress:
         task = progress.add_task("train", total=total, completed=start, loss=float("nan"))
         for it in range(start, total):
-            # one optimizer step = `accumulation` micro-batches on every rank
-            optimizer.zero_grad(set_to_none=True)
-            step_terms: dict[str, torch.Tensor] = {}
-            for a in range(accumulation):
-                batch = next(batches)
-                images = batch["image"].to(dev, non_blocking=True)
-                labels = batch["label"].to(dev, non_blocking=True)
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                sync = ddp_model.no_sync() if info.distributed and a < accumulation - 1 else contextlib.nullcontext()
-                with sync:
-                    try:
-                        with autocast:
-                            outputs = ddp_model(images)
-                        loss, terms = segmentation_loss(
-                            outputs,
-                            labels,
-                            extra_supervision=recipe.model.extra_supervision,
-                            label_mode=cfg.label_mode,
-                            ignore_index=dataset_info.ignore_index,
-                        )
-                        scaler.scale(loss / accumulation).backward()
-                    except torch.OutOfMemoryError:
-                        raise ResourceError(
-                            f"out of GPU memory with micro-batches of {micro} images at crop {recipe.data.crop_size} "
-                            f"and scales {list(recipe.model.scales)}: lower train.micro_batch (accumulation keeps "
-                            "the batch), data.crop_size or the scales, or use train.amp=bf16"
-                        ) from None
-                for name, value in {"loss": loss.detach(), **terms}.items():
-                    step_terms[name] = step_terms.get(name, 0.0) + value.float() / accumulation
-
-            # stop cleanly on NaN/inf (all ranks agree before anyone raises)
-            step_loss = all_reduce_mean(step_terms["loss"].reshape(1), info)
-            if not torch.isfinite(step_loss).all():
-                checkpoint(it, out_dir / "failed.pt")
-                raise TrainingError(
-                    f"loss became {step_loss.item()} at iteration {it + 1}; the state before this step is saved in "
-                    f"{out_dir / 'failed.pt'} (last.pt keeps the last good checkpoint). Lower optim.lr, check the "
-                    "data, or use train.amp=bf16/off, then resume with --resume"
-                )
-            scaler.step(optimizer)
-            scaler.update()
+            # one optimizer step = `accumulation` micro-batches on every rank; no host-device sync
+            step_terms = step([next(batches) for _ in range(accumulation)], guard=guard)
             scheduler.step()
             done = it + 1
 
@@ -425,6 +419,10 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
             for name, value in step_terms.items():
                 window[name] = window.get(name, 0.0) + value
             window_iters += 1
+            validate = val_set is not None and ((cfg.val_every and done % cfg.val_every == 0) or done == total)
+            save_last = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total
+            if done % cfg.log_every == 0 or validate or save_last:
+                stop_if_nonfinite()
             if done % cfg.log_every == 0 or done == total:
                 names = sorted(window)
                 means = all_reduce_mean(torch.stack([torch.as_tensor(window[n]) for n in names]) / window_iters, info)
@@ -443,7 +441,6 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
             progress.update(task, completed=done)
 
             # --- validation, checkpoints
-            validate = val_set is not None and ((cfg.val_every and done % cfg.val_every == 0) or done == total)
             if validate:
                 last_metrics = run_validation(model, val_set, recipe, dataset_info, info, amp_dtype)
                 log.write({"iteration": done, "val_miou": last_metrics["miou"],
@@ -453,7 +450,6 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
             improved = validate and last_metrics["miou"] > best_miou
             if improved:
                 best_miou = last_metrics["miou"]
-            save_last = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total
             targets = ([last_path] if save_last else []) + ([best_path] if improved else [])
             if targets:
                 checkpoint(done, targets)
@@ -466,6 +462,98 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
     if cfg.eval_at_end and info.is_main:
         report_final(recipe, out_dir, last_metrics, dataset_info, console)
     return last_path
+
+
+class NonFiniteGuard:
+    """Watches the step loss on the device, so that the host need not look at every step.
+
+    The first non-finite loss (on any rank: the loss is all-reduced first) sets ``halted``;
+    from then on every update is skipped on the device through the fused optimizer's
+    ``found_inf`` (the protocol GradScaler uses), so the weights and optimizer state stay
+    those before the first bad step until the host calls :meth:`first_bad` at its next
+    log, validation or checkpoint point.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.halted = torch.zeros((), dtype=torch.bool, device=device)
+        self.good_steps = torch.zeros((), dtype=torch.int64, device=device)  # steps taken before halting
+        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)  # the first non-finite loss
+
+    def update(self, loss: torch.Tensor) -> torch.Tensor:
+        """Record this step's (all-reduced) loss; returns ``found_inf`` (1.0: skip the update)."""
+        bad = ~torch.isfinite(loss).all()
+        self.bad_loss = torch.where(bad & ~self.halted, loss.float().reshape(-1)[0], self.bad_loss)
+        self.halted |= bad
+        self.good_steps += (~self.halted).long()
+        return self.halted.float()
+
+    def first_bad(self) -> tuple[int, float] | None:
+        """(steps taken before the first bad one, its loss), or None; synchronises with the device."""
+        if not bool(self.halted):
+            return None
+        return int(self.good_steps), float(self.bad_loss)
+
+
+def train_step(
+    model: torch.nn.Module,
+    micro_batches: list[dict[str, Any]],
+    *,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    guard: NonFiniteGuard,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    loss_fn: Any,
+    loss_options: dict[str, Any],
+    micro: int,
+    crop: int,
+    scales: tuple[float, ...],
+    info: DistInfo,
+) -> dict[str, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches (gradient accumulation), with no host-device sync.
+
+    ``model`` may be DDP-wrapped and compiled. Returns the loss terms averaged over the
+    micro-batches, as device tensors. With fp16 the GradScaler skips steps whose gradients
+    are not finite itself; otherwise ``guard`` decides on the device (see NonFiniteGuard).
+    """
+    accumulation = len(micro_batches)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    step_terms: dict[str, torch.Tensor] = {}
+    for a, batch in enumerate(micro_batches):
+        images = batch["image"].to(device, non_blocking=True)  # [m, 3, crop, crop]
+        labels = batch["label"].to(device, non_blocking=True)  # [m, crop, crop]
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        last = a == accumulation - 1
+        sync = model.no_sync() if info.distributed and not last else contextlib.nullcontext()
+        with sync:
+            try:
+                with autocast:
+                    outputs = model(images)
+                loss, terms = loss_fn(outputs, labels, **loss_options)
+                scaler.scale(loss / accumulation).backward()
+            except torch.OutOfMemoryError:
+                raise ResourceError(
+                    f"out of GPU memory with micro-batches of {micro} images at crop {crop} and scales "
+                    f"{list(scales)}: lower train.micro_batch (accumulation keeps the batch), data.crop_size "
+                    "or the scales, or use train.amp=bf16"
+                ) from None
+        for name, value in {"loss": loss.detach(), **terms}.items():
+            step_terms[name] = step_terms.get(name, 0.0) + value.float() / accumulation
+
+    found_inf = guard.update(all_reduce_mean(step_terms["loss"].reshape(1), info))
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # fused optimizer: found_inf from the gradients, on the device
+    else:
+        optimizer.found_inf = found_inf  # read by the fused step (GradScaler's protocol)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_terms
 
 
 def _load_training_state(
@@ -482,6 +570,8 @@ def _load_training_state(
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # a checkpoint's groups bring their own kernel choice: keep fused
+            group.update(fused=True, foreach=None)
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -718,6 +808,7 @@ def _progress(console: Console, enabled: bool) -> Iterator[Any]:
 
 
 __all__ = [
+    "NonFiniteGuard",
     "StreamSampler",
     "TrainStream",
     "dry_run_report",
@@ -725,4 +816,5 @@ __all__ = [
     "lr_factor",
     "train",
     "train_from_recipe",
+    "train_step",
 ]

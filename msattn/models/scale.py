@@ -123,8 +123,9 @@ class ScaleNet(nn.Module):
         if self.merge == "max":
             out = stacked.max(dim=1).values
             with torch.no_grad():  # which scale supplied the winning score, for visualisation
-                winner = stacked.amax(dim=2).argmax(dim=1)  # [N, h, w]
-                weights = F.one_hot(winner, s).permute(0, 3, 1, 2).to(stacked.dtype)
+                winner = stacked.amax(dim=2).argmax(dim=1, keepdim=True)  # [N, 1, h, w]
+                # scatter, not F.one_hot: one_hot reads the indices' range back to the host
+                weights = torch.zeros_like(stacked[:, :, 0]).scatter_(1, winner, 1.0)  # [N, S, h, w]
             return out, weights
         if self.merge == "avg" or self.head is None:
             weights = stacked.new_full((n, s, *ref_size), 1.0 / s)
