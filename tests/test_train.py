@@ -193,6 +193,49 @@ def test_train_compile_wraps_the_training_model_only(tiny_data: Path, tmp_path: 
     assert all(not k.startswith("_orig_mod") for k in load_checkpoint(tmp_path / "run" / "last.pt")["model"])
 
 
+class FakeSummaryWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is an optional extra)."""
+
+    instances: list[FakeSummaryWriter] = []
+
+    def __init__(self, log_dir: str, purge_step: int | None = None) -> None:
+        self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, [], False
+        FakeSummaryWriter.instances.append(self)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_tensorboard_gets_every_logged_scalar_and_purges_on_resume(tiny_data: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    import sys
+    import types
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = FakeSummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    FakeSummaryWriter.instances.clear()
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 4, "log_every": 2,
+                                                                             "checkpoint_every": 2}),
+                         ["model.scales=[1.0]"])
+    train(recipe, tmp_path / "run", device="cpu")
+    first = FakeSummaryWriter.instances[0]
+    assert first.log_dir == str(tmp_path / "run" / "tensorboard") and first.purge_step is None and first.closed
+    losses = [(value, step) for tag, value, step in first.scalars if tag == "loss"]
+    assert losses == [(r["loss"], r["iteration"]) for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert {"lr", "images_per_s", "memory_mb", "merged", "val_miou"} <= {tag for tag, _, _ in first.scalars}
+
+    longer = load_recipe(write_recipe(tmp_path / "r6.toml", tiny_data, train={"iterations": 6, "log_every": 2}),
+                         ["model.scales=[1.0]"])
+    train(longer, tmp_path / "run", resume=True, device="cpu")
+    second = FakeSummaryWriter.instances[1]
+    assert second.purge_step == 4  # events a killed run wrote after the checkpoint are dropped
+    assert [step for tag, _, step in second.scalars if tag == "loss"] == [6]
+
+
 def test_stream_is_a_pure_function_of_seed_and_splits_across_ranks() -> None:
     def keys(**kw):
         return list(StreamSampler(n=7, batch=4, micro=2, seed=3, **kw))
