@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+# ../shared/fixtures from the project root, or wherever MSATTN_FIXTURES points
+FIXTURES = Path(os.environ.get("MSATTN_FIXTURES") or Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
 
 
 def fixtures_dir() -> Path:
     """``../shared/fixtures`` or skip the test with the reason."""
     if not (FIXTURES / "README.md").is_file():
-        pytest.skip(f"real-format fixtures not found at {FIXTURES} (see the project README)")
+        pytest.skip(f"real-format fixtures not found at {FIXTURES} (set MSATTN_FIXTURES; see the project README)")
     return FIXTURES
 
 
