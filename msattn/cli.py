@@ -153,6 +153,13 @@ def evaluate(
     crf: Annotated[bool, typer.Option(help="Refine with the dense CRF before scoring.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON here.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N images.")] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option(min=1, help="Images per forward pass (default: the recipe's eval.batch_size).")
+    ] = None,
+    workers: Annotated[
+        Optional[int], typer.Option(min=0, help="Image-loading processes (default: the recipe's data.workers).")
+    ] = None,
+    amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA (--no-amp: fp32 scores).")] = True,
     device: Device = None,
 ) -> None:
     """Score a checkpoint: mIoU, pixel accuracy and per-class IoU."""
@@ -168,6 +175,9 @@ def evaluate(
         json_path=json_path,
         limit=limit,
         device=device,
+        amp=amp,
+        batch_size=batch_size,
+        workers=workers,
     )
 
 

@@ -119,6 +119,33 @@ def test_cli_evaluate_options(tiny_checkpoint: Path, tiny_data: Path, tmp_path: 
     assert code == 2 and "checkpoint not found" in err
 
 
+def test_cli_evaluate_batch_size_workers_and_amp_do_not_change_the_scores(
+    tiny_checkpoint: Path, tmp_path: Path, run_cli, monkeypatch
+) -> None:
+    import msattn.engine.evaluate as evaluate_module
+
+    seen = []
+    real = evaluate_module.evaluate_model
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["batch_size"], kwargs["workers"], kwargs["amp_dtype"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_model", spy)
+    results = []
+    for options in ([], ["--batch-size", "3", "--workers", "1", "--no-amp"]):
+        out = tmp_path / f"s{len(results)}.json"
+        code, _, err = run_cli("evaluate", "--checkpoint", tiny_checkpoint, "--json", out, *options)
+        assert code == 0, err
+        results.append(json.loads(out.read_text()))
+    assert seen == [(1, 0, None), (3, 1, None)]  # defaults (this checkpoint has no recipe), then the CLI's
+    assert results[0]["miou"] == pytest.approx(results[1]["miou"], abs=1e-12)
+    assert results[0]["per_class"] == pytest.approx(results[1]["per_class"], abs=1e-12, nan_ok=True)
+    assert results[0]["amp"] == results[1]["amp"] == "off"  # bf16 autocast is CUDA-only
+    code, _, err = run_cli("evaluate", "--checkpoint", tiny_checkpoint, "--batch-size", "0")
+    assert code == 2 and "batch-size" in err
+
+
 def test_cli_evaluate_with_crf(tiny_checkpoint: Path, tmp_path: Path, run_cli) -> None:
     pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is not installed")
     out = tmp_path / "crf.json"

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from msattn.engine.metrics import ConfusionMatrix, json_safe
-from msattn.engine.predict import predict_batch
+from msattn.engine.predict import amp_dtype_for, predict_batch
 from msattn.errors import DataError, UsageError
 
 
@@ -163,12 +163,17 @@ def evaluate_checkpoint(
     json_path: Path | None = None,
     limit: int | None = None,
     device: str | None = None,
+    amp: bool = True,
+    batch_size: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """``msattn evaluate``: score a checkpoint on a split of its dataset (or of ``data``).
 
+    ``amp`` runs the network under bf16 autocast on CUDA (never on CPU); ``batch_size`` and
+    ``workers`` default to the checkpoint recipe's ``eval.batch_size`` and ``data.workers``.
     Prints the per-class table and returns (and with ``json_path`` writes) a dict with
     ``miou``, ``pixel_accuracy``, ``mean_accuracy``, ``per_class`` {class: IoU or null},
-    ``num_images``, ``checkpoint``, ``data``, ``split``, ``scales``, ``flip``, ``crf``.
+    ``num_images``, ``checkpoint``, ``data``, ``split``, ``scales``, ``flip``, ``crf``, ``amp``.
     """
     from msattn.data import SegmentationFolder, read_dataset_info
     from msattn.data.transforms import EvalTransform
@@ -212,7 +217,11 @@ def evaluate_checkpoint(
     dataset = SegmentationFolder(root, split, transform=EvalTransform(mean=mean, std=std), max_pixels=max_pixels)
     if len(dataset) == 0:
         raise DataError(f"{root / (split + '.txt')}: the split is empty")
-    amp_dtype = torch.bfloat16 if dev.type == "cuda" else None
+    amp_dtype = amp_dtype_for(dev, amp)
+    if batch_size is None:
+        batch_size = config.eval.batch_size if config is not None else 1
+    if workers is None:
+        workers = config.data.workers if config is not None else 0
     metrics = evaluate_model(
         model,
         dataset,
@@ -224,10 +233,11 @@ def evaluate_checkpoint(
         crf_params=crf_params,
         mean=mean,
         std=std,
-        batch_size=config.eval.batch_size if config is not None else 1,
+        batch_size=batch_size,
         limit=limit,
         device=dev,
         amp_dtype=amp_dtype,
+        workers=workers,
         console=console,
     )
     result = {
@@ -237,6 +247,7 @@ def evaluate_checkpoint(
         "scales": eval_scales or list(state["model_args"].get("scales", [1.0])),
         "flip": flip,
         "crf": crf,
+        "amp": "bf16" if amp_dtype is not None else "off",
         **metrics,
     }
     print_metrics_table(metrics, title=f"{info.name} {split}: {checkpoint}", console=console)
