@@ -58,3 +58,46 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     # only rank 0 wrote the run folder
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["best.pt", "config.json", "last.pt",
                                                                      "metrics.jsonl"]
+
+
+def _nan_worker(rank: int, world: int, port: int, recipe_path: str, out: str) -> None:
+    """Rank 1 alone sees a NaN loss at iteration 2; every rank must stop with the same message."""
+    import msattn.models
+    from msattn.errors import TrainingError
+
+    real_loss = msattn.models.segmentation_loss
+    calls = {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        total, terms = real_loss(*args, **kwargs)
+        return (total * float("nan"), terms) if rank == 1 and calls["n"] == 2 else (total, terms)
+
+    msattn.models.segmentation_loss = loss
+    try:
+        _worker(rank, world, port, recipe_path, out)
+        message = "no error"
+    except TrainingError as exc:
+        message = str(exc)
+    Path(out, f"rank{rank}.txt").write_text(message)
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_with_the_state_before_it(tmp_path: Path) -> None:
+    data = make_tiny_dataset(tmp_path / "tiny", num_train=8, num_val=4)
+    recipe_path = write_recipe(
+        tmp_path / "r.toml", data,
+        train={"iterations": 4, "batch_size": 4, "micro_batch": 2, "log_every": 3},
+        model={"scales": [1.0], "dropout": 0.0},
+    )
+    out = tmp_path / "ddp"
+    out.mkdir()
+    mp.start_processes(
+        _nan_worker, args=(2, _free_port(), str(recipe_path), str(out)), nprocs=2, join=True, start_method="spawn"
+    )
+    messages = [(out / f"rank{r}.txt").read_text() for r in range(2)]
+    assert all(m.startswith("loss became nan at iteration 2;") for m in messages), messages
+    failed = load_checkpoint(out / "failed.pt")
+    assert failed["iteration"] == 1
+    assert all(torch.isfinite(v).all() for v in failed["model"].values())
+    assert not (out / "last.pt").exists()
