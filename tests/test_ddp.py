@@ -101,3 +101,33 @@ def test_a_nan_on_one_rank_stops_every_rank_with_the_state_before_it(tmp_path: P
     assert failed["iteration"] == 1
     assert all(torch.isfinite(v).all() for v in failed["model"].values())
     assert not (out / "last.pt").exists()
+
+
+def _eval_worker(rank: int, world: int, port: int, checkpoint: str, out: str) -> None:
+    from msattn.engine.evaluate import evaluate_checkpoint
+
+    os.environ.update(
+        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+         "MASTER_PORT": str(port)}
+    )
+    torch.set_num_threads(1)
+    evaluate_checkpoint(Path(checkpoint), json_path=Path(out), device="cpu")
+
+
+@pytest.mark.slow
+def test_evaluate_under_two_ranks_shards_the_images_and_matches_one_process(tmp_path: Path) -> None:
+    import json
+
+    data = make_tiny_dataset(tmp_path / "tiny", num_train=4, num_val=5)
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", data, train={"iterations": 3}), ["eval.batch_size=1"])
+    checkpoint = train(recipe, tmp_path / "run", device="cpu")
+    from msattn.engine.evaluate import evaluate_checkpoint
+
+    single = evaluate_checkpoint(checkpoint, json_path=tmp_path / "single.json", device="cpu")
+    mp.start_processes(_eval_worker, args=(2, _free_port(), str(checkpoint), str(tmp_path / "ddp.json")), nprocs=2,
+                       join=True, start_method="spawn")
+    ddp = json.loads((tmp_path / "ddp.json").read_text())
+    assert ddp["num_images"] == single["num_images"] == 5
+    assert ddp["pixels"] == single["pixels"]  # both ranks' halves were counted, once each
+    assert ddp["miou"] == pytest.approx(single["miou"], abs=1e-12)
+    assert not list(tmp_path.glob(".tmp-*"))

@@ -13,7 +13,7 @@ import msattn.models
 from engine_helpers import make_tiny_dataset, write_recipe
 from msattn.config import load_recipe
 from msattn.engine.checkpoint import load_checkpoint
-from msattn.engine.train import StreamSampler, epoch_order, lr_factor, train
+from msattn.engine.train import StreamSampler, epoch_order, lr_factor, optimizer_kernels, train
 from msattn.errors import TrainingError
 
 
@@ -110,18 +110,20 @@ def test_resume_after_interrupt_is_bit_for_bit(tiny_data: Path, tmp_path: Path, 
     assert losses == [r["loss"] for r in read_metrics(tmp_path / "broken") if "loss" in r]
 
 
-def test_resumes_a_checkpoint_whose_optimizer_was_not_fused(tiny_data: Path, tmp_path: Path) -> None:
-    """Checkpoints of earlier versions (foreach SGD) resume into the fused optimizer the step relies on."""
+def test_resume_takes_the_optimizer_kernels_of_this_device(tiny_data: Path, tmp_path: Path) -> None:
+    """A checkpoint written on a GPU (fused optimizer groups) resumes on CPU with the CPU kernels, and back."""
     recipe = load_recipe(write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 2}), ["model.scales=[1.0]"])
     last = train(recipe, tmp_path / "run", device="cpu")
     ckpt = load_checkpoint(last)
+    assert all(g["fused"] is None for g in ckpt["optimizer"]["param_groups"])
     for group in ckpt["optimizer"]["param_groups"]:
-        group.update(fused=None, foreach=True)
+        group.update(optimizer_kernels(torch.device("cuda")))
     torch.save(ckpt, last)
     longer = load_recipe(write_recipe(tmp_path / "r4.toml", tiny_data, train={"iterations": 4}), ["model.scales=[1.0]"])
     resumed = load_checkpoint(train(longer, tmp_path / "run", resume=True, device="cpu"))
     assert resumed["iteration"] == 4
-    assert all(g["fused"] for g in resumed["optimizer"]["param_groups"])
+    assert all(g["fused"] is None and g["foreach"] is None for g in resumed["optimizer"]["param_groups"])
+    assert optimizer_kernels(torch.device("cuda")) == {"fused": True, "foreach": None}
 
 
 def test_nan_loss_saves_a_checkpoint_and_stops_with_a_clear_error(

@@ -5,8 +5,8 @@ For each input size and mode the cases below are built on one shared backbone an
 weighs on all cases alike and the multi-scale / single-scale ratios stay meaningful.
 
 - ``inference``: one forward under ``torch.inference_mode()``; time per image.
-- ``train``: the training engine's step (forward + loss + backward + fused SGD step with momentum
-  and DeepLab parameter groups) on a ``size`` x ``size`` crop; images/s.
+- ``train``: the training engine's step (forward + loss + backward + SGD step with momentum and
+  DeepLab parameter groups, fused on CUDA) on a ``size`` x ``size`` crop; images/s.
 - ``data``: ``prepare_demo`` into a temporary folder (images/s, one process) and decode +
   augment (``SegmentationFolder`` + ``TrainTransform``) in one process, i.e. per loader worker.
 
@@ -106,6 +106,8 @@ class Settings:
 
 def build_cases(mode: str, size: int, settings: Settings) -> list[Case]:
     """Models for every (scales, merge) pair sharing ONE backbone, with inputs and a step each."""
+    from msattn.engine.train import make_optimizer
+
     torch.manual_seed(0)
     dev, n = settings.device, settings.batch
     images = torch.randn(n, 3, size, size, device=dev).contiguous(memory_format=settings.memory_format)
@@ -126,7 +128,7 @@ def build_cases(mode: str, size: int, settings: Settings) -> list[Case]:
             make_step = functools.partial(_inference_step, images=images, settings=settings)
         else:
             model.train()
-            optimizer = torch.optim.SGD(param_groups(model, lr=1e-3, weight_decay=5e-4), momentum=0.9, fused=True)
+            optimizer = make_optimizer(param_groups(model, lr=1e-3, weight_decay=5e-4), "sgd", 1e-3, 0.9, dev)
             make_step = functools.partial(_train_step, optimizer=optimizer, images=images, labels=labels,
                                           settings=settings)
         eager_step = make_step(model)
@@ -146,7 +148,7 @@ def _inference_step(model: nn.Module, images: torch.Tensor, settings: Settings) 
 def _train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, settings: Settings
 ) -> Callable[[], None]:
-    """The training engine's own step (one micro-batch, fused SGD, no host-device sync)."""
+    """The training engine's own step (one micro-batch; on CUDA fused SGD and no host-device sync)."""
     from msattn.engine.distributed import DistInfo
     from msattn.engine.train import NonFiniteGuard, train_step
 

@@ -8,6 +8,7 @@ runs in one process. Only rank 0 logs and writes files.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -80,8 +81,14 @@ def init_distributed(device: str | None = None) -> DistInfo:
 
 
 def cleanup(info: DistInfo) -> None:
-    """Leave the process group if :func:`init_distributed` joined it."""
+    """Leave the process group if :func:`init_distributed` joined it.
+
+    Unreachable DDP wrappers are collected first: a DDP reducer that outlives its gloo
+    process group aborts the process at exit now and then (torch 2.13, "terminate called
+    without an active exception").
+    """
     if info.initialized_here and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from msattn.engine.distributed import DistInfo
 from msattn.engine.metrics import ConfusionMatrix, json_safe
 from msattn.engine.predict import amp_dtype_for, predict_batch
 from msattn.errors import DataError, UsageError
@@ -174,15 +175,41 @@ def evaluate_checkpoint(
     Prints the per-class table and returns (and with ``json_path`` writes) a dict with
     ``miou``, ``pixel_accuracy``, ``mean_accuracy``, ``per_class`` {class: IoU or null},
     ``num_images``, ``checkpoint``, ``data``, ``split``, ``scales``, ``flip``, ``crf``, ``amp``.
+    Under ``torchrun`` the images are sharded over the ranks, the confusion matrices summed,
+    and rank 0 alone prints and writes.
     """
+    from msattn.engine.distributed import cleanup, init_distributed
+
+    info = init_distributed(device)
+    try:
+        return _evaluate_checkpoint(
+            info, checkpoint, data, split, scales, flip, crf, json_path, limit, amp, batch_size, workers
+        )
+    finally:
+        cleanup(info)
+
+
+def _evaluate_checkpoint(
+    dist_info: DistInfo,
+    checkpoint: Path,
+    data: Path | None,
+    split: str,
+    scales: list[float] | None,
+    flip: bool,
+    crf: bool,
+    json_path: Path | None,
+    limit: int | None,
+    amp: bool,
+    batch_size: int | None,
+    workers: int | None,
+) -> dict[str, Any]:
     from msattn.data import SegmentationFolder, read_dataset_info
     from msattn.data.transforms import EvalTransform
     from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from msattn.engine.distributed import resolve_device
     from msattn.io import check_id, write_json
 
-    console = Console(highlight=False, soft_wrap=True)
-    dev = resolve_device(device)
+    console = Console(highlight=False, soft_wrap=True, quiet=not dist_info.is_main)
+    dev = dist_info.device
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint).to(dev, memory_format=torch.channels_last)
     meta = state["dataset"]
@@ -237,7 +264,10 @@ def evaluate_checkpoint(
         limit=limit,
         device=dev,
         amp_dtype=amp_dtype,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
         workers=workers,
+        progress=dist_info.is_main,
         console=console,
     )
     result = {
@@ -252,7 +282,7 @@ def evaluate_checkpoint(
     }
     print_metrics_table(metrics, title=f"{info.name} {split}: {checkpoint}", console=console)
     console.print(f"mIoU {_pct(metrics['miou'])}% on {metrics['num_images']} images")
-    if json_path is not None:
+    if json_path is not None and dist_info.is_main:
         write_json(json_path, json_safe(result))
         console.print(f"metrics written to {json_path}")
     return result

@@ -26,6 +26,7 @@ import math
 import random
 import resource
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,9 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, device: str | Non
     info = init_distributed(device if device is not None else recipe.train.device)
     try:
         return _train(resolve_paths(recipe), Path(out_dir), resume, info)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # drop the DDP model the frames hold before cleanup()
+        raise
     finally:
         cleanup(info)
 
@@ -306,11 +310,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
     groups = param_groups(model, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.head_lr_mult)
-    # fused: one kernel per step, and it can skip an update on the device (see NonFiniteGuard)
-    if recipe.optim.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=recipe.optim.lr, fused=True)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=recipe.optim.lr, momentum=recipe.optim.momentum, fused=True)
+    optimizer = make_optimizer(groups, recipe.optim.optimizer, recipe.optim.lr, recipe.optim.momentum, dev)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
@@ -464,14 +464,34 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
     return last_path
 
 
+def optimizer_kernels(device: torch.device) -> dict[str, bool | None]:
+    """The optimizer implementation for ``device``: fused on CUDA, PyTorch's default on CPU.
+
+    A fused step is one kernel and can skip an update on the device (see NonFiniteGuard). On
+    CPU there is no device to wait for: the host reads the flag, and PyTorch's default
+    kernels keep CPU runs identical to earlier versions.
+    """
+    return {"fused": True, "foreach": None} if device.type == "cuda" else {"fused": None, "foreach": None}
+
+
+def make_optimizer(
+    groups: list[dict[str, Any]], name: str, lr: float, momentum: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper) or AdamW over DeepLab's parameter groups."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, **optimizer_kernels(device))
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, **optimizer_kernels(device))
+
+
 class NonFiniteGuard:
     """Watches the step loss on the device, so that the host need not look at every step.
 
     The first non-finite loss (on any rank: the loss is all-reduced first) sets ``halted``;
-    from then on every update is skipped on the device through the fused optimizer's
-    ``found_inf`` (the protocol GradScaler uses), so the weights and optimizer state stay
-    those before the first bad step until the host calls :meth:`first_bad` at its next
-    log, validation or checkpoint point.
+    from then on every update is skipped: on CUDA on the device, through the fused
+    optimizer's ``found_inf`` (the protocol GradScaler uses); on CPU by the host, which can
+    read the flag for free. The weights and optimizer state thus stay those before the
+    first bad step until the host calls :meth:`first_bad` at its next log, validation or
+    checkpoint point.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -545,12 +565,14 @@ def train_step(
     found_inf = guard.update(all_reduce_mean(step_terms["loss"].reshape(1), info))
     if scaler.is_enabled():
         scaler.step(optimizer)  # fused optimizer: found_inf from the gradients, on the device
-    else:
+    elif all(group.get("fused") for group in optimizer.param_groups):
         optimizer.found_inf = found_inf  # read by the fused step (GradScaler's protocol)
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf
+    elif not bool(found_inf):  # CPU kernels: the flag is in host memory, reading it waits for nothing
+        optimizer.step()
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return step_terms
@@ -570,8 +592,8 @@ def _load_training_state(
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # a checkpoint's groups bring their own kernel choice: keep fused
-            group.update(fused=True, foreach=None)
+        for group in optimizer.param_groups:  # a checkpoint's groups bring the kernels of where it was written
+            group.update(optimizer_kernels(info.device))
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -814,6 +836,8 @@ __all__ = [
     "dry_run_report",
     "epoch_order",
     "lr_factor",
+    "make_optimizer",
+    "optimizer_kernels",
     "train",
     "train_from_recipe",
     "train_step",
