@@ -131,3 +131,43 @@ def test_evaluate_under_two_ranks_shards_the_images_and_matches_one_process(tmp_
     assert ddp["pixels"] == single["pixels"]  # both ranks' halves were counted, once each
     assert ddp["miou"] == pytest.approx(single["miou"], abs=1e-12)
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def _predict_worker(rank: int, world: int, port: int, images: str, checkpoint: str, out: str) -> None:
+    from msattn.engine.predict import predict_images
+
+    os.environ.update(
+        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+         "MASTER_PORT": str(port)}
+    )
+    torch.set_num_threads(1)
+    counts = predict_images([Path(images)], Path(checkpoint), Path(out), save_probs=True, save_attention=True,
+                            device="cpu", resume=True)
+    Path(out).parent.joinpath(f"counts{rank}.txt").write_text(str(counts))
+
+
+@pytest.mark.slow
+def test_predict_under_two_ranks_splits_the_images_and_writes_what_one_process_writes(tmp_path: Path) -> None:
+    from msattn.engine.predict import predict_images
+
+    data = make_tiny_dataset(tmp_path / "tiny", num_train=4, num_val=5)
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", data, train={"iterations": 2}))
+    checkpoint = train(recipe, tmp_path / "run", device="cpu")
+    images = data / "images"  # 9 images: 5 on rank 0, 4 on rank 1
+    single = predict_images([images], checkpoint, tmp_path / "single", save_probs=True, save_attention=True,
+                            device="cpu")
+    ddp = tmp_path / "ddp"
+    ddp.mkdir()
+    for done in (tmp_path / "single").glob("val_000*"):  # every output of one image: resume skips it
+        (ddp / done.name).write_bytes(done.read_bytes())
+    (ddp / ".tmp-val_001.png.abc").write_bytes(b"left by a killed run")
+    mp.start_processes(_predict_worker, args=(2, _free_port(), str(images), str(checkpoint), str(ddp)), nprocs=2,
+                       join=True, start_method="spawn")
+    assert single == {"written": 9, "failed": 0, "done": 0}
+    expected = str({"written": 8, "failed": 0, "done": 1})  # totals over both ranks, on both ranks
+    assert (tmp_path / "counts0.txt").read_text() == (tmp_path / "counts1.txt").read_text() == expected
+    files = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert sorted(p.name for p in ddp.iterdir()) == files  # every output once, no temporaries left
+    for name in files:
+        if name.endswith(".png") and "attention" not in name:
+            assert (ddp / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name

@@ -106,6 +106,15 @@ def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values
 
 
+def all_reduce_sum(values: list[int], info: DistInfo) -> list[int]:
+    """Sum a few integers over ranks (unchanged in one process)."""
+    if not info.distributed:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.int64, device=info.device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return [int(v) for v in total.tolist()]
+
+
 def all_gather_objects(obj: object, info: DistInfo) -> list[object]:
     """Gather one picklable object per rank (a one-element list in one process)."""
     if not info.distributed:

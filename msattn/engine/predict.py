@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_image
+from msattn.engine.distributed import DistInfo
 from msattn.errors import DataError, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -276,15 +277,40 @@ def predict_images(
 
     Unreadable images are reported and skipped; DataError only when no image could be processed.
     Images of the same size in a batch run together, others one by one. With ``resume``, images
-    whose every output file already exists are skipped (an interrupted run continues). Returns
-    counts {"written", "failed", "done"}.
+    whose every output file already exists are skipped (an interrupted run continues). Under
+    ``torchrun`` every rank predicts its share of the images (``rank::world_size``) and rank 0
+    reports. Returns counts over all ranks {"written", "failed", "done"}.
     """
+    from msattn.engine.distributed import cleanup, init_distributed
+
+    dist_info = init_distributed(device)
+    try:
+        return _predict_images(
+            dist_info, inputs, checkpoint, out, save_probs, save_attention, crf, scales, batch_size, amp, resume
+        )
+    finally:
+        cleanup(dist_info)
+
+
+def _predict_images(
+    dist_info: DistInfo,
+    inputs: Sequence[Path],
+    checkpoint: Path,
+    out: Path,
+    save_probs: bool,
+    save_attention: bool,
+    crf: bool,
+    scales: Sequence[float] | None,
+    batch_size: int,
+    amp: bool,
+    resume: bool,
+) -> dict[str, int]:
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from msattn.engine.distributed import resolve_device
+    from msattn.engine.distributed import all_reduce_sum, barrier
     from msattn.io import clean_temporaries, open_image
 
     out = Path(out)
@@ -293,7 +319,7 @@ def predict_images(
     paths = list(dict.fromkeys(collect_inputs(inputs)))  # the same file named twice runs once
     if not paths:
         raise DataError(f"no images found in {', '.join(str(p) for p in inputs)}")
-    dev = resolve_device(device)
+    dev = dist_info.device
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint).to(dev)
     memory_format = torch.channels_last  # faster on CUDA and CPU (benchmarks/README.md)
@@ -311,21 +337,24 @@ def predict_images(
     merge = getattr(model, "merge", "attention")
 
     names, notes = unique_names(paths, lambda n: output_files(n, run_scales, save_probs, save_attention))
-    clean_temporaries(out)  # the folder itself is made by the first write: a failed run leaves nothing
-    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    if dist_info.is_main:  # the folder itself is made by the first write: a failed run leaves nothing
+        clean_temporaries(out)
+    barrier(dist_info)  # no rank writes before the leftovers of a killed run are gone
+    console = Console(stderr=True, highlight=False, soft_wrap=True, quiet=not dist_info.is_main)
     for note in notes:
         console.print(f"[yellow]note[/] {escape(str(note))}")
     if save_attention and len(run_scales) == 1:
         console.print("[yellow]note[/] the model runs on one scale: there are no attention maps to save")
 
-    todo = list(zip(paths, names))
+    mine = list(zip(paths, names))[dist_info.rank :: dist_info.world_size]  # this rank's share
+    todo = mine
     if resume:
-        todo = [(p, n) for p, n in todo if not _outputs_exist(out, n, run_scales, save_probs, save_attention)]
-    done = len(paths) - len(todo)
+        todo = [(p, n) for p, n in mine if not _outputs_exist(out, n, run_scales, save_probs, save_attention)]
+    done = len(mine) - len(todo)
     written = failed = 0
     first_problem = ""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console, disable=not dist_info.is_main) as progress:
         bar = progress.add_task("predict", total=len(todo))
         for chunk in _chunks(todo, batch_size):
             loaded = []
@@ -347,8 +376,13 @@ def predict_images(
                     )
                     written += 1
                     progress.advance(bar)
+    if dist_info.distributed:
+        written, failed, done = all_reduce_sum([written, failed, done], dist_info)
+        first_problem = first_problem or "(on another rank)"
     already = f", {done} already done" if done else ""
-    Console(highlight=False).print(f"predicted {written} image(s), skipped {failed}{already} -> {out}")
+    Console(highlight=False, quiet=not dist_info.is_main).print(
+        f"predicted {written} image(s), skipped {failed}{already} -> {out}"
+    )
     if written == 0 and done == 0:
         raise DataError(f"none of the {len(paths)} input image(s) could be read; first: {first_problem}")
     return {"written": written, "failed": failed, "done": done}
