@@ -22,6 +22,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(fn, *args, world: int = 2, timeout: float = 180.0) -> None:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` spawned processes; fail (not hang) after ``timeout`` s."""
+    import time
+
+    context = mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world} ranks did not finish within {timeout:.0f} s (a collective waiting forever?)")
+
+
 def _worker(rank: int, world: int, port: int, recipe_path: str, out: str) -> None:
     os.environ.update(
         {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
@@ -41,10 +55,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
         data={"scale_range": [0.8, 1.2], "flip": True},
     )
     single = train(load_recipe(recipe_path), tmp_path / "single", device="cpu")
-    mp.start_processes(
-        _worker, args=(2, _free_port(), str(recipe_path), str(tmp_path / "ddp")), nprocs=2, join=True,
-        start_method="spawn",
-    )
+    spawn_ranks(_worker, str(recipe_path), str(tmp_path / "ddp"))
     a, b = load_checkpoint(single), load_checkpoint(tmp_path / "ddp" / "last.pt")
     assert b["iteration"] == 4
     for key, value in a["model"].items():
@@ -92,9 +103,7 @@ def test_a_nan_on_one_rank_stops_every_rank_with_the_state_before_it(tmp_path: P
     )
     out = tmp_path / "ddp"
     out.mkdir()
-    mp.start_processes(
-        _nan_worker, args=(2, _free_port(), str(recipe_path), str(out)), nprocs=2, join=True, start_method="spawn"
-    )
+    spawn_ranks(_nan_worker, str(recipe_path), str(out))
     messages = [(out / f"rank{r}.txt").read_text() for r in range(2)]
     assert all(m.startswith("loss became nan at iteration 2;") for m in messages), messages
     failed = load_checkpoint(out / "failed.pt")
@@ -124,8 +133,7 @@ def test_evaluate_under_two_ranks_shards_the_images_and_matches_one_process(tmp_
     from msattn.engine.evaluate import evaluate_checkpoint
 
     single = evaluate_checkpoint(checkpoint, json_path=tmp_path / "single.json", device="cpu")
-    mp.start_processes(_eval_worker, args=(2, _free_port(), str(checkpoint), str(tmp_path / "ddp.json")), nprocs=2,
-                       join=True, start_method="spawn")
+    spawn_ranks(_eval_worker, str(checkpoint), str(tmp_path / "ddp.json"))
     ddp = json.loads((tmp_path / "ddp.json").read_text())
     assert ddp["num_images"] == single["num_images"] == 5
     assert ddp["pixels"] == single["pixels"]  # both ranks' halves were counted, once each
@@ -161,8 +169,7 @@ def test_predict_under_two_ranks_splits_the_images_and_writes_what_one_process_w
     for done in (tmp_path / "single").glob("val_000*"):  # every output of one image: resume skips it
         (ddp / done.name).write_bytes(done.read_bytes())
     (ddp / ".tmp-val_001.png.abc").write_bytes(b"left by a killed run")
-    mp.start_processes(_predict_worker, args=(2, _free_port(), str(images), str(checkpoint), str(ddp)), nprocs=2,
-                       join=True, start_method="spawn")
+    spawn_ranks(_predict_worker, str(images), str(checkpoint), str(ddp))
     assert single == {"written": 9, "failed": 0, "done": 0}
     expected = str({"written": 8, "failed": 0, "done": 1})  # totals over both ranks, on both ranks
     assert (tmp_path / "counts0.txt").read_text() == (tmp_path / "counts1.txt").read_text() == expected
