@@ -8,8 +8,11 @@ runs in one process. Only rank 0 logs and writes files.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +81,23 @@ def init_distributed(device: str | None = None) -> DistInfo:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
         initialized_here = True
     return DistInfo(rank, world, local_rank, dev, initialized_here)
+
+
+@contextlib.contextmanager
+def process_group(device: str | None = None) -> Iterator[DistInfo]:
+    """:func:`init_distributed` for the length of a command, then :func:`cleanup`.
+
+    An exception leaving the block has the local variables of its frames cleared first, so a
+    DDP model held only by the traceback is gone before the process group is destroyed.
+    """
+    info = init_distributed(device)
+    try:
+        yield info
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        cleanup(info)
 
 
 def cleanup(info: DistInfo) -> None:

@@ -178,15 +178,12 @@ def evaluate_checkpoint(
     Under ``torchrun`` the images are sharded over the ranks, the confusion matrices summed,
     and rank 0 alone prints and writes.
     """
-    from msattn.engine.distributed import cleanup, init_distributed
+    from msattn.engine.distributed import process_group
 
-    info = init_distributed(device)
-    try:
+    with process_group(device) as info:
         return _evaluate_checkpoint(
             info, checkpoint, data, split, scales, flip, crf, json_path, limit, amp, batch_size, workers
         )
-    finally:
-        cleanup(info)
 
 
 def _evaluate_checkpoint(

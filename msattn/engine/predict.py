@@ -281,15 +281,12 @@ def predict_images(
     ``torchrun`` every rank predicts its share of the images (``rank::world_size``) and rank 0
     reports. Returns counts over all ranks {"written", "failed", "done"}.
     """
-    from msattn.engine.distributed import cleanup, init_distributed
+    from msattn.engine.distributed import process_group
 
-    dist_info = init_distributed(device)
-    try:
+    with process_group(device) as dist_info:
         return _predict_images(
             dist_info, inputs, checkpoint, out, save_probs, save_attention, crf, scales, batch_size, amp, resume
         )
-    finally:
-        cleanup(dist_info)
 
 
 def _predict_images(

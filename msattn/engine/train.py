@@ -26,7 +26,6 @@ import math
 import random
 import resource
 import time
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,7 @@ from msattn.engine.distributed import (
     all_gather_objects,
     all_reduce_mean,
     barrier,
-    cleanup,
-    init_distributed,
+    process_group,
 )
 from msattn.errors import CheckpointError, ConfigError, DataError, ResourceError, TrainingError, UsageError
 from msattn.io import clean_temporaries, write_json
@@ -235,14 +233,8 @@ def lr_factor(recipe: Recipe) -> Any:
 
 def train(recipe: Recipe, out_dir: Path, resume: bool = False, device: str | None = None) -> Path:
     """Train ``recipe`` into ``out_dir`` (``device`` overrides ``train.device``); returns the last checkpoint."""
-    info = init_distributed(device if device is not None else recipe.train.device)
-    try:
+    with process_group(device if device is not None else recipe.train.device) as info:
         return _train(resolve_paths(recipe), Path(out_dir), resume, info)
-    except BaseException as exc:
-        traceback.clear_frames(exc.__traceback__)  # drop the DDP model the frames hold before cleanup()
-        raise
-    finally:
-        cleanup(info)
 
 
 def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:  # noqa: C901 - the loop, on purpose
