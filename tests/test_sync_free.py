@@ -98,8 +98,6 @@ def run_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, guard: No
         channels_last=True,
         loss_fn=loss_fn,
         loss_options={"extra_supervision": True, "label_mode": "downsample", "ignore_index": 255},
-        micro=2,
-        crop=32,
         scales=(1.0, 0.5),
         info=DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
     )

@@ -164,8 +164,6 @@ def _train_step(
         channels_last=settings.channels_last,
         loss_fn=segmentation_loss,
         loss_options={"ignore_index": IGNORE_INDEX},
-        micro=settings.batch,
-        crop=images.shape[-1],
         scales=tuple(getattr(model, "scales", (1.0,))),
         info=DistInfo(device=settings.device),
     )

@@ -368,8 +368,6 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
         loss_fn=segmentation_loss,
         loss_options={"extra_supervision": recipe.model.extra_supervision, "label_mode": cfg.label_mode,
                       "ignore_index": dataset_info.ignore_index},
-        micro=micro,
-        crop=recipe.data.crop_size,
         scales=tuple(recipe.model.scales),
         info=info,
     )
@@ -518,8 +516,6 @@ def train_step(
     channels_last: bool,
     loss_fn: Any,
     loss_options: dict[str, Any],
-    micro: int,
-    crop: int,
     scales: tuple[float, ...],
     info: DistInfo,
 ) -> dict[str, torch.Tensor]:
@@ -547,9 +543,9 @@ def train_step(
                 scaler.scale(loss / accumulation).backward()
             except torch.OutOfMemoryError:
                 raise ResourceError(
-                    f"out of GPU memory with micro-batches of {micro} images at crop {crop} and scales "
-                    f"{list(scales)}: lower train.micro_batch (accumulation keeps the batch), data.crop_size "
-                    "or the scales, or use train.amp=bf16"
+                    f"out of GPU memory with micro-batches of {images.shape[0]} images at crop {images.shape[-1]} "
+                    f"and scales {list(scales)}: lower train.micro_batch (accumulation keeps the batch), "
+                    "data.crop_size or the scales, or use train.amp=bf16"
                 ) from None
         for name, value in {"loss": loss.detach(), **terms}.items():
             step_terms[name] = step_terms.get(name, 0.0) + value.float() / accumulation
