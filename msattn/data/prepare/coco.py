@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from msattn.data.palette import flat_palette, voc_colormap
 from msattn.data.prepare import common
 from msattn.data.prepare.common import MISSING, WRITTEN, PrepareSummary, Result, Task
 from msattn.errors import DataError, UsageError
@@ -131,7 +130,7 @@ def _process(task: Task, out: Path) -> Result:
         return Result(task.split, task.id, MISSING, f"no image in {jpg.parent}")
     label = coco_label(annotations, height, width, source)
     common.check_image(jpg, (width, height))
-    common.save_label(label, common.label_path(out, task.id), flat_palette())
+    common.save_label(label, common.label_path(out, task.id))
     common.link_or_copy(jpg, common.image_path(out, task.id))
     return Result(task.split, task.id, WRITTEN)
 
@@ -216,7 +215,6 @@ def prepare_coco(
         out=out,
         source=coco,
         classes=classes,
-        palette=voc_colormap(len(classes)),
         results=results,
         sources={"coco": str(coco.resolve())},
         extra={"subset": subset},

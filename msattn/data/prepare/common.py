@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from msattn import __version__
+from msattn.data.palette import flat_palette, voc_colormap
 from msattn.errors import DataError, MsattnError, ResourceError
 from msattn.io import atomic_write, clean_temporaries, read_json, write_id_list, write_json
 
@@ -165,8 +166,8 @@ def link_or_copy(src: Path, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_label(label: np.ndarray, path: Path, palette: Sequence[int]) -> None:
-    """Write an ``[H, W]`` uint8 class-index map as an 8-bit palette PNG (atomically)."""
+def save_label(label: np.ndarray, path: Path) -> None:
+    """Write an ``[H, W]`` uint8 class-index map as an 8-bit PNG with the VOC colour map (atomically)."""
     from PIL import Image
 
     from msattn.io import save_image
@@ -174,8 +175,14 @@ def save_label(label: np.ndarray, path: Path, palette: Sequence[int]) -> None:
     if label.dtype != np.uint8 or label.ndim != 2:
         raise ValueError(f"labels must be 2-D uint8, got {label.dtype} {label.shape}")
     img = Image.fromarray(np.ascontiguousarray(label))  # mode "L"
-    img.putpalette(list(palette))  # -> mode "P", indices unchanged
+    img.putpalette(_label_palette())  # -> mode "P", indices unchanged
     save_image(img, path)
+
+
+@functools.cache
+def _label_palette() -> list[int]:
+    """The 768-value palette of every prepared label PNG (computed once per process)."""
+    return flat_palette()
 
 
 def check_label_values(label: np.ndarray, num_classes: int, source: Path | str) -> None:
@@ -290,7 +297,6 @@ def finish(
     out: Path,
     source: Path | str,
     classes: Sequence[str],
-    palette: Sequence[Sequence[int]],
     results: Sequence[Result],
     sources: dict[str, Any],
     extra: dict[str, Any] | None = None,
@@ -340,7 +346,7 @@ def finish(
         "name": name,
         "classes": list(classes),
         "ignore_index": IGNORE_INDEX,
-        "palette": [[int(v) for v in rgb] for rgb in palette[: len(classes)]],
+        "palette": voc_colormap(len(classes)),  # the colours of save_label's palette
         "counts": summary.counts,
         "sources": sources,
         "msattn_version": __version__,

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from msattn.data.palette import flat_palette, voc_colormap
 from msattn.data.prepare import common
 from msattn.data.prepare.common import WRITTEN, PrepareSummary, Result, Task
 from msattn.errors import UsageError
@@ -138,7 +137,7 @@ def _process(task: Task, out: Path) -> Result:
 
     seed, index, size = task.payload
     image, label, _ = render_scene(scene_rng(seed, task.split, index), size)
-    common.save_label(label, common.label_path(out, task.id), flat_palette())
+    common.save_label(label, common.label_path(out, task.id))
     save_image(Image.fromarray(image), common.image_path(out, task.id), quality=JPEG_QUALITY)
     return Result(task.split, task.id, WRITTEN)
 
@@ -166,7 +165,6 @@ def prepare_demo(
         out=out,
         source=out,
         classes=CLASSES,
-        palette=voc_colormap(len(CLASSES)),
         results=results,
         sources={"generator": "msattn.data.prepare.demo", **params, "height_range": list(HEIGHT_RANGE)},
     )

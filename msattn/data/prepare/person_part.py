@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from msattn.data.lists import split_ids
-from msattn.data.palette import flat_palette, voc_colormap
 from msattn.data.prepare import common
 from msattn.data.prepare.common import MISSING, SKIPPED, WRITTEN, PrepareSummary, Result, Task
 from msattn.errors import DataError
@@ -97,7 +96,7 @@ def _process(task: Task, out: Path) -> Result:
     if not jpg_path.is_file():
         return Result(task.split, task.id, MISSING, f"no image in {jpg_path.parent}")
     common.check_image(jpg_path, (label.shape[1], label.shape[0]))
-    common.save_label(label, common.label_path(out, task.id), flat_palette())
+    common.save_label(label, common.label_path(out, task.id))
     common.link_or_copy(jpg_path, common.image_path(out, task.id))
     return Result(task.split, task.id, WRITTEN)
 
@@ -134,7 +133,6 @@ def prepare_person_part(
         out=out,
         source=source,
         classes=CLASSES,
-        palette=voc_colormap(len(CLASSES)),
         results=results,
         sources={"pascal_part": str(source.resolve()), "lists": {"train": train_source, "val": val_source}},
     )

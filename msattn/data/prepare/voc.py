@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from msattn.data.lists import split_ids
-from msattn.data.palette import flat_palette, voc_colormap
 from msattn.data.prepare import common
 from msattn.data.prepare.common import MISSING, WRITTEN, PrepareSummary, Result, Task
 from msattn.errors import DataError
@@ -95,7 +94,7 @@ def _process(task: Task, out: Path) -> Result:
     if not jpg.is_file():
         return Result(task.split, task.id, MISSING, f"no image in {jpg.parent}")
     common.check_image(jpg, (label.shape[1], label.shape[0]))
-    common.save_label(label, common.label_path(out, task.id), flat_palette())
+    common.save_label(label, common.label_path(out, task.id))
     common.link_or_copy(jpg, common.image_path(out, task.id))
     return Result(task.split, task.id, WRITTEN)
 
@@ -153,7 +152,6 @@ def prepare_voc(
         out=out,
         source=voc,
         classes=CLASSES,
-        palette=voc_colormap(len(CLASSES)),
         results=results,
         sources={"voc": str(root.resolve()), "sbd": str(sbd_cls.parent.resolve()) if sbd_cls else None, "lists": lists},
         warnings=warnings,
