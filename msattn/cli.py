@@ -119,6 +119,20 @@ def prepare_demo(
     run(out=out, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed, workers=workers)
 
 
+# ----------------------------------------------------------------------------- weights
+
+
+@app.command("convert-weights")
+def convert_weights(
+    caffemodel: Annotated[Path, typer.Argument(help="DeepLab's init.caffemodel (or another VGG-16 LargeFOV caffemodel).")],
+    out: Annotated[Path, typer.Option(help="Output file (.pt) for model.pretrained.")],
+) -> None:
+    """Convert Caffe weights to msattn's format (no Caffe needed); records the Caffe input convention."""
+    from msattn.models.caffe import convert_weights_command
+
+    convert_weights_command(caffemodel, out)
+
+
 # ----------------------------------------------------------------------------- train / evaluate
 
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")]
@@ -160,6 +174,11 @@ def evaluate(
         Optional[int], typer.Option(min=0, help="Image-loading processes (default: the recipe's data.workers).")
     ] = None,
     amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA (--no-amp: fp32 scores).")] = True,
+    pad_to: Annotated[
+        Optional[int],
+        typer.Option(help="Pad every image to this 8k+1 side (DeepLab's VOC protocol: 513; default: the recipe's "
+                     "eval.pad_to, else the next 8k+1 side of each image)."),
+    ] = None,
     device: Device = None,
 ) -> None:
     """Score a checkpoint: mIoU, pixel accuracy and per-class IoU."""
@@ -178,6 +197,7 @@ def evaluate(
         amp=amp,
         batch_size=batch_size,
         workers=workers,
+        pad_to=pad_to,
     )
 
 
@@ -196,6 +216,12 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 1,
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
     resume: Annotated[bool, typer.Option(help="Skip images whose outputs are all in --out already.")] = False,
+    overlay: Annotated[
+        bool, typer.Option(help="Write <name>_overlay.jpg (--no-overlay: label PNGs only, the VOC server's format).")
+    ] = True,
+    pad_to: Annotated[
+        Optional[int], typer.Option(help="Pad every image to this 8k+1 side (default: the next 8k+1 side).")
+    ] = None,
     device: Device = None,
 ) -> None:
     """Predict label maps (and attention maps) for images."""
@@ -213,6 +239,8 @@ def predict(
         amp=amp,
         device=device,
         resume=resume,
+        overlay=overlay,
+        pad_to=pad_to,
     )
 
 

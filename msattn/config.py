@@ -41,9 +41,9 @@ from msattn.errors import ConfigError
 if TYPE_CHECKING:
     from msattn.crf import CRFParams
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_INT = 2**31 - 1
+#: old key name -> new key name (old recipes and checkpoints keep loading)
+KEY_ALIASES = {"model.init_checkpoint": "model.init_from"}
 
 Check = Callable[[Any], "str | None"]
 
@@ -108,6 +108,15 @@ def _opt(default: Any, check: Check | None = None, help: str = "") -> Any:  # no
 
 _positive_int = _between(1, MAX_INT)
 _count = _between(0, MAX_INT)
+
+
+def _grid_side(value: int) -> str | None:
+    """Sides of 8k+1 pixels keep DeepLab's output grid exact (msattn.geometry)."""
+    if (value - 1) % 8 == 0:
+        return None
+    lo = 8 * ((value - 1) // 8) + 1
+    return f"must be 8k+1 pixels (the stride-8 grid is exact only then), got {value}: use {lo} or {lo + 8}"
+
 _scales_check = _all(_nonempty_distinct, _between(0, 4, lo_open=True))
 
 
@@ -120,14 +129,23 @@ class DataConfig:
 
     root: str = _opt("", _not_blank, "dataset folder (relative paths: to the working directory)")
     train_split: str = _opt("train", _not_blank, "id list used for training (<root>/<split>.txt)")
-    val_split: str = _opt("val", _not_blank, "id list used for validation")
-    crop_size: int = _opt(321, _between(8, 4096), "side of the square training crop (padded with ignore)")
+    val_split: str = _opt("val", _not_blank, "id list scored during and after training (val_miou)")
+    select_split: str | None = _opt(
+        None, _not_blank, "held-out id list that chooses best.pt; none = no best.pt, report last.pt (the paper)"
+    )
+    crop_size: int = _opt(
+        321, _all(_between(9, 4097), _grid_side), "side of the square training crop, 8k+1 (padded with ignore)"
+    )
     scale_range: tuple[float, float] | None = _opt(
         None, _all(_length(2), _between(0.05, 8.0)), "random rescale range [lo, hi] before cropping, or none"
     )
     flip: bool = _opt(True, None, "random horizontal flips")
-    mean: tuple[float, ...] = _opt(IMAGENET_MEAN, _all(_length(3), _between(0, 1)), "RGB mean on [0, 1]")
-    std: tuple[float, ...] = _opt(IMAGENET_STD, _all(_length(3), _between(0, 1, lo_open=True)), "RGB std on [0, 1]")
+    mean: tuple[float, ...] | None = _opt(
+        None, _all(_length(3), _between(0, 1)), "RGB mean on [0, 1]; none = model.input_norm's"
+    )
+    std: tuple[float, ...] | None = _opt(
+        None, _all(_length(3), _between(0, 1, lo_open=True)), "RGB std on [0, 1]; none = model.input_norm's"
+    )
     workers: int = _opt(2, _between(0, 256), "DataLoader worker processes (0: in-process)")
     max_pixels: int | None = _opt(
         None, _count, "refuse images with more pixels (0: no limit; none: msattn --max-pixels or 100M)"
@@ -144,12 +162,21 @@ class ModelConfig:
     merge: str = _opt("attention", _one_of("attention", "max", "avg"), "how per-scale scores are merged")
     extra_supervision: bool = _opt(True, None, "add a loss on every scale's output")
     width: float = _opt(1.0, _between(0, 4, lo_open=True), "channel width multiplier (1 = VGG-16)")
-    dropout: float = _opt(0.5, _between(0, 1, hi_open=True), "dropout after fc6/fc7 and in the attention head")
+    dropout: float = _opt(0.5, _between(0, 1, hi_open=True), "dropout after fc6 and fc7")
+    attention_dropout: float = _opt(0.5, _between(0, 1, hi_open=True), "dropout after the attention head's first layer")
     attention_hidden: int = _opt(512, _between(1, 65536), "hidden channels of the attention head (before width)")
     pretrained: str | None = _opt(
-        None, _not_blank, '"torchvision" (ImageNet VGG-16, downloaded once), a .pth path, or none (random init)'
+        None,
+        _not_blank,
+        '"torchvision" (ImageNet VGG-16, downloaded once), a torchvision .pth, a file from msattn '
+        "convert-weights (DeepLab's init.caffemodel), or none (random init)",
     )
-    init_checkpoint: str | None = _opt(None, _not_blank, "start from the weights of an msattn checkpoint")
+    init_from: str | None = _opt(
+        None, _not_blank, "start from an msattn checkpoint's weights (another class count: classifier re-drawn)"
+    )
+    input_norm: str = _opt(
+        "auto", _one_of("auto", "torchvision", "caffe"), "input normalisation; auto = what the initial weights expect"
+    )
 
 
 @dataclass
@@ -158,7 +185,8 @@ class OptimConfig:
 
     optimizer: str = _opt("sgd", _one_of("sgd", "adamw"), "sgd (the paper's, with momentum) or adamw (from scratch)")
     lr: float = _opt(1e-3, _between(0, 10, lo_open=True), "base learning rate (backbone weights)")
-    head_lr_mult: float = _opt(10.0, _between(0, 1000, lo_open=True), "lr multiplier of fc8 + attention head")
+    head_lr_mult: float = _opt(10.0, _between(0, 1000, lo_open=True), "lr multiplier of the classifier (fc8)")
+    attention_lr_mult: float = _opt(10.0, _between(0, 1000, lo_open=True), "lr multiplier of the attention head")
     momentum: float = _opt(0.9, _between(0, 1, hi_open=True), "SGD momentum")
     weight_decay: float = _opt(5e-4, _between(0, 1), "L2 weight decay (not on biases)")
     schedule: str = _opt("step", _one_of("step", "poly"), "step: lr * gamma^(it // step_size); poly: (1 - it/N)^power")
@@ -195,6 +223,9 @@ class EvalConfig:
     flip: bool = _opt(False, None, "average with the flipped image")
     batch_size: int = _opt(1, _between(1, 4096), "images per forward (same-size images are batched)")
     limit: int | None = _opt(None, _positive_int, "validate on the first N images only")
+    pad_to: int | None = _opt(
+        None, _all(_between(9, 65537), _grid_side), "pad every image to this 8k+1 side (DeepLab: 513); none = the next 8k+1"
+    )
 
 
 @dataclass
@@ -308,6 +339,9 @@ def _build_section(name: str, cls: type, values: Any, origin_of: Callable[[str],
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, raw in values.items():
+        alias = KEY_ALIASES.get(f"{name}.{key}")
+        if alias is not None and alias.split(".")[1] not in values:
+            key = alias.split(".")[1]
         if key not in fields:
             raise ConfigError(f"{origin_of(key)}: unknown key {name}.{key}{_suggest(key, fields)}")
         try:
@@ -351,10 +385,15 @@ def _cross_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
             f"{origin_of('train.batch_size', 'train.micro_batch')}: train.batch_size ({recipe.train.batch_size}) "
             f"must be a multiple of train.micro_batch ({mb})"
         )
-    if recipe.model.pretrained is not None and recipe.model.init_checkpoint is not None:
+    if recipe.model.pretrained is not None and recipe.model.init_from is not None:
         raise ConfigError(
-            f"{origin_of('model.pretrained', 'model.init_checkpoint')}: set model.pretrained or "
-            "model.init_checkpoint, not both"
+            f"{origin_of('model.pretrained', 'model.init_from')}: set model.pretrained or model.init_from, not both"
+        )
+    if recipe.data.select_split is not None and recipe.data.select_split == recipe.data.val_split:
+        raise ConfigError(
+            f"{origin_of('data.select_split', 'data.val_split')}: data.select_split must be a held-out split, "
+            f"not the scored data.val_split ({recipe.data.val_split!r}): choosing best.pt on the split it is "
+            "scored on inflates the score"
         )
     if (
         recipe.eval.scales is not None
@@ -442,6 +481,7 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
         if section not in classes:
             raise ConfigError(f"--set {text}: unknown section {section}{_suggest(section, classes)}")
         known = [f.name for f in dataclasses.fields(classes[section])]
+        key = KEY_ALIASES.get(f"{section}.{key}", f"{section}.{key}").split(".")[1]
         if key not in known:
             raise ConfigError(f"--set {text}: unknown key {section}.{key}{_suggest(key, known)}")
         table = values.setdefault(section, {})

@@ -46,8 +46,9 @@ def make_tiny_dataset(root: Path, num_train: int = 8, num_val: int = 4, size: in
 def write_recipe(path: Path, data_root: Path, **sections: dict) -> Path:
     """A tiny CPU recipe (width 1/16, crop 32, dropout 0, a few iterations); ``sections`` override keys."""
     values: dict[str, dict] = {
-        "data": {"root": str(data_root), "crop_size": 32, "workers": 0, "scale_range": "none"},
-        "model": {"scales": [1.0, 0.5], "merge": "attention", "width": 0.0625, "dropout": 0.0},
+        "data": {"root": str(data_root), "crop_size": 33, "workers": 0, "scale_range": "none"},
+        "model": {"scales": [1.0, 0.5], "merge": "attention", "width": 0.0625, "dropout": 0.0,
+                  "attention_dropout": 0.0},
         "optim": {"lr": 0.01, "schedule": "poly"},
         "train": {"iterations": 6, "batch_size": 4, "micro_batch": 2, "log_every": 1, "val_every": 0,
                   "checkpoint_every": 0, "seed": 0},

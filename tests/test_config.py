@@ -66,7 +66,17 @@ def test_voc_recipe_is_the_papers_best_model() -> None:
     assert r.train.batch_size == 30 and r.train.batch_size % r.micro_batch == 0
     assert (r.optim.lr, r.optim.head_lr_mult, r.optim.momentum, r.optim.weight_decay) == (1e-3, 10.0, 0.9, 5e-4)
     assert (r.optim.schedule, r.optim.step_size, r.optim.gamma, r.train.iterations) == ("step", 2000, 0.1, 6000)
-    assert r.data.crop_size == 321 and r.data.train_split == "train_aug"
+    assert r.data.crop_size == 321 and r.data.train_split == "train"
+    assert r.model.attention_dropout == 0.5 and r.optim.attention_lr_mult == 10.0
+
+
+@pytest.mark.parametrize("name", ["voc.toml", "person_part.toml", "coco.toml"])
+def test_paper_recipes_read_the_lists_prepare_data_writes(name: str) -> None:
+    from msattn.data.prepare.common import SPLITS
+
+    r = load_recipe(ROOT / "recipes" / name)
+    assert r.data.train_split in SPLITS and r.data.val_split in SPLITS, (r.data.train_split, r.data.val_split)
+    assert r.data.select_split is None and r.model.input_norm == "auto"
 
 
 def matrix_rows() -> list[list[str]]:
@@ -143,7 +153,10 @@ def test_bad_overrides_name_the_override(tmp_path: Path, override: str, message:
         ('[data]\nroot = "d"\n[eval]\nscales = [1.0, 0.5]\n', "eval.scales must have as many scales"),
         ('[data]\nroot = "d"\n[model]\npretrained = "torchvision"\ninit_checkpoint = "x.pt"\n', "not both"),
         ('[model]\nwidth = 0.5\n', "missing section [data]"),
-        ('[data]\ncrop_size = 32\n', "missing key data.root"),
+        ('[data]\ncrop_size = 33\n', "missing key data.root"),
+        ('[data]\nroot = "d"\ncrop_size = 320\n', "data.crop_size must be 8k+1 pixels"),
+        ('[data]\nroot = "d"\nselect_split = "val"\n', "held-out"),
+        ('[data]\nroot = "d"\n[eval]\npad_to = 512\n', "eval.pad_to must be 8k+1"),
         ('data = 3\n', "[data] must be a table"),
         ("[data\n", "not valid TOML"),
     ],

@@ -55,6 +55,7 @@ def test_cli_voc_with_sbd(sources: tuple[Path, Path], tmp_path: Path, capsys: py
     assert code == 0, stderr
     assert (out / "train.txt").read_text().split() == TRAIN[:2]  # TRAIN[2] has no label anywhere
     assert (out / "val.txt").read_text().split() == VAL
+    assert (out / "trainval.txt").read_text().split() == TRAIN[:2] + VAL  # Table 4: train_aug + val
     assert np.array_equal(_read(out, TRAIN[0]), _label(15))  # VOC wins, raw indices kept
     assert np.array_equal(_read(out, TRAIN[1]), _label(12))  # from SBD
     assert np.array_equal(_read(out, VAL[0]), _label(3, other=20))

@@ -153,3 +153,47 @@ def test_cli_evaluate_with_crf(tiny_checkpoint: Path, tmp_path: Path, run_cli) -
     assert code == 0, err
     result = json.loads(out.read_text())
     assert result["crf"] is True and result["num_images"] == 2
+
+
+def test_an_architecture_1_checkpoint_loads_without_pool5a_and_warns(tiny_data: Path, tmp_path: Path, run_cli) -> None:
+    torch.manual_seed(0)
+    old = build_model(3, scales=(1.0, 0.5), merge="attention", width=0.0625, pool5a=False)
+    meta = {"name": "tiny", "classes": CLASSES, "palette": [[0, 0, 0], [128, 0, 0], [0, 128, 0]],
+            "ignore_index": 255, "root": str(tiny_data), "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    state = make_checkpoint(old, meta, config={}, iteration=0)
+    del state["arch_version"]  # what msattn 0.1 wrote: no architecture version, no pool5a argument
+    for key in ("pool5a", "attention_dropout"):
+        del state["model_args"][key]
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, state)
+    from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(path))
+    assert "pool5a" not in model.backbone.features._modules
+    out = tmp_path / "s.json"
+    code, _, err = run_cli("evaluate", "--checkpoint", path, "--json", out)
+    assert code == 0, err
+    assert "architecture 1" in err and "pool5a" in err
+    assert json.loads(out.read_text())["arch_version"] == 1
+    code, _, err = run_cli("evaluate", "--checkpoint", tiny_checkpoint_path(tiny_data, tmp_path), "--json", out)
+    assert code == 0 and "architecture 1" not in err and json.loads(out.read_text())["arch_version"] == 2
+
+
+def tiny_checkpoint_path(tiny_data: Path, tmp_path: Path) -> Path:
+    model = build_model(3, scales=(1.0,), width=0.0625)
+    meta = {"name": "tiny", "classes": CLASSES, "ignore_index": 255, "root": str(tiny_data)}
+    path = tmp_path / "new.pt"
+    save_checkpoint(path, make_checkpoint(model, meta, config={}, iteration=0))
+    return path
+
+
+def test_cli_evaluate_pad_to_is_deeplabs_protocol(tiny_checkpoint: Path, tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "s.json"
+    code, _, err = run_cli("evaluate", "--checkpoint", tiny_checkpoint, "--pad-to", "65", "--json", out)
+    assert code == 0, err
+    padded = json.loads(out.read_text())
+    assert padded["pad_to"] == 65
+    code, _, err = run_cli("evaluate", "--checkpoint", tiny_checkpoint, "--json", out)
+    assert code == 0 and json.loads(out.read_text())["pad_to"] is None
+    code, _, err = run_cli("evaluate", "--checkpoint", tiny_checkpoint, "--pad-to", "64")
+    assert code == 2 and "8k+1" in err

@@ -7,6 +7,7 @@ import torch
 
 from msattn.models import build_model, cross_entropy, param_groups, segmentation_loss, upsample_logits
 from msattn.models.backbone import LargeFOV, output_size
+from msattn.geometry import scaled_size
 from msattn.models.convert import (
     FC6_TAPS,
     TORCHVISION_CONV_INDICES,
@@ -70,7 +71,7 @@ def test_output_shapes_for_scale_sets(scales: tuple[float, ...], merge: str) -> 
     assert out["out"].shape == (2, 5, h, w)
     assert len(out["per_scale"]) == len(scales)
     for s, logits in zip(scales, out["per_scale"]):
-        assert logits.shape[-2:] == (output_size(round(37 * s)), output_size(round(50 * s)))
+        assert logits.shape[-2:] == tuple(output_size(side) for side in scaled_size((37, 50), s))
     if len(scales) == 1:
         assert out["attention"] is None
     else:
@@ -79,7 +80,8 @@ def test_output_shapes_for_scale_sets(scales: tuple[float, ...], merge: str) -> 
 
 def test_finest_scale_is_the_reference_when_scales_are_larger_than_one() -> None:
     out = tiny((1.0, 1.5), "avg").eval()(torch.randn(1, 3, 33, 33))
-    assert out["out"].shape[-2:] == (output_size(50), output_size(50))
+    assert scaled_size((33, 33), 1.5) == (49, 49)  # a grid side: (33 - 1) * 1.5 = 48 = 8 * 6
+    assert out["out"].shape[-2:] == (output_size(49), output_size(49))
 
 
 @pytest.mark.parametrize("size", [(1, 1), (9, 17), (65, 31)])
@@ -127,8 +129,8 @@ def test_one_scale_equals_plain_largefov() -> None:
 
 def test_per_scale_logits_come_from_the_shared_network() -> None:
     model = tiny((1.0, 0.5)).eval()
-    x = torch.randn(1, 3, 32, 32)
-    half = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    x = torch.randn(1, 3, 33, 33)
+    half = torch.nn.functional.interpolate(x, size=(17, 17), mode="bilinear", align_corners=True)
     torch.testing.assert_close(model(x)["per_scale"][1], model.backbone(half)[1])
 
 
@@ -198,8 +200,8 @@ def test_loss_ignores_255() -> None:
 def test_downsample_mode_shrinks_labels_with_nearest() -> None:
     logits = torch.zeros(1, 2, 2, 2)
     logits[:, 1] = 10.0  # predicts class 1 everywhere
-    labels = torch.zeros(1, 8, 8, dtype=torch.long)
-    labels[:, 0::4, 0::4] = 1  # nearest sampling picks exactly these pixels
+    labels = torch.zeros(1, 9, 9, dtype=torch.long)
+    labels[:, 0::8, 0::8] = 1  # the grid of a 9-pixel side (8k+1, k=1) reads exactly pixels 0 and 8
     assert cross_entropy(logits, labels, "downsample") < 1e-3
     assert cross_entropy(logits, labels, "upsample") > 5.0
 
@@ -223,9 +225,22 @@ def test_param_groups_follow_deeplab_convention() -> None:
     assert groups["backbone_bias"]["lr"] == pytest.approx(2e-3) and groups["backbone_bias"]["weight_decay"] == 0
     assert groups["head_weight"]["lr"] == pytest.approx(1e-2) and groups["head_weight"]["weight_decay"] == 5e-4
     assert groups["head_bias"]["lr"] == pytest.approx(2e-2)
-    head_ids = {id(p) for p in groups["head_weight"]["params"]}
-    assert {id(model.backbone.fc8.weight), id(model.head.conv1.weight), id(model.head.conv2.weight)} == head_ids
+    assert {id(p) for p in groups["head_weight"]["params"]} == {id(model.backbone.fc8.weight)}
+    attention_ids = {id(p) for p in groups["attention_weight"]["params"]}
+    assert {id(model.head.conv1.weight), id(model.head.conv2.weight)} == attention_ids
+    assert groups["attention_weight"]["lr"] == pytest.approx(1e-2)  # follows head_lr_mult unless given
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+
+
+def test_attention_head_has_its_own_lr_multiplier_and_dropout() -> None:
+    model = build_model(21, (1.0, 0.5), width=TINY, dropout=0.0, attention_dropout=0.3)
+    groups = {g["name"]: g for g in param_groups(model, 1e-3, 5e-4, head_lr_mult=10.0, attention_lr_mult=3.0)}
+    assert groups["head_weight"]["lr"] == pytest.approx(1e-2)
+    assert groups["attention_weight"]["lr"] == pytest.approx(3e-3)
+    assert groups["attention_bias"]["lr"] == pytest.approx(6e-3) and groups["attention_bias"]["weight_decay"] == 0
+    assert isinstance(model.backbone.drop6, torch.nn.Identity)
+    assert isinstance(model.head.drop, torch.nn.Dropout) and model.head.drop.p == 0.3
+    assert model.model_args["attention_dropout"] == 0.3
 
 
 # ----------------------------------------------------------------------------- ImageNet conversion
@@ -302,12 +317,12 @@ def test_offline_download_names_the_file_to_fetch(monkeypatch, tmp_path) -> None
 
 
 def two_synthetic_images() -> tuple[torch.Tensor, torch.Tensor]:
-    """Two 32x32 images: a bright square (class 1) and a dark disc (class 2) on grey."""
-    images = torch.full((2, 3, 32, 32), 0.0)
-    labels = torch.zeros(2, 32, 32, dtype=torch.long)
+    """Two 33x33 images (an 8k+1 side): a bright square (class 1) and a dark disc (class 2) on grey."""
+    images = torch.full((2, 3, 33, 33), 0.0)
+    labels = torch.zeros(2, 33, 33, dtype=torch.long)
     images[0, :, 8:24, 8:24] = 1.5
     labels[0, 8:24, 8:24] = 1
-    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(33), torch.arange(33), indexing="ij")
     disc = (yy - 16) ** 2 + (xx - 16) ** 2 < 64
     images[1, :, disc] = -1.5
     labels[1, disc] = 2
@@ -318,9 +333,9 @@ def test_tiny_attention_model_overfits_two_images() -> None:
     torch.manual_seed(0)
     model = build_model(3, (1.0, 0.5), width=0.125, dropout=0.0)
     images, labels = two_synthetic_images()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(60):
+    for _ in range(100):
         optimizer.zero_grad()
         loss, _ = segmentation_loss(model(images), labels)
         loss.backward()

@@ -14,7 +14,7 @@ from engine_helpers import make_tiny_dataset, write_recipe
 from msattn.config import load_recipe
 from msattn.engine.checkpoint import load_checkpoint
 from msattn.engine.train import StreamSampler, epoch_order, lr_factor, optimizer_kernels, train
-from msattn.errors import TrainingError
+from msattn.errors import ConfigError, TrainingError
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +45,37 @@ def test_tiny_run_lowers_the_loss_and_writes_the_run_folder(tiny_data: Path, tmp
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["iteration"] == 40 and ckpt["dataset"]["classes"] == ["background", "red", "green"]
     assert ckpt["config"] == config
-    best = load_checkpoint(run / "best.pt")
-    assert best["best_miou"] == max(r["val_miou"] for r in vals)
+    assert not (run / "best.pt").exists()  # the paper reports the last iteration: no selection on val
     # the lr followed the poly schedule in every parameter group (x lr_mult)
     group = next(g for g in ckpt["optimizer"]["param_groups"] if g["name"] == "head_bias")
     assert group["lr"] == pytest.approx(0.002 * 20 * lr_factor(recipe)(40))
     assert not list(run.glob(".tmp-*"))
+
+
+def test_best_checkpoint_is_chosen_on_a_held_out_split_and_last_is_scored(tiny_data: Path, tmp_path: Path) -> None:
+    (tiny_data / "holdout.txt").write_text("train_000\ntrain_001\n")
+    recipe = load_recipe(
+        write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 8, "log_every": 4, "val_every": 4,
+                                                             "eval_at_end": True}),
+        ["model.scales=[1.0]", "data.select_split=holdout"],
+    )
+    run = tmp_path / "run"
+    train(recipe, run, device="cpu")
+    records = read_metrics(run)
+    selects = [r for r in records if "select_miou" in r]
+    vals = [r for r in records if "val_miou" in r]
+    assert [r["iteration"] for r in selects] == [4, 8] and [r["iteration"] for r in vals] == [4, 8]
+    best = load_checkpoint(run / "best.pt")
+    assert best["best_miou"] == max(r["select_miou"] for r in selects)
+    report = json.loads((run / "eval.json").read_text())
+    assert report["checkpoint"].endswith("last.pt") and report["split"] == "val"
+    assert report["best_checkpoint_selected_on"] == "holdout"
+    assert report["miou"] == vals[-1]["val_miou"]
+
+
+def test_select_split_must_differ_from_the_scored_split(tiny_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="held-out"):
+        load_recipe(write_recipe(tmp_path / "r.toml", tiny_data), ["data.select_split=val"])
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tiny_data: Path, tmp_path: Path, run_cli) -> None:

@@ -19,9 +19,18 @@ import torch
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-#: torchvision's ImageNet statistics on [0, 1] RGB (the VGG-16 weights in use)
+#: torchvision's ImageNet statistics on [0, 1] RGB (torchvision's VGG-16 weights)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: Caffe's VGG-16 / DeepLab convention: 0..255 minus the mean (R 122.675, G 116.669, B 104.008),
+#: written on [0, 1] RGB like the others (conv1_1 of converted Caffe weights takes RGB)
+CAFFE_MEAN: tuple[float, float, float] = (122.675 / 255, 116.669 / 255, 104.008 / 255)
+CAFFE_STD: tuple[float, float, float] = (1 / 255, 1 / 255, 1 / 255)
+#: model.input_norm -> (mean, std)
+INPUT_NORMS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "torchvision": (IMAGENET_MEAN, IMAGENET_STD),
+    "caffe": (CAFFE_MEAN, CAFFE_STD),
+}
 
 
 def normalize_image(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

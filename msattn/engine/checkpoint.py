@@ -29,10 +29,13 @@ def make_checkpoint(
     **extra: Any,
 ) -> dict[str, Any]:
     """Assemble a checkpoint dict; ``extra`` holds optimizer/scheduler/scaler/rng/best_miou/metrics."""
+    from msattn.models.scale import ARCH_VERSION
+
     model = getattr(model, "module", model)  # unwrap DDP
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "arch_version": ARCH_VERSION,
         "msattn_version": __version__,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model_args": dict(model.model_args),
@@ -64,7 +67,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an msattn checkpoint (made by another tool?)")
     version = state.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: not an msattn checkpoint (its format version is missing or malformed)")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format {version} is newer than this msattn ({__version__}) reads; upgrade msattn"
         )
@@ -74,12 +79,39 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def arch_version(state: dict[str, Any]) -> int:
+    """The architecture version a checkpoint was trained with (1: before pool5a and the corner-aligned grid)."""
+    version = state.get("arch_version", 1)
+    return version if isinstance(version, int) and not isinstance(version, bool) else 1
+
+
+def old_arch_warning(state: dict[str, Any], source: str | Path = "checkpoint") -> str | None:
+    """A warning for checkpoints of architecture version 1, else None."""
+    if arch_version(state) >= 2:
+        return None
+    return (
+        f"{source} was trained by msattn 0.1 (architecture 1: no pool5a, centre-aligned resizing); it runs as "
+        "trained, without pool5a, but on the corner-aligned grid of this version: scores may differ slightly "
+        "from those it was selected with; retrain for DeepLab-exact results"
+    )
+
+
 def model_from_checkpoint(state: dict[str, Any], source: str | Path = "checkpoint") -> torch.nn.Module:
-    """Rebuild the model a checkpoint describes, load its weights and put it in eval mode."""
+    """Rebuild the model a checkpoint describes, load its weights and put it in eval mode.
+
+    Checkpoints of architecture version 1 (no pool5a) are rebuilt without pool5a; callers
+    show :func:`old_arch_warning`.
+    """
     from msattn.models import build_model
 
+    args = state.get("model_args")
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{source}: malformed checkpoint (model_args is not a table)")
+    args = dict(args)
+    if arch_version(state) < 2:
+        args.setdefault("pool5a", False)
     try:
-        model = build_model(**state["model_args"])
+        model = build_model(**args)
         model.load_state_dict(state["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

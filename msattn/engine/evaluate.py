@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from msattn.engine.distributed import DistInfo
-from msattn.engine.metrics import ConfusionMatrix, json_safe
+from msattn.engine.metrics import ConfusionMatrix, format_miou, json_safe
 from msattn.engine.predict import amp_dtype_for, predict_batch
 from msattn.errors import DataError, UsageError
 
@@ -47,8 +47,12 @@ def evaluate_model(
     workers: int = 0,
     progress: bool = True,
     console: Console | None = None,
+    pad_to: int | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``dataset`` (items ``{"image", "label", "id"}`` at full resolution).
+
+    Every image is padded to the next 8k+1 side (or to ``pad_to``, DeepLab's 513) for the
+    network and the prediction cropped back (:func:`msattn.engine.predict.predict_batch`).
 
     Images are sharded over ``world_size`` ranks and the confusion matrix is summed over
     them. Consecutive images of the same size are batched (up to ``batch_size``).
@@ -81,7 +85,9 @@ def evaluate_model(
                 for group in _same_size_groups(items):
                     images = torch.stack([item["image"] for item in group]).to(device, non_blocking=True)
                     labels = torch.stack([item["label"] for item in group]).to(device, non_blocking=True)
-                    probs, _ = predict_batch(model, images, scales=scales, flip=flip, amp_dtype=amp_dtype)
+                    probs, _ = predict_batch(
+                        model, images, scales=scales, flip=flip, amp_dtype=amp_dtype, pad_to=pad_to
+                    )
                     if crf_params is not None:
                         probs = _refine(probs, images, crf_params, mean, std)
                     matrix.update(probs.argmax(1), labels)
@@ -167,11 +173,13 @@ def evaluate_checkpoint(
     amp: bool = True,
     batch_size: int | None = None,
     workers: int | None = None,
+    pad_to: int | None = None,
 ) -> dict[str, Any]:
     """``msattn evaluate``: score a checkpoint on a split of its dataset (or of ``data``).
 
     ``amp`` runs the network under bf16 autocast on CUDA (never on CPU); ``batch_size`` and
-    ``workers`` default to the checkpoint recipe's ``eval.batch_size`` and ``data.workers``.
+    ``workers`` default to the checkpoint recipe's ``eval.batch_size`` and ``data.workers``, ``pad_to``
+    (pad every image to this 8k+1 side, e.g. 513) to its ``eval.pad_to``.
     Prints the per-class table and returns (and with ``json_path`` writes) a dict with
     ``miou``, ``pixel_accuracy``, ``mean_accuracy``, ``per_class`` {class: IoU or null},
     ``num_images``, ``checkpoint``, ``data``, ``split``, ``scales``, ``flip``, ``crf``, ``amp``.
@@ -182,7 +190,7 @@ def evaluate_checkpoint(
 
     with process_group(device) as info:
         return _evaluate_checkpoint(
-            info, checkpoint, data, split, scales, flip, crf, json_path, limit, amp, batch_size, workers
+            info, checkpoint, data, split, scales, flip, crf, json_path, limit, amp, batch_size, workers, pad_to
         )
 
 
@@ -199,16 +207,22 @@ def _evaluate_checkpoint(
     amp: bool,
     batch_size: int | None,
     workers: int | None,
+    pad_to: int | None,
 ) -> dict[str, Any]:
     from msattn.data import SegmentationFolder, read_dataset_info
     from msattn.data.transforms import EvalTransform
-    from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint, old_arch_warning
     from msattn.io import check_id, write_json
 
     console = Console(highlight=False, soft_wrap=True, quiet=not dist_info.is_main)
     dev = dist_info.device
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint).to(dev, memory_format=torch.channels_last)
+    warning = old_arch_warning(state, checkpoint)
+    if warning:
+        Console(stderr=True, highlight=False, soft_wrap=True, quiet=not dist_info.is_main).print(
+            f"warning: {warning}", markup=False
+        )
     meta = state["dataset"]
     root = Path(data) if data is not None else Path(str(meta.get("root", "")))
     if not str(root) or not (root / "dataset.json").is_file():
@@ -237,7 +251,9 @@ def _evaluate_checkpoint(
 
         crf_params = config.crf if config is not None else CRFParams()
     max_pixels = config.data.max_pixels if config is not None else None
-    mean, std = meta.get("mean"), meta.get("std")
+    from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = meta.get("mean") or IMAGENET_MEAN, meta.get("std") or IMAGENET_STD
     dataset = SegmentationFolder(root, split, transform=EvalTransform(mean=mean, std=std), max_pixels=max_pixels)
     if len(dataset) == 0:
         raise DataError(f"{root / (split + '.txt')}: the split is empty")
@@ -246,6 +262,10 @@ def _evaluate_checkpoint(
         batch_size = config.eval.batch_size if config is not None else 1
     if workers is None:
         workers = config.data.workers if config is not None else 0
+    if pad_to is None and config is not None:
+        pad_to = config.eval.pad_to
+    if pad_to is not None and (pad_to < 9 or (pad_to - 1) % 8):
+        raise UsageError(f"--pad-to: must be a side of 8k+1 pixels (e.g. 321, 513), got {pad_to}")
     metrics = evaluate_model(
         model,
         dataset,
@@ -266,6 +286,7 @@ def _evaluate_checkpoint(
         workers=workers,
         progress=dist_info.is_main,
         console=console,
+        pad_to=pad_to,
     )
     result = {
         "checkpoint": str(checkpoint),
@@ -275,10 +296,12 @@ def _evaluate_checkpoint(
         "flip": flip,
         "crf": crf,
         "amp": "bf16" if amp_dtype is not None else "off",
+        "pad_to": pad_to,
+        "arch_version": state.get("arch_version", 1),
         **metrics,
     }
     print_metrics_table(metrics, title=f"{info.name} {split}: {checkpoint}", console=console)
-    console.print(f"mIoU {_pct(metrics['miou'])}% on {metrics['num_images']} images")
+    console.print(f"mIoU {format_miou(metrics['miou'])} on {metrics['num_images']} images", markup=False)
     if json_path is not None and dist_info.is_main:
         write_json(json_path, json_safe(result))
         console.print(f"metrics written to {json_path}")

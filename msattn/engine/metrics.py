@@ -90,3 +90,10 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def format_miou(value: float | None) -> str:
+    """A score as every command prints it: a percentage with two decimals (``66.64%``), ``-`` when undefined."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:.2f}%"

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_image
 from msattn.engine.distributed import DistInfo
@@ -46,22 +45,24 @@ def predict_batch(
     scales: Sequence[float] | None = None,
     flip: bool = False,
     amp_dtype: torch.dtype | None = None,
+    pad_to: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Class probabilities and merge weights at image size for a batch of same-size images.
 
-    images: normalised float [N,3,H,W] on the model's device. Returns float32
-    ``probs`` [N,C,H,W] (softmax of the bilinearly upsampled merged logits) and
-    ``attention`` [N,S,H,W] (the model's merge weights upsampled to image size; for max
+    images: normalised float [N,3,H,W] on the model's device. The batch is padded (bottom and
+    right, with the mean colour) to the next 8k+1 side, or to ``pad_to`` (e.g. 513) when it
+    fits, so that the output grid is exact (:mod:`msattn.geometry`); the results are cropped
+    back. Returns float32 ``probs`` [N,C,H,W] (softmax of the corner-aligned upsampled merged
+    logits) and ``attention`` [N,S,H,W] (the model's merge weights at image size; for max
     merging the one-hot map of the winning scale, kept one-hot by nearest upsampling) or
     None for a single-scale model. ``flip`` averages with the mirrored image.
     ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the network under autocast.
     """
-    size = tuple(images.shape[-2:])
     nearest = getattr(model, "merge", None) == "max"
     with torch.inference_mode(), _autocast(images.device, amp_dtype):
-        probs, attention = _forward(model, images, scales, size, nearest)
+        probs, attention = _forward(model, images, scales, nearest, pad_to)
         if flip:
-            probs_f, attention_f = _forward(model, images.flip(-1), scales, size, nearest)
+            probs_f, attention_f = _forward(model, images.flip(-1), scales, nearest, pad_to)
             probs = (probs + probs_f.flip(-1)) / 2
             if attention is not None and attention_f is not None:
                 attention = (attention + attention_f.flip(-1)) / 2
@@ -72,20 +73,21 @@ def _forward(
     model: torch.nn.Module,
     images: torch.Tensor,
     scales: Sequence[float] | None,
-    size: tuple[int, ...],
     nearest: bool,
+    pad_to: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from msattn.models import upsample_logits
+    from msattn.geometry import crop_to, pad_to_grid, resize_bilinear, resize_nearest, upsample_logits
 
-    output = model(images, scales=scales)
-    probs = torch.softmax(upsample_logits(output["out"].float(), size), dim=1)  # [N,C,H,W]
+    size = tuple(images.shape[-2:])
+    padded = pad_to_grid(images, pad_to)  # [N,3,8k+1,8l+1], mean colour below and right
+    full = tuple(padded.shape[-2:])
+    output = model(padded, scales=scales)
+    logits = crop_to(upsample_logits(output["out"].float(), full), size)
+    probs = torch.softmax(logits, dim=1)  # [N,C,H,W]
     attention = output.get("attention")
     if attention is not None:
-        attention = attention.float()
-        if nearest:
-            attention = F.interpolate(attention, size=size, mode="nearest")
-        else:  # bilinear keeps weights that sum to 1 summing to 1
-            attention = F.interpolate(attention, size=size, mode="bilinear", align_corners=False)
+        resize = resize_nearest if nearest else resize_bilinear  # bilinear keeps weights summing to 1
+        attention = crop_to(resize(attention.float(), full), size)
     return probs, attention
 
 
@@ -95,6 +97,7 @@ def predict_probs(
     scales: Sequence[float] | None = None,
     flip: bool = False,
     amp_dtype: torch.dtype | None = None,
+    pad_to: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One normalised image [1,3,H,W] (or [3,H,W]) -> (probs [C,H,W], attention [S,H,W] or None).
 
@@ -104,7 +107,7 @@ def predict_probs(
         image = image.unsqueeze(0)
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"predict_probs wants one image [1,3,H,W], got {tuple(image.shape)}")
-    probs, attention = predict_batch(model, image, scales=scales, flip=flip, amp_dtype=amp_dtype)
+    probs, attention = predict_batch(model, image, scales=scales, flip=flip, amp_dtype=amp_dtype, pad_to=pad_to)
     return probs[0], None if attention is None else attention[0]
 
 
@@ -139,14 +142,22 @@ def _read_list(path: Path) -> list[Path]:
     return [Path(os.path.normpath(path.parent / line)) for line in read_list_lines(path)]
 
 
-def output_files(name: str, scales: Sequence[float], save_probs: bool, save_attention: bool) -> list[str]:
-    """File names predict writes for image ``name``."""
-    files = [f"{name}.png", f"{name}_overlay.jpg"]
-    if save_probs:
-        files.append(f"{name}.npz")
-    if save_attention and len(scales) > 1:
-        files += [attention_file(name, s) for s in scales] + [f"{name}_attention.png"]
-    return files
+@dataclass(frozen=True)
+class Outputs:
+    """Which files predict writes per image: ``<name>.png`` always, the rest on request."""
+
+    save_probs: bool = False
+    save_attention: bool = False
+    overlay: bool = True
+
+    def files(self, name: str, scales: Sequence[float]) -> list[str]:
+        """File names written for image ``name``."""
+        files = [f"{name}.png"] + ([f"{name}_overlay.jpg"] if self.overlay else [])
+        if self.save_probs:
+            files.append(f"{name}.npz")
+        if self.save_attention and len(scales) > 1:
+            files += [attention_file(name, s) for s in scales] + [f"{name}_attention.png"]
+        return files
 
 
 def attention_file(name: str, scale: float) -> str:
@@ -217,16 +228,16 @@ def write_prediction(
     info: _Labels,
     scales: Sequence[float],
     merge: str,
-    save_probs: bool,
-    save_attention: bool,
+    outputs: Outputs,
 ) -> None:
     """Write one image's files (all atomically): labels PNG, overlay, optional npz and attention maps."""
     from msattn.engine.visualize import attention_figure, attention_heatmap, label_image, overlay, scale_title
     from msattn.io import save_image
 
     save_image(label_image(labels, info.palette), out / f"{name}.png")
-    save_image(overlay(image, labels, info.palette), out / f"{name}_overlay.jpg", quality=90)
-    if save_probs:
+    if outputs.overlay:
+        save_image(overlay(image, labels, info.palette), out / f"{name}_overlay.jpg", quality=90)
+    if outputs.save_probs:
         arrays = {
             "probs": probs.astype(np.float16),
             "scales": np.asarray(scales, dtype=np.float32),
@@ -236,7 +247,7 @@ def write_prediction(
         if attention is not None:
             arrays["attention"] = attention.astype(np.float16)
         _write_npz(out / f"{name}.npz", arrays)
-    if save_attention and attention is not None:
+    if outputs.save_attention and attention is not None:
         for weights, scale in zip(attention, scales):
             heat = attention_heatmap(image, weights, title=scale_title(scale, merge))
             save_image(heat, out / attention_file(name, scale))
@@ -272,8 +283,13 @@ def predict_images(
     amp: bool = True,
     device: str | None = None,
     resume: bool = False,
+    overlay: bool = True,
+    pad_to: int | None = None,
 ) -> dict[str, int]:
     """``msattn predict``: write label maps, overlays and (optionally) probabilities and attention maps.
+
+    ``overlay=False`` with neither probabilities nor attention writes the label PNGs alone (the
+    format of the PASCAL VOC evaluation server). ``pad_to`` pads every image to that 8k+1 side.
 
     Unreadable images are reported and skipped; DataError only when no image could be processed.
     Images of the same size in a batch run together, others one by one. With ``resume``, images
@@ -284,9 +300,8 @@ def predict_images(
     from msattn.engine.distributed import process_group
 
     with process_group(device) as dist_info:
-        return _predict_images(
-            dist_info, inputs, checkpoint, out, save_probs, save_attention, crf, scales, batch_size, amp, resume
-        )
+        outputs = Outputs(save_probs=save_probs, save_attention=save_attention, overlay=overlay)
+        return _predict_images(dist_info, inputs, checkpoint, out, outputs, crf, scales, batch_size, amp, resume, pad_to)
 
 
 def _predict_images(
@@ -294,13 +309,13 @@ def _predict_images(
     inputs: Sequence[Path],
     checkpoint: Path,
     out: Path,
-    save_probs: bool,
-    save_attention: bool,
+    outputs: Outputs,
     crf: bool,
     scales: Sequence[float] | None,
     batch_size: int,
     amp: bool,
     resume: bool,
+    pad_to: int | None,
 ) -> dict[str, int]:
     from rich.console import Console
     from rich.markup import escape
@@ -333,20 +348,20 @@ def _predict_images(
     crf_params = _crf_params_from_checkpoint(ckpt, checkpoint) if crf else None
     merge = getattr(model, "merge", "attention")
 
-    names, notes = unique_names(paths, lambda n: output_files(n, run_scales, save_probs, save_attention))
+    names, notes = unique_names(paths, lambda n: outputs.files(n, run_scales))
     if dist_info.is_main:  # the folder itself is made by the first write: a failed run leaves nothing
         clean_temporaries(out)
     barrier(dist_info)  # no rank writes before the leftovers of a killed run are gone
     console = Console(stderr=True, highlight=False, soft_wrap=True, quiet=not dist_info.is_main)
     for note in notes:
         console.print(f"[yellow]note[/] {escape(str(note))}")
-    if save_attention and len(run_scales) == 1:
+    if outputs.save_attention and len(run_scales) == 1:
         console.print("[yellow]note[/] the model runs on one scale: there are no attention maps to save")
 
     mine = list(zip(paths, names))[dist_info.rank :: dist_info.world_size]  # this rank's share
     todo = mine
     if resume:
-        todo = [(p, n) for p, n in mine if not _outputs_exist(out, n, run_scales, save_probs, save_attention)]
+        todo = [(p, n) for p, n in mine if not all((out / f).is_file() for f in outputs.files(n, run_scales))]
     done = len(mine) - len(todo)
     written = failed = 0
     first_problem = ""
@@ -364,12 +379,12 @@ def _predict_images(
                     failed += 1
                     progress.advance(bar)
             for group in _same_size_groups(loaded):
-                outputs = _predict_group(model, group, info, run_scales, amp, dev, memory_format)
-                for (name, image), (p, att) in zip(group, outputs):
+                results = _predict_group(model, group, info, run_scales, amp, dev, memory_format, pad_to)
+                for (name, image), (p, att) in zip(group, results):
                     refined = _crf(image, p, crf_params) if crf_params is not None else p
                     labels = refined.argmax(axis=0).astype(np.uint8)
                     write_prediction(
-                        out, name, image, p, att, labels, info, run_scales, merge, save_probs, save_attention
+                        out, name, image, p, att, labels, info, run_scales, merge, outputs
                     )
                     written += 1
                     progress.advance(bar)
@@ -385,10 +400,6 @@ def _predict_images(
     return {"written": written, "failed": failed, "done": done}
 
 
-def _outputs_exist(out: Path, name: str, scales: Sequence[float], save_probs: bool, save_attention: bool) -> bool:
-    return all((out / f).is_file() for f in output_files(name, scales, save_probs, save_attention))
-
-
 def _predict_group(
     model: torch.nn.Module,
     group: list[tuple[str, np.ndarray]],
@@ -397,6 +408,7 @@ def _predict_group(
     amp: bool,
     device: torch.device,
     memory_format: torch.memory_format,
+    pad_to: int | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Run same-size images as one batch -> [(probs [C,H,W], attention [S,H,W] or None)] as numpy.
 
@@ -408,7 +420,7 @@ def _predict_group(
     try:
         batch = torch.stack([normalize_image(img, info.mean, info.std) for _, img in group])
         batch = batch.to(device, memory_format=memory_format)  # [N,3,H,W]
-        probs, attention = predict_batch(model, batch, scales=scales, amp_dtype=amp_dtype_for(device, amp))
+        probs, attention = predict_batch(model, batch, scales=scales, amp_dtype=amp_dtype_for(device, amp), pad_to=pad_to)
         probs_np = probs.cpu().numpy()
         att_np = None if attention is None else attention.cpu().numpy()
     except torch.cuda.OutOfMemoryError:
@@ -418,7 +430,9 @@ def _predict_group(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if len(group) > 1:
-        return [r for item in group for r in _predict_group(model, [item], info, scales, amp, device, memory_format)]
+        return [
+            r for item in group for r in _predict_group(model, [item], info, scales, amp, device, memory_format, pad_to)
+        ]
     name, image = group[0]
     h, w = image.shape[:2]
     raise ResourceError(

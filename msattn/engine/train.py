@@ -37,6 +37,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from msattn.config import Recipe, format_recipe, load_recipe, recipe_diff, recipe_from_dict, recipe_to_dict
 from msattn.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from msattn.engine.metrics import format_miou
+from msattn.engine.weights import (
+    InputNorm,
+    apply_initial_weights,
+    checkpoint_input_norm,
+    load_initial_weights,
+    resolve_input_norm,
+)
 from msattn.engine.distributed import (
     DistInfo,
     all_gather_objects,
@@ -90,7 +98,7 @@ def dry_run_report(recipe: Recipe, out_dir: Path, resume: bool = False, console:
         for split in (recipe.data.train_split, recipe.data.val_split):
             if not (root / f"{split}.txt").is_file():
                 warnings.append(f"{root / (split + '.txt')}: split list not found")
-    for key in ("pretrained", "init_checkpoint"):
+    for key in ("pretrained", "init_from"):
         value = getattr(recipe.model, key)
         if value and value != "torchvision" and not Path(value).expanduser().is_file():
             warnings.append(f"model.{key}: {value} not found")
@@ -123,7 +131,7 @@ def resolve_paths(recipe: Recipe) -> Recipe:
         model=dataclasses.replace(
             recipe.model,
             pretrained=absolute(recipe.model.pretrained),
-            init_checkpoint=absolute(recipe.model.init_checkpoint),
+            init_from=absolute(recipe.model.init_from),
         ),
     )
 
@@ -271,7 +279,11 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
     num_classes = len(dataset_info.classes)
     if recipe.model.num_classes is not None and recipe.model.num_classes != num_classes:
         raise ConfigError(f"model.num_classes is {recipe.model.num_classes} but {root} has {num_classes} classes")
-    train_set, val_set = build_datasets(recipe, dataset_info, console)
+    initial = load_initial_weights(recipe) if state is None else None
+    norm = resume_input_norm(state) if state is not None else resolve_input_norm(
+        recipe, initial.input_norm, warn=console.print
+    )
+    train_set, val_set, select_set = build_datasets(recipe, dataset_info, console, norm)
     micro, world = recipe.micro_batch, info.world_size
     if cfg.batch_size % (micro * world):
         raise ConfigError(
@@ -289,9 +301,10 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
         width=recipe.model.width,
         dropout=recipe.model.dropout,
         attention_hidden=recipe.model.attention_hidden,
+        attention_dropout=recipe.model.attention_dropout,
     )
-    if state is None:
-        init_weights(model, recipe, console)
+    if initial is not None:
+        apply_initial_weights(model, initial, console)
     model.to(dev)
     if cfg.channels_last:  # faster on CUDA and on CPU (see benchmarks/README.md)
         model.to(memory_format=torch.channels_last)
@@ -301,7 +314,9 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
     if cfg.deterministic:
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
-    groups = param_groups(model, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.head_lr_mult)
+    groups = param_groups(
+        model, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.head_lr_mult, recipe.optim.attention_lr_mult
+    )
     optimizer = make_optimizer(groups, recipe.optim.optimizer, recipe.optim.lr, recipe.optim.momentum, dev)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
@@ -325,8 +340,9 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
         "palette": [list(c) for c in dataset_info.palette],
         "ignore_index": int(dataset_info.ignore_index),
         "root": str(root),
-        "mean": list(recipe.data.mean),
-        "std": list(recipe.data.std),
+        "input_norm": norm.name,
+        "mean": list(norm.mean),
+        "std": list(norm.std),
     }
     config = recipe_to_dict(recipe)
     if info.is_main:
@@ -409,7 +425,9 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
             for name, value in step_terms.items():
                 window[name] = window.get(name, 0.0) + value
             window_iters += 1
-            validate = val_set is not None and ((cfg.val_every and done % cfg.val_every == 0) or done == total)
+            validate = (val_set is not None or select_set is not None) and (
+                (cfg.val_every and done % cfg.val_every == 0) or done == total
+            )
             save_last = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total
             if done % cfg.log_every == 0 or validate or save_last:
                 stop_if_nonfinite()
@@ -431,15 +449,21 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
             progress.update(task, completed=done)
 
             # --- validation, checkpoints
-            if validate:
+            select_miou = -math.inf
+            if validate and val_set is not None:  # the scored split
                 last_metrics = run_validation(model, val_set, recipe, dataset_info, info, amp_dtype)
                 log.write({"iteration": done, "val_miou": last_metrics["miou"],
                            "val_pixel_accuracy": last_metrics["pixel_accuracy"]})
-                console.print(f"it {done:>6}/{total}  val mIoU {last_metrics['miou']:.4f}  "
-                              f"pixel acc {last_metrics['pixel_accuracy']:.4f}")
-            improved = validate and last_metrics["miou"] > best_miou
+                console.print(f"it {done:>6}/{total}  val mIoU {format_miou(last_metrics['miou'])}  "
+                              f"pixel acc {format_miou(last_metrics['pixel_accuracy'])}")
+            if validate and select_set is not None:  # the held-out split that chooses best.pt
+                select_miou = run_validation(model, select_set, recipe, dataset_info, info, amp_dtype)["miou"]
+                log.write({"iteration": done, "select_miou": select_miou})
+                console.print(f"it {done:>6}/{total}  {recipe.data.select_split} mIoU {format_miou(select_miou)} "
+                              "(chooses best.pt)")
+            improved = select_miou > best_miou
             if improved:
-                best_miou = last_metrics["miou"]
+                best_miou = select_miou
             targets = ([last_path] if save_last else []) + ([best_path] if improved else [])
             if targets:
                 checkpoint(done, targets)
@@ -608,23 +632,14 @@ def _load_training_state(
     return iteration, (best if isinstance(best, float) else -math.inf)
 
 
-def init_weights(model: torch.nn.Module, recipe: Recipe, console: Console) -> None:
-    """ImageNet VGG-16 (model.pretrained) or an msattn checkpoint (model.init_checkpoint); else random."""
-    from msattn.models.convert import init_from_vgg16, load_vgg16_state_dict
+def resume_input_norm(state: dict[str, Any]) -> InputNorm:
+    """The normalisation a checkpoint's run used (a resumed run keeps it)."""
+    from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-    if recipe.model.pretrained is not None:
-        console.print(f"initialising from ImageNet VGG-16 ({recipe.model.pretrained})")
-        init_from_vgg16(model, load_vgg16_state_dict(recipe.model.pretrained))
-    elif recipe.model.init_checkpoint is not None:
-        source = load_checkpoint(recipe.model.init_checkpoint)["model"]
-        own = model.state_dict()
-        usable = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-        skipped = sorted(set(own) - set(usable))
-        model.load_state_dict(usable, strict=False)
-        console.print(
-            f"initialised {len(usable)} tensors from {recipe.model.init_checkpoint}"
-            + (f"; kept fresh: {', '.join(skipped)}" if skipped else "")
-        )
+    meta = state.get("dataset") or {}
+    mean = tuple(float(v) for v in meta.get("mean") or IMAGENET_MEAN)
+    std = tuple(float(v) for v in meta.get("std") or IMAGENET_STD)
+    return InputNorm(checkpoint_input_norm(state), mean, std)
 
 
 def maybe_prepare(recipe: Recipe, console: Console) -> None:
@@ -639,8 +654,11 @@ def maybe_prepare(recipe: Recipe, console: Console) -> None:
         prepare_demo(out=root, num_train=240, num_val=60, image_size=96, seed=0, workers=recipe.data.workers)
 
 
-def build_datasets(recipe: Recipe, info: Any, console: Console) -> tuple[Dataset, Dataset | None]:
-    """The training split with TrainTransform and the validation split (None when its list is missing)."""
+def build_datasets(
+    recipe: Recipe, info: Any, console: Console, norm: InputNorm
+) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    """The training split (TrainTransform), the scored split (data.val_split; None when its list is
+    missing) and the split that chooses best.pt (data.select_split; None when not set)."""
     from msattn.data import SegmentationFolder
     from msattn.data.transforms import EvalTransform, TrainTransform
 
@@ -649,22 +667,31 @@ def build_datasets(recipe: Recipe, info: Any, console: Console) -> tuple[Dataset
         crop_size=data.crop_size,
         scale_range=data.scale_range,
         flip=data.flip,
-        mean=data.mean,
-        std=data.std,
+        mean=norm.mean,
+        std=norm.std,
         ignore_index=info.ignore_index,
     )
     root = Path(data.root)
     train_set = SegmentationFolder(root, data.train_split, transform=train_tf, max_pixels=data.max_pixels)
     if len(train_set) == 0:
         raise DataError(f"{root / (data.train_split + '.txt')}: the training split is empty")
+
+    def eval_split(split: str) -> Dataset:
+        return SegmentationFolder(
+            root, split, transform=EvalTransform(mean=norm.mean, std=norm.std), max_pixels=data.max_pixels
+        )
+
     val_set = None
     if (root / f"{data.val_split}.txt").is_file():
-        val_set = SegmentationFolder(
-            root, data.val_split, transform=EvalTransform(mean=data.mean, std=data.std), max_pixels=data.max_pixels
-        )
+        val_set = eval_split(data.val_split)
     else:
-        console.print(f"warning: {root / (data.val_split + '.txt')} not found: no validation, no best.pt")
-    return train_set, val_set
+        console.print(f"warning: {root / (data.val_split + '.txt')} not found: no validation", markup=False)
+    select_set = None
+    if data.select_split is not None:
+        if not (root / f"{data.select_split}.txt").is_file():
+            raise DataError(f"{root / (data.select_split + '.txt')}: data.select_split's id list not found")
+        select_set = eval_split(data.select_split)
+    return train_set, val_set, select_set
 
 
 def make_train_loader(train_set: Dataset, recipe: Recipe, start: int, info: DistInfo) -> DataLoader:
@@ -708,6 +735,7 @@ def run_validation(
         rank=info.rank,
         world_size=info.world_size,
         progress=False,
+        pad_to=recipe.eval.pad_to,
     )
 
 
@@ -719,11 +747,23 @@ def report_final(recipe: Recipe, out_dir: Path, metrics: dict[str, Any], dataset
     if not metrics:
         console.print("no validation split: nothing to report")
         return
-    report = {"checkpoint": str(out_dir / "last.pt"), "split": recipe.data.val_split, **metrics}
+    select = recipe.data.select_split
+    report = {
+        "checkpoint": str(out_dir / "last.pt"),
+        "split": recipe.data.val_split,
+        "best_checkpoint_selected_on": select,
+        **metrics,
+    }
     write_json(out_dir / "eval.json", json_safe(report))
-    print_metrics_table(metrics, title=f"{dataset_info.name} {recipe.data.val_split}", console=console)
-    console.print(f"mIoU {metrics['miou']:.4f} on {metrics['num_images']} {recipe.data.val_split} images")
-    console.print(f"outputs: {out_dir}/ (last.pt, best.pt, config.json, metrics.jsonl, eval.json)")
+    print_metrics_table(metrics, title=f"{dataset_info.name} {recipe.data.val_split}: last.pt", console=console)
+    console.print(
+        f"mIoU {format_miou(metrics['miou'])} on {metrics['num_images']} {recipe.data.val_split} images (last.pt)",
+        markup=False,
+    )
+    files = "last.pt, " + ("best.pt, " if (out_dir / "best.pt").is_file() else "") + "config.json, metrics.jsonl, eval.json"
+    if select is not None:
+        console.print(f"best.pt was chosen on the held-out split {select!r}; the score above is last.pt's", markup=False)
+    console.print(f"outputs: {out_dir}/ ({files})", markup=False)
 
 
 # ----------------------------------------------------------------------------- logging helpers

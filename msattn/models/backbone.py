@@ -3,7 +3,10 @@
 Layer names follow the Caffe prototxt (conv1_1 ... fc8) so that weight conversion
 and inspection read naturally. pool1-3 are 3x3/2 with padding 1 in ceil mode (a
 321x321 input gives a 41x41 output, as in DeepLab); pool4/pool5 are 3x3/1; conv5
-uses dilation 2, fc6 is a 3x3 convolution with dilation 12 and 1024 channels.
+uses dilation 2; pool5a, a 3x3/1 average pool (padding 1, the padding counted as in
+Caffe), follows pool5; fc6 is a 3x3 convolution with dilation 12 and 1024 channels. On a
+side of 8k+1 pixels the output has k+1 positions, output i on input pixel 8i
+(:mod:`msattn.geometry`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def scaled(channels: int, width: float) -> int:
 class LargeFOV(nn.Module):
     """VGG-16 DeepLab-LargeFOV. ``forward`` returns ``(fc7 features, fc8 logits)``."""
 
-    def __init__(self, num_classes: int, width: float = 1.0, dropout: float = 0.5) -> None:
+    def __init__(self, num_classes: int, width: float = 1.0, dropout: float = 0.5, pool5a: bool = True) -> None:
         super().__init__()
         layers: dict[str, nn.Module] = {}
         in_ch = 3
@@ -42,6 +45,8 @@ class LargeFOV(nn.Module):
                 layers[f"relu{name[4:]}_{i}"] = nn.ReLU(inplace=True)
                 in_ch = out_ch
             layers[f"pool{name[4:]}"] = nn.MaxPool2d(3, stride=stride, padding=1, ceil_mode=True)
+        if pool5a:  # DeepLab-LargeFOV's 3x3/1 average pool before fc6 (no parameters)
+            layers["pool5a"] = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=True)
         self.features = nn.Sequential()
         for key, layer in layers.items():
             self.features.add_module(key, layer)
@@ -70,7 +75,7 @@ class LargeFOV(nn.Module):
 
 
 def output_size(size: int) -> int:
-    """Spatial size of the LargeFOV output for an input side ``size`` (three ceil-mode pools)."""
-    for _ in range(3):
-        size = size // 2 + 1  # ceil((size + 2 - 3) / 2) + 1
-    return size
+    """Spatial size of the LargeFOV output for an input side ``size`` (see :func:`msattn.geometry.output_side`)."""
+    from msattn.geometry import output_side
+
+    return output_side(size)

@@ -89,17 +89,29 @@ def _download_torchvision_vgg16() -> dict[str, torch.Tensor]:
 
 def init_from_vgg16(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Initialise a ScaleNet (or LargeFOV) from torchvision VGG-16 weights; fc8 and the head are re-drawn."""
+    init_from_largefov(model, convert_vgg16(state_dict), "VGG-16", keep_classifier=False)
+
+
+def init_from_largefov(
+    model: nn.Module, converted: dict[str, torch.Tensor], source: str = "weights", keep_classifier: bool = False
+) -> None:
+    """Initialise from LargeFOV backbone keys (e.g. ``msattn convert-weights`` output); fc8 and the head
+    are re-drawn unless ``keep_classifier`` and fc8's shape fits."""
     backbone = getattr(model, "backbone", model)
-    converted = convert_vgg16(state_dict)
     own = backbone.state_dict()
+    converted = {k: v for k, v in converted.items() if keep_classifier or not k.startswith("fc8.")}
+    unknown = sorted(k for k in converted if k not in own)
+    if unknown:
+        raise CheckpointError(f"{source}: weight {unknown[0]} has no place in DeepLab-LargeFOV")
     for key, value in converted.items():
         if own[key].shape != value.shape:
             raise CheckpointError(
-                f"VGG-16 weight {key} has shape {tuple(value.shape)} but the model needs {tuple(own[key].shape)} "
+                f"{source}: weight {key} has shape {tuple(value.shape)} but the model needs {tuple(own[key].shape)} "
                 "(ImageNet initialisation needs width = 1)"
             )
     backbone.load_state_dict(converted, strict=False)
-    fresh = [backbone.fc8] + ([model.head.conv1, model.head.conv2] if getattr(model, "head", None) else [])
+    fresh = [] if "fc8.weight" in converted else [backbone.fc8]
+    fresh += [model.head.conv1, model.head.conv2] if getattr(model, "head", None) else []
     for conv in fresh:
         nn.init.normal_(conv.weight, std=0.01)
         nn.init.zeros_(conv.bias)

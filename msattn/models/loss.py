@@ -5,17 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from msattn.models.scale import upsample_logits
+from msattn.geometry import shrink_labels, upsample_logits
 
 LABEL_MODES = ("downsample", "upsample")
 
 
 def downsample_labels(labels: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Nearest-neighbour resize of integer labels [N, H, W] to ``size`` (the paper's choice)."""
-    if tuple(labels.shape[-2:]) == tuple(size):
-        return labels
-    resized = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")
-    return resized[:, 0].long()
+    """Labels [N, H, W] read at the output grid's pixels (0, 8, ..., 8k: the paper's choice).
+
+    See :func:`msattn.geometry.shrink_labels`.
+    """
+    return shrink_labels(labels, size)
 
 
 def cross_entropy(
@@ -23,8 +23,9 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Mean pixel cross-entropy of logits [N, C, h, w] against labels [N, H, W], ignoring ``ignore_index``.
 
-    ``label_mode="downsample"`` shrinks the labels to the logits (nearest, as in the paper);
-    ``"upsample"`` enlarges the logits to the labels (bilinear). An all-ignored batch gives 0.
+    ``label_mode="downsample"`` shrinks the labels to the logits (read on the output grid, as in
+    the paper); ``"upsample"`` enlarges the logits to the labels (corner-aligned bilinear). An
+    all-ignored batch gives 0.
     """
     if label_mode == "downsample":
         labels = downsample_labels(labels, logits.shape[-2:])

@@ -5,25 +5,38 @@ from __future__ import annotations
 from torch import nn
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float = 10.0) -> list[dict]:
-    """Split parameters into four SGD groups, each with ``lr = lr * lr_mult``:
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    head_lr_mult: float = 10.0,
+    attention_lr_mult: float | None = None,
+) -> list[dict]:
+    """Split parameters into SGD groups, each with ``lr = lr * lr_mult``:
 
-    backbone weights (x1, decayed), backbone biases (x2, no decay), classifier (fc8) and
-    attention-head weights (x ``head_lr_mult``, decayed), their biases (x 2 ``head_lr_mult``,
-    no decay). Schedulers must multiply each group's ``lr_mult`` by the scheduled base lr.
+    backbone weights (x1, decayed), backbone biases (x2, no decay), classifier (fc8) weights
+    (x ``head_lr_mult``, decayed) and biases (x 2 ``head_lr_mult``, no decay), attention-head
+    weights (x ``attention_lr_mult``, None: ``head_lr_mult``) and biases (x2 that, no decay).
+    Schedulers must multiply each group's ``lr_mult`` by the scheduled base lr.
     """
-    buckets: dict[str, list[nn.Parameter]] = {"backbone_weight": [], "backbone_bias": [], "head_weight": [], "head_bias": []}
+    attention_lr_mult = head_lr_mult if attention_lr_mult is None else attention_lr_mult
+    buckets: dict[str, list[nn.Parameter]] = {
+        "backbone_weight": [], "backbone_bias": [], "head_weight": [], "head_bias": [],
+        "attention_weight": [], "attention_bias": [],
+    }  # fmt: skip
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        is_head = name.startswith(("backbone.fc8.", "head."))
+        part = "attention" if name.startswith("head.") else "head" if name.startswith("backbone.fc8.") else "backbone"
         kind = "bias" if name.endswith("bias") else "weight"
-        buckets[f"{'head' if is_head else 'backbone'}_{kind}"].append(param)
+        buckets[f"{part}_{kind}"].append(param)
     mults = {
         "backbone_weight": (1.0, weight_decay),
         "backbone_bias": (2.0, 0.0),
         "head_weight": (head_lr_mult, weight_decay),
         "head_bias": (2.0 * head_lr_mult, 0.0),
+        "attention_weight": (attention_lr_mult, weight_decay),
+        "attention_bias": (2.0 * attention_lr_mult, 0.0),
     }
     groups = []
     for name, params in buckets.items():

@@ -5,29 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from msattn.geometry import resize_bilinear, scaled_size, upsample_logits
 from msattn.models.backbone import LargeFOV, scaled
 
 MERGES = ("max", "avg", "attention")
+#: 1: no pool5a, align_corners=False resizing (msattn <= 0.1 checkpoints); 2: DeepLab-exact
+ARCH_VERSION = 2
 
-
-def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Bilinear resize of a [N, C, H, W] tensor to ``size`` (no-op when already that size)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
-    """Input size of ``scale`` for an image of ``size`` = (H, W); at least 1 pixel per side."""
-    return max(1, int(round(size[0] * scale))), max(1, int(round(size[1] * scale)))
-
-
-def upsample_logits(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Bilinearly upsample logits [N, C, h, w] to the image size (H, W) for prediction."""
-    return resize(logits, size)
+__all__ = ["ARCH_VERSION", "MERGES", "AttentionHead", "ScaleNet", "build_model", "scaled_size", "upsample_logits"]
 
 
 class AttentionHead(nn.Module):
@@ -55,6 +42,9 @@ class ScaleNet(nn.Module):
     ``"out"`` (merged logits at output stride 8 of the largest scale), ``"per_scale"``
     (one logit map per scale at its own resolution), ``"attention"`` ([N, S, h, w] merge
     weights, ``None`` with a single scale) and ``"scales"``.
+
+    Scale inputs and the resizing of score maps and features to the reference grid follow
+    :mod:`msattn.geometry` (corner-aligned; give inputs of 8k+1 pixels per side for an exact grid).
     """
 
     def __init__(
@@ -66,6 +56,8 @@ class ScaleNet(nn.Module):
         width: float = 1.0,
         dropout: float = 0.5,
         attention_hidden: int = 512,
+        attention_dropout: float | None = None,
+        pool5a: bool = True,
     ) -> None:
         super().__init__()
         scales = tuple(float(s) for s in scales)
@@ -86,12 +78,16 @@ class ScaleNet(nn.Module):
             "width": width,
             "dropout": dropout,
             "attention_hidden": attention_hidden,
+            "attention_dropout": dropout if attention_dropout is None else attention_dropout,
+            "pool5a": pool5a,
         }
-        self.backbone = LargeFOV(num_classes, width=width, dropout=dropout)
+        self.backbone = LargeFOV(num_classes, width=width, dropout=dropout, pool5a=pool5a)
         self.head: AttentionHead | None = None
         if merge == "attention" and len(scales) > 1:
             hidden = scaled(attention_hidden, width)
-            self.head = AttentionHead(self.backbone.feature_channels, len(scales), hidden, dropout)
+            self.head = AttentionHead(
+                self.backbone.feature_channels, len(scales), hidden, self.model_args["attention_dropout"]
+            )
 
     def forward(self, images: torch.Tensor, scales: Sequence[float] | None = None) -> dict:
         """images [N, 3, H, W] -> {"out", "per_scale", "attention", "scales"}."""
@@ -104,7 +100,7 @@ class ScaleNet(nn.Module):
                 scales = self.scales  # the head's output channels follow the training order
         feats, per_scale = [], []
         for s in scales:
-            x = images if s == 1.0 else resize(images, scaled_size(images.shape[-2:], s))
+            x = images if s == 1.0 else resize_bilinear(images, scaled_size(images.shape[-2:], s))
             f, logits = self.backbone(x)
             if self.head is not None:  # only the attention head needs the fc7 features
                 feats.append(f)
@@ -112,7 +108,7 @@ class ScaleNet(nn.Module):
         if len(scales) == 1:
             return {"out": per_scale[0], "per_scale": per_scale, "attention": None, "scales": scales}
         ref_size = per_scale[scales.index(max(scales))].shape[-2:]
-        stacked = torch.stack([resize(lg, ref_size) for lg in per_scale], dim=1)  # [N, S, C, h, w]
+        stacked = torch.stack([resize_bilinear(lg, ref_size) for lg in per_scale], dim=1)  # [N, S, C, h, w]
         out, attention = self._merge(stacked, feats, ref_size)
         return {"out": out, "per_scale": per_scale, "attention": attention, "scales": scales}
 
@@ -130,7 +126,7 @@ class ScaleNet(nn.Module):
         if self.merge == "avg" or self.head is None:
             weights = stacked.new_full((n, s, *ref_size), 1.0 / s)
             return stacked.mean(dim=1), weights
-        cat = torch.cat([resize(f, ref_size) for f in feats], dim=1)  # [N, S*F, h, w]
+        cat = torch.cat([resize_bilinear(f, ref_size) for f in feats], dim=1)  # [N, S*F, h, w]
         weights = self.head(cat)  # [N, S, h, w]
         return (stacked * weights.unsqueeze(2)).sum(dim=1), weights
 
@@ -152,11 +148,15 @@ def build_model(
     width: float = 1.0,
     dropout: float = 0.5,
     attention_hidden: int = 512,
+    attention_dropout: float | None = None,
+    pool5a: bool = True,
 ) -> ScaleNet:
     """Build DeepLab-LargeFOV (one scale) or the share-net with max/avg/attention merging.
 
     ``width`` scales every channel count (1 = the paper's network); tiny widths make
-    test and demo models.
+    test and demo models. ``dropout`` follows fc6 and fc7; ``attention_dropout`` follows the
+    attention head's first layer (None: the same as ``dropout``). ``pool5a=False`` rebuilds
+    the network of msattn checkpoints older than architecture version 2.
     """
     return ScaleNet(
         num_classes,
@@ -166,4 +166,6 @@ def build_model(
         width=width,
         dropout=dropout,
         attention_hidden=attention_hidden,
+        attention_dropout=attention_dropout,
+        pool5a=pool5a,
     )

@@ -301,8 +301,12 @@ def finish(
     sources: dict[str, Any],
     extra: dict[str, Any] | None = None,
     warnings: Sequence[str] = (),
+    unions: dict[str, Sequence[str]] | None = None,
 ) -> PrepareSummary:
-    """Write the lists, ``dataset.json`` and the report; print the summary; fail if nothing is usable."""
+    """Write the lists, ``dataset.json`` and the report; print the summary; fail if nothing is usable.
+
+    ``unions`` names extra lists made of whole splits, e.g. ``{"trainval": ("train", "val")}``.
+    """
     splits: dict[str, list[str]] = {split: [] for split in SPLITS}
     summary = PrepareSummary(name=name, out=out, splits=splits, warnings=list(warnings))
     for result in results:
@@ -340,6 +344,8 @@ def finish(
 
     for split in SPLITS:
         write_id_list(out / f"{split}.txt", splits[split])
+    for name, parts in (unions or {}).items():
+        write_id_list(out / f"{name}.txt", dedupe([i for part in parts for i in splits[part]]))
     info = {
         "format": "msattn-dataset",
         "format_version": 1,

@@ -155,4 +155,5 @@ def prepare_voc(
         results=results,
         sources={"voc": str(root.resolve()), "sbd": str(sbd_cls.parent.resolve()) if sbd_cls else None, "lists": lists},
         warnings=warnings,
+        unions={"trainval": ("train", "val")},  # the paper's Table 4 (test server) trains on train_aug + val
     )
