@@ -60,8 +60,9 @@ def write_json(path: Path, data: Any) -> Path:
 
 
 def one_line_error(stderr: str, *needles: str) -> None:
-    """``stderr`` is one ``msattn: error:`` line containing every needle (and no traceback)."""
+    """``stderr`` ends with one ``msattn: error:`` line holding every needle, and has no traceback."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("msattn: error: "), stderr[-800:]
+    errors = [line for line in lines if line.startswith("msattn: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in stderr, stderr[-800:]
     for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+        assert needle in errors[0], (needle, errors[0])
