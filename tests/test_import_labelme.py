@@ -130,3 +130,19 @@ def test_bad_files(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[s
     code, _, stderr = run_cli(capsys, "prepare-data", "labelme", "--source", tmp_path / "none", "--out", tmp_path / "o")
     assert code == 2
     one_line_error(stderr, "folder not found")
+
+
+@pytest.mark.slow
+def test_three_commands_from_labelme_to_a_trained_model(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's three commands: prepare-data labelme, check-data, train the demo recipe on the result."""
+    data, run = tmp_path / "data" / "mine", tmp_path / "runs" / "mine"
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo.toml"
+    assert run_cli(capsys, "prepare-data", "labelme", "--source", source, "--out", data, "-j", "0")[0] == 0
+    code, out, err = run_cli(capsys, "check-data", data, "-j", "0")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "train", recipe, "--set", f"data.root={data}", "--set", "data.auto_prepare=none",
+                             "--set", "train.iterations=2", "--set", "train.checkpoint_every=2", "--set", "data.workers=0",
+                             "--out", run)  # fmt: skip
+    assert code == 0, err
+    assert (run / "best.pt").is_file() and "labelme val" in out
+    assert json.loads((run / "config.json").read_text())["data"]["root"] == str(data)
