@@ -146,3 +146,12 @@ def test_three_commands_from_labelme_to_a_trained_model(source: Path, tmp_path: 
     assert code == 0, err
     assert (run / "best.pt").is_file() and "labelme val" in out
     assert json.loads((run / "config.json").read_text())["data"]["root"] == str(data)
+
+
+def test_pixel_limit_covers_embedded_images(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code, _, _ = run_cli(capsys, "--max-pixels", "100", "prepare-data", "labelme", "--source", source, "--out", out, "-j", "0")
+    assert code == 2
+    report = json.loads((out / "prepare_report.json").read_text())
+    errors = {key.split("/", 1)[1]: message for key, message in report["errors"].items()}
+    assert "the embedded image has 24x20 pixels, over the limit of 100" in errors["ann_sub_two"]

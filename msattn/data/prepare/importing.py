@@ -155,9 +155,17 @@ def load_image(source: Path | bytes, name: str | Path) -> tuple[Any, bool]:
     from msattn.io import open_image
 
     if isinstance(source, bytes):
+        from msattn.io import max_pixels_limit
+
+        limit = max_pixels_limit()
         try:
             img = Image.open(io.BytesIO(source))
+            if limit and img.size[0] * img.size[1] > limit:
+                raise DataError(f"{name}: the embedded image has {img.size[0]}x{img.size[1]} pixels, over the "
+                                f"limit of {limit} (msattn --max-pixels N to raise it)")  # fmt: skip
             img.load()
+        except DataError:
+            raise
         except Exception as exc:  # noqa: BLE001 - PIL raises many types on bad bytes
             raise DataError(f"{name}: cannot read the embedded image ({exc})") from None
         linkable = False
