@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from msattn import __version__
+from msattn.cli_data import register as register_data_commands
 
 app = typer.Typer(
     name="msattn",
@@ -315,6 +316,10 @@ def bench(
         modes=modes or ["inference", "train"],
         json_path=json_path,
     )
+
+
+# users' own data: prepare-data coco-json | labelme | cvat | cityscapes | masks, and check-data
+register_data_commands(app, prepare_app)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -37,3 +37,7 @@ class TrainingError(MsattnError):
 
 class ResourceError(MsattnError):
     """Out of memory or disk; the message names the knob to turn."""
+
+
+class DataCheckError(MsattnError):
+    """``check-data`` found errors in a dataset folder (exit status 1); the message sums them up."""

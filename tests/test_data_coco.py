@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _data_helpers import coco_images, rect_polygon, run_cli, tree_bytes, write_coco
+from _import_helpers import uncompressed_rle
 from PIL import Image
 
 from msattn.data.prepare.coco import draw_subset, prepare_coco
@@ -16,19 +17,6 @@ from msattn.data.prepare.coco import draw_subset, prepare_coco
 TRAIN_IDS = [12, 3, 7, 1, 9, 5, 11, 2, 8, 4, 10, 6]  # deliberately unsorted in the JSON
 VAL_IDS = [104, 101, 103, 102]
 H, W = 20, 24
-
-
-def _uncompressed_rle(mask: np.ndarray) -> dict:
-    """COCO's uncompressed RLE (column-major runs, starting with a run of zeros)."""
-    flat = mask.flatten(order="F").astype(np.uint8)
-    counts, current, run = [], 0, 0
-    for value in flat:
-        if value != current:
-            counts.append(run)
-            current, run = value, 0
-        run += 1
-    counts.append(run)
-    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
 
 
 def _crowd_mask() -> np.ndarray:
@@ -44,7 +32,7 @@ def _annotations() -> list[dict]:
         {"id": 22, "image_id": 1, "category_id": 90, "iscrowd": 0, "segmentation": [rect_polygon(2, 2, 18, 16)]},
         {"id": 23, "image_id": 1, "category_id": 3, "iscrowd": 0,
          "segmentation": [rect_polygon(0, 16, 4, 20), rect_polygon(20, 0, 24, 4)]},  # fmt: skip
-        {"id": 24, "image_id": 1, "category_id": 1, "iscrowd": 1, "segmentation": _uncompressed_rle(_crowd_mask())},
+        {"id": 24, "image_id": 1, "category_id": 1, "iscrowd": 1, "segmentation": uncompressed_rle(_crowd_mask())},
         {"id": 25, "image_id": 2, "category_id": 3, "iscrowd": 0, "segmentation": [rect_polygon(0, 0, 24, 20)]},
     ]
 

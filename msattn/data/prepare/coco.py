@@ -98,11 +98,18 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     return mask.astype(bool)
 
 
-def coco_label(annotations: Sequence[tuple[int, int, bool, Any]], height: int, width: int, source: str = "") -> np.ndarray:
+def coco_label(
+    annotations: Sequence[tuple[int, int, bool, Any]],
+    height: int,
+    width: int,
+    source: str = "",
+    crowd_as_class: bool = False,
+) -> np.ndarray:
     """The ``[H, W]`` uint8 label of one image from ``(ann_id, class_index, iscrowd, segmentation)`` tuples.
 
     Non-crowd instances are painted largest first (ties by annotation id) so small objects stay on
-    top; crowd pixels not covered by any instance become 255.
+    top; crowd pixels not covered by any instance become 255, or with ``crowd_as_class`` are painted
+    as their class like any instance.
     """
     label = np.zeros((height, width), dtype=np.uint8)
     instances, crowd = [], np.zeros((height, width), dtype=bool)
@@ -111,7 +118,7 @@ def coco_label(annotations: Sequence[tuple[int, int, bool, Any]], height: int, w
             mask = decode_segmentation(segm, height, width)
         except Exception as exc:  # noqa: BLE001 - pycocotools raises many types on bad input
             raise DataError(f"{source}: annotation {ann_id}: unreadable segmentation ({exc})") from None
-        if iscrowd:
+        if iscrowd and not crowd_as_class:
             crowd |= mask
         else:
             instances.append((-int(mask.sum()), ann_id, class_index, mask))

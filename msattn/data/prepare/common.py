@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from msattn import __version__
-from msattn.data.palette import flat_palette, voc_colormap
+from msattn.data.palette import flat_palette
 from msattn.errors import DataError, MsattnError, ResourceError
 from msattn.io import atomic_write, clean_temporaries, read_json, write_id_list, write_json
 
@@ -39,6 +39,8 @@ IGNORE_INDEX = 255
 MARKER_NAME = ".msattn-prepare.json"
 REPORT_NAME = "prepare_report.json"
 SPLITS = ("train", "val")
+#: splits a command may produce besides SPLITS; their lists are written only when they hold ids
+OPTIONAL_SPLITS = ("test",)
 
 # Result statuses
 WRITTEN, DONE, MISSING, SKIPPED, ERROR = "written", "done", "missing", "skipped", "error"
@@ -166,8 +168,12 @@ def link_or_copy(src: Path, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_label(label: np.ndarray, path: Path) -> None:
-    """Write an ``[H, W]`` uint8 class-index map as an 8-bit PNG with the VOC colour map (atomically)."""
+def save_label(label: np.ndarray, path: Path, palette: Sequence[Sequence[int]] | None = None) -> None:
+    """Write an ``[H, W]`` uint8 class-index map as an 8-bit palette PNG (atomically).
+
+    ``palette``: one ``[r, g, b]`` per class (the dataset's own colours, as :func:`finish` records
+    them); the VOC colour map fills every other index, and is the whole palette when ``None``.
+    """
     from PIL import Image
 
     from msattn.io import save_image
@@ -175,14 +181,21 @@ def save_label(label: np.ndarray, path: Path) -> None:
     if label.dtype != np.uint8 or label.ndim != 2:
         raise ValueError(f"labels must be 2-D uint8, got {label.dtype} {label.shape}")
     img = Image.fromarray(np.ascontiguousarray(label))  # mode "L"
-    img.putpalette(_label_palette())  # -> mode "P", indices unchanged
+    key = None if palette is None else tuple(tuple(int(v) for v in rgb) for rgb in palette)
+    img.putpalette(_label_palette(key))  # -> mode "P", indices unchanged
     save_image(img, path)
 
 
 @functools.cache
-def _label_palette() -> list[int]:
-    """The 768-value palette of every prepared label PNG (computed once per process)."""
-    return flat_palette()
+def _label_palette(colours: tuple[tuple[int, ...], ...] | None = None) -> list[int]:
+    """The 768-value palette of prepared label PNGs (computed once per process and colour list)."""
+    return flat_palette([list(rgb) for rgb in colours] if colours is not None else None)
+
+
+def dataset_palette(num_classes: int, palette: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+    """The ``palette`` of ``dataset.json``: the first ``num_classes`` colours of :func:`save_label`'s palette."""
+    flat = _label_palette(None if palette is None else tuple(tuple(int(v) for v in rgb) for rgb in palette))
+    return [flat[3 * i : 3 * i + 3] for i in range(num_classes)]
 
 
 def check_label_values(label: np.ndarray, num_classes: int, source: Path | str) -> None:
@@ -301,13 +314,68 @@ def finish(
     sources: dict[str, Any],
     extra: dict[str, Any] | None = None,
     warnings: Sequence[str] = (),
+    palette: Sequence[Sequence[int]] | None = None,
+    notes: Sequence[str] = (),
     unions: dict[str, Sequence[str]] | None = None,
 ) -> PrepareSummary:
     """Write the lists, ``dataset.json`` and the report; print the summary; fail if nothing is usable.
 
+    ``palette``: the class colours given to :func:`save_label` (None: the VOC colour map).
+    ``notes``: details written to the report only (``warnings`` are printed and written).
+    A ``test`` split (results with split ``"test"``) gets a ``test.txt`` when it holds ids.
     ``unions`` names extra lists made of whole splits, e.g. ``{"trainval": ("train", "val")}``.
     """
-    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
+    names = list(SPLITS) + [s for s in OPTIONAL_SPLITS if any(r.split == s for r in results)]
+    summary = _collect(name, out, names, results, warnings)
+    splits = summary.splits
+    for split in SPLITS:
+        if not splits[split] and any(splits.values()):
+            summary.warnings.append(f"the {split} split is empty")
+    report = {
+        "missing": {f"{r.split}/{r.id}": r.message for r in summary.missing},
+        "skipped": {f"{r.split}/{r.id}": r.message for r in summary.skipped},
+        "errors": {f"{r.split}/{r.id}": r.message for r in summary.errors},
+        "warnings": list(summary.warnings),
+        "notes": list(notes),
+    }
+    write_json(out / REPORT_NAME, report)
+    _print_summary(summary, results)
+
+    if not any(splits.values()):
+        first = (summary.errors or summary.missing or summary.skipped or [None])[0]
+        detail = f"; first problem: {first.message}" if first is not None else ""
+        raise DataError(
+            f"{source}: nothing usable was produced ({len(summary.missing)} missing, "
+            f"{len(summary.skipped)} skipped, {len(summary.errors)} unreadable{detail}); "
+            f"full list in {out / REPORT_NAME}"
+        )
+
+    for split in names:
+        if split in SPLITS or splits[split]:
+            write_id_list(out / f"{split}.txt", splits[split])
+    for union, parts in (unions or {}).items():
+        write_id_list(out / f"{union}.txt", dedupe([i for part in parts for i in splits[part]]))
+    info = {
+        "format": "msattn-dataset",
+        "format_version": 1,
+        "name": name,
+        "classes": list(classes),
+        "ignore_index": IGNORE_INDEX,
+        "palette": dataset_palette(len(classes), palette),  # the colours of save_label's palette
+        "counts": summary.counts,
+        "sources": sources,
+        "msattn_version": __version__,
+    }
+    info.update(extra or {})
+    write_json(out / "dataset.json", info)
+    return summary
+
+
+def _collect(
+    name: str, out: Path, names: Sequence[str], results: Sequence[Result], warnings: Sequence[str]
+) -> PrepareSummary:
+    """Sort ``results`` into usable ids per split and the missing / skipped / error lists."""
+    splits: dict[str, list[str]] = {split: [] for split in names}
     summary = PrepareSummary(name=name, out=out, splits=splits, warnings=list(warnings))
     for result in results:
         if result.status in (WRITTEN, DONE):
@@ -321,44 +389,6 @@ def finish(
             summary.skipped.append(result)
         else:
             summary.errors.append(result)
-
-    report = {
-        "missing": {f"{r.split}/{r.id}": r.message for r in summary.missing},
-        "skipped": {f"{r.split}/{r.id}": r.message for r in summary.skipped},
-        "errors": {f"{r.split}/{r.id}": r.message for r in summary.errors},
-    }
-    write_json(out / REPORT_NAME, report)
-    for split in SPLITS:
-        if not splits[split] and any(splits.values()):
-            summary.warnings.append(f"the {split} split is empty")
-    _print_summary(summary, results)
-
-    if not any(splits.values()):
-        first = (summary.errors or summary.missing or summary.skipped or [None])[0]
-        detail = f"; first problem: {first.message}" if first is not None else ""
-        raise DataError(
-            f"{source}: nothing usable was produced ({len(summary.missing)} missing, "
-            f"{len(summary.skipped)} skipped, {len(summary.errors)} unreadable{detail}); "
-            f"full list in {out / REPORT_NAME}"
-        )
-
-    for split in SPLITS:
-        write_id_list(out / f"{split}.txt", splits[split])
-    for name, parts in (unions or {}).items():
-        write_id_list(out / f"{name}.txt", dedupe([i for part in parts for i in splits[part]]))
-    info = {
-        "format": "msattn-dataset",
-        "format_version": 1,
-        "name": name,
-        "classes": list(classes),
-        "ignore_index": IGNORE_INDEX,
-        "palette": voc_colormap(len(classes)),  # the colours of save_label's palette
-        "counts": summary.counts,
-        "sources": sources,
-        "msattn_version": __version__,
-    }
-    info.update(extra or {})
-    write_json(out / "dataset.json", info)
     return summary
 
 
@@ -370,7 +400,7 @@ def _print_summary(summary: PrepareSummary, results: Sequence[Result]) -> None:
     table = Table(title=f"prepare-data {summary.name} -> {summary.out}", title_justify="left")
     for column in ("split", "usable", "written", "already done", "missing", "skipped", "errors"):
         table.add_column(column, justify="left" if column == "split" else "right")
-    for split in SPLITS:
+    for split in summary.splits:
         status = Counter(r.status for r in results if r.split == split)
         table.add_row(
             split,

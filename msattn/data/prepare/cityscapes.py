@@ -1,0 +1,168 @@
+"""Cityscapes (fine annotations) with the 19 evaluation classes.
+
+Layout: ``leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png`` and
+``gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png``; the id is
+``<city>_<seq>_<frame>``. The official train (2,975) and val (500) splits are kept; test has no
+public labels and is left out.
+
+Labels: each labelId becomes its trainId by the table below (the Cityscapes label definition);
+labelIds without a trainId (void, parking, rail track, guard rail, bridge, tunnel, polegroup,
+caravan, trailer, ...) become 255. Where ``*_gtFine_labelIds.png`` is absent, the
+``*_gtFine_polygons.json`` file is rasterised instead: objects in file order, later on top,
+``deleted`` objects skipped, ``<name>group`` read as ``<name>``, uncovered pixels unlabeled (255);
+edges may differ from the official PNGs by a pixel, since every importer here uses one polygon rule.
+The images (PNG) are stored as quality-95 JPEGs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from msattn.data.prepare import common, importing
+from msattn.data.prepare.common import MISSING, WRITTEN, PrepareSummary, Result, Task
+from msattn.errors import DataError
+
+#: (name, labelId, trainId, colour) of the Cityscapes label definition; trainId 255 = not evaluated
+LABELS: tuple[tuple[str, int, int, tuple[int, int, int]], ...] = (
+    ("unlabeled", 0, 255, (0, 0, 0)),
+    ("ego vehicle", 1, 255, (0, 0, 0)),
+    ("rectification border", 2, 255, (0, 0, 0)),
+    ("out of roi", 3, 255, (0, 0, 0)),
+    ("static", 4, 255, (0, 0, 0)),
+    ("dynamic", 5, 255, (111, 74, 0)),
+    ("ground", 6, 255, (81, 0, 81)),
+    ("road", 7, 0, (128, 64, 128)),
+    ("sidewalk", 8, 1, (244, 35, 232)),
+    ("parking", 9, 255, (250, 170, 160)),
+    ("rail track", 10, 255, (230, 150, 140)),
+    ("building", 11, 2, (70, 70, 70)),
+    ("wall", 12, 3, (102, 102, 156)),
+    ("fence", 13, 4, (190, 153, 153)),
+    ("guard rail", 14, 255, (180, 165, 180)),
+    ("bridge", 15, 255, (150, 100, 100)),
+    ("tunnel", 16, 255, (150, 120, 90)),
+    ("pole", 17, 5, (153, 153, 153)),
+    ("polegroup", 18, 255, (153, 153, 153)),
+    ("traffic light", 19, 6, (250, 170, 30)),
+    ("traffic sign", 20, 7, (220, 220, 0)),
+    ("vegetation", 21, 8, (107, 142, 35)),
+    ("terrain", 22, 9, (152, 251, 152)),
+    ("sky", 23, 10, (70, 130, 180)),
+    ("person", 24, 11, (220, 20, 60)),
+    ("rider", 25, 12, (255, 0, 0)),
+    ("car", 26, 13, (0, 0, 142)),
+    ("truck", 27, 14, (0, 0, 70)),
+    ("bus", 28, 15, (0, 60, 100)),
+    ("caravan", 29, 255, (0, 0, 90)),
+    ("trailer", 30, 255, (0, 0, 110)),
+    ("train", 31, 16, (0, 80, 100)),
+    ("motorcycle", 32, 17, (0, 0, 230)),
+    ("bicycle", 33, 18, (119, 11, 32)),
+    ("license plate", -1, 255, (0, 0, 142)),
+)
+CLASSES = tuple(name for name, _, train_id, _ in sorted(LABELS, key=lambda r: r[2]) if train_id != 255)
+PALETTE = tuple(rgb for _, _, train_id, rgb in sorted(LABELS, key=lambda r: r[2]) if train_id != 255)
+TRAIN_ID_OF_NAME = {name: train_id for name, _, train_id, _ in LABELS}
+IMAGE_SUFFIX, LABEL_SUFFIX, POLYGON_SUFFIX = "_leftImg8bit.png", "_gtFine_labelIds.png", "_gtFine_polygons.json"
+
+
+def train_id_table() -> np.ndarray:
+    """A 256-entry lookup: labelId -> trainId (255 for labelIds that are not evaluated or unknown)."""
+    table = np.full(256, common.IGNORE_INDEX, dtype=np.uint8)
+    for _, label_id, train_id, _ in LABELS:
+        if label_id >= 0:
+            table[label_id] = train_id
+    return table
+
+
+def polygons_label(path: Path) -> np.ndarray:
+    """The trainId label of a ``*_gtFine_polygons.json`` file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        height, width, objects = int(data["imgHeight"]), int(data["imgWidth"]), data["objects"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a Cityscapes polygons file ({type(exc).__name__}: {exc})") from None
+    label = np.full((height, width), common.IGNORE_INDEX, dtype=np.uint8)
+    for number, obj in enumerate(objects):
+        if obj.get("deleted"):
+            continue
+        name = str(obj.get("label", ""))
+        if name not in TRAIN_ID_OF_NAME and name.endswith("group"):
+            name = name[: -len("group")]
+        if name not in TRAIN_ID_OF_NAME:
+            raise DataError(f"{path}: object {number} has the unknown label {obj.get('label')!r}")
+        try:
+            points = [float(v) for point in obj["polygon"] for v in point[:2]]
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{path}: object {number} has a malformed polygon") from None
+        if len(points) >= 6:
+            label[importing.polygon_mask(points, height, width)] = TRAIN_ID_OF_NAME[name]
+    return label
+
+
+def _process(task: Task, out: Path) -> Result:
+    from msattn.io import open_image
+
+    image_path, label_path, polygon_path = task.payload
+    image_path = Path(image_path)
+    if label_path is not None:
+        raw = open_image(label_path, mode=None)
+        if raw.mode not in ("L", "P"):
+            raise DataError(f"{label_path}: a mode {raw.mode} image; expected 8-bit labelIds")
+        label, source = train_id_table()[np.asarray(raw)], label_path
+    elif polygon_path is not None:
+        label, source = polygons_label(Path(polygon_path)), polygon_path
+    else:
+        return Result(task.split, task.id, MISSING, f"no {LABEL_SUFFIX} or {POLYGON_SUFFIX} in gtFine/{task.split}/")
+    img, _ = importing.load_image(image_path, image_path)
+    importing.check_size((label.shape[1], label.shape[0]), img.size, source, image_path)
+    common.save_label(label, common.label_path(out, task.id), PALETTE)
+    importing.write_image(img, False, image_path, common.image_path(out, task.id))
+    return Result(task.split, task.id, WRITTEN)
+
+
+def _split_tasks(root: Path, split: str, ids: importing.IdTable) -> list[Task]:
+    images, labels = root / "leftImg8bit" / split, root / "gtFine" / split
+    if not images.is_dir():
+        raise DataError(f"{images}: folder not found (--source must hold leftImg8bit/ and gtFine/)")
+    tasks = []
+    for image in sorted(images.glob(f"*/*{IMAGE_SUFFIX}")):
+        stem = image.name[: -len(IMAGE_SUFFIX)]
+        item_id = ids.add(stem, image)
+        if item_id is None:
+            continue
+        label, polygons = (labels / image.parent.name / f"{stem}{s}" for s in (LABEL_SUFFIX, POLYGON_SUFFIX))
+        payload = (str(image), str(label) if label.is_file() else None, str(polygons) if polygons.is_file() else None)
+        tasks.append(Task(split, item_id, payload))
+    return tasks
+
+
+def prepare_cityscapes(source: Path, out: Path, workers: int = 2) -> PrepareSummary:
+    """Write Cityscapes train/val (fine labels, 19 classes) to ``out``."""
+    source, out = Path(source), Path(out)
+    if not source.is_dir():
+        raise DataError(f"{source}: folder not found (--source must hold leftImg8bit/ and gtFine/)")
+    if not (source / "gtFine").is_dir():
+        raise DataError(f"{source}: no gtFine/ folder here (download gtFine_trainvaltest.zip)")
+    importing.check_out_separate(out, source)
+    ids = importing.IdTable()
+    tasks = [task for split in common.SPLITS for task in _split_tasks(source, split, ids)]
+    if not tasks:
+        raise DataError(f"{source}: no *{IMAGE_SUFFIX} images under leftImg8bit/train or leftImg8bit/val")
+    polygons = sum(1 for t in tasks if t.payload[1] is None and t.payload[2] is not None)
+    common.prepare_output(out, "cityscapes", {"source": str(source.resolve())})
+    results = common.run_tasks(_process, tasks, out, workers, "cityscapes") + ids.error_results()
+    return common.finish(
+        name="cityscapes",
+        out=out,
+        source=source,
+        classes=CLASSES,
+        results=results,
+        sources={"cityscapes": str(source.resolve())},
+        extra={"label_map": {str(label_id): train_id for _, label_id, train_id, _ in LABELS if label_id >= 0}},
+        warnings=[f"{polygons} label(s) rasterised from {POLYGON_SUFFIX} (no {LABEL_SUFFIX})"] if polygons else [],
+        palette=PALETTE,
+    )
