@@ -165,6 +165,7 @@ class ModelConfig:
     dropout: float = _opt(0.5, _between(0, 1, hi_open=True), "dropout after fc6 and fc7")
     attention_dropout: float = _opt(0.5, _between(0, 1, hi_open=True), "dropout after the attention head's first layer")
     attention_hidden: int = _opt(512, _between(1, 65536), "hidden channels of the attention head (before width)")
+    pool5a: bool = _opt(True, None, "DeepLab-LargeFOV's 3x3/1 average pool before fc6 (false: ablations, tiny inputs)")
     pretrained: str | None = _opt(
         None,
         _not_blank,

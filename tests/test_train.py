@@ -302,3 +302,14 @@ def test_init_checkpoint_and_bad_device(tiny_data: Path, tmp_path: Path, run_cli
     if not torch.cuda.is_available():
         code, _, err = run_cli("train", recipe, "--out", tmp_path / "c", "--device", "cuda")
         assert code == 2 and "CUDA is not available" in err
+
+
+def test_pool5a_can_be_switched_off_for_ablations(tiny_data: Path, tmp_path: Path) -> None:
+    from msattn.engine.checkpoint import model_from_checkpoint
+
+    recipe = write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 1, "batch_size": 2},
+                          model={"scales": [1.0], "pool5a": False})
+    state = load_checkpoint(train(load_recipe(recipe), tmp_path / "run", device="cpu"))
+    assert state["model_args"]["pool5a"] is False and state["arch_version"] == 2
+    assert "pool5a" not in model_from_checkpoint(state).backbone.features._modules
+    assert load_recipe(write_recipe(tmp_path / "d.toml", tiny_data)).model.pool5a is True

@@ -302,6 +302,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
         dropout=recipe.model.dropout,
         attention_hidden=recipe.model.attention_hidden,
         attention_dropout=recipe.model.attention_dropout,
+        pool5a=recipe.model.pool5a,
     )
     if initial is not None:
         apply_initial_weights(model, initial, console)
