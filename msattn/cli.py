@@ -147,13 +147,19 @@ def train(
     ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: runs/<recipe name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from <out>/last.pt if it exists.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Start afresh in a run folder that holds another run (its files move to "
+                     "<out>/replaced-<date>-<time>/)."),
+    ] = False,
     dry_run: Annotated[bool, typer.Option(help="Validate the recipe and print the resolved config.")] = False,
     device: Device = None,
 ) -> None:
     """Train a model from a recipe (single process, or DDP under torchrun)."""
     from msattn.engine.train import train_from_recipe
 
-    train_from_recipe(recipe_path=recipe, overrides=set_ or [], out=out, resume=resume, dry_run=dry_run, device=device)
+    train_from_recipe(recipe_path=recipe, overrides=set_ or [], out=out, resume=resume, dry_run=dry_run, device=device,
+                      overwrite=overwrite)
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -14,6 +15,7 @@ from engine_helpers import make_tiny_dataset, write_recipe
 from msattn.config import load_recipe
 from msattn.engine.checkpoint import load_checkpoint
 from msattn.engine.train import train
+from msattn.locks import LOCK_NAME, OWNER_NAME, FolderBusyError, folder_lock
 
 
 def _free_port() -> int:
@@ -66,10 +68,33 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     assert b["metrics"]["num_images"] == 4
     assert b["metrics"]["pixels"] == a["metrics"]["pixels"]
     assert b["metrics"]["miou"] == pytest.approx(a["metrics"]["miou"], abs=1e-6)
-    # only rank 0 wrote the run folder (tensorboard/ too where tensorboard is installed); no best.pt
-    # without data.select_split
+    # only rank 0 wrote the run folder (tensorboard/ too where tensorboard is installed) and held its lock;
+    # no best.pt without data.select_split
     written = {p.name for p in (tmp_path / "ddp").iterdir()} - {"tensorboard"}
-    assert written == {"config.json", "last.pt", "metrics.jsonl"}
+    assert written == {"config.json", "last.pt", "metrics.jsonl", LOCK_NAME, OWNER_NAME}
+    assert json.loads((tmp_path / "ddp" / OWNER_NAME).read_text())["command"] == "msattn.engine.train.train()"
+
+
+def _busy_worker(rank: int, world: int, port: int, recipe_path: str, out: str) -> None:
+    try:
+        _worker(rank, world, port, recipe_path, out)
+        message = "no error"
+    except FolderBusyError as exc:
+        message = str(exc)
+    Path(out).parent.joinpath(f"busy{rank}.txt").write_text(message)
+
+
+@pytest.mark.slow
+def test_a_busy_run_folder_stops_every_rank_at_once(tmp_path: Path) -> None:
+    """Rank 0 alone takes the lock; when it is held elsewhere every rank stops (none waits in a collective)."""
+    data = make_tiny_dataset(tmp_path / "tiny", num_train=4, num_val=2)
+    recipe_path = write_recipe(tmp_path / "r.toml", data, train={"iterations": 2, "batch_size": 4, "micro_batch": 2})
+    with folder_lock(tmp_path / "run", "msattn train other.toml"):
+        spawn_ranks(_busy_worker, str(recipe_path), str(tmp_path / "run"), timeout=120)
+    messages = [(tmp_path / f"busy{r}.txt").read_text() for r in range(2)]
+    assert all(f"{tmp_path / 'run'}: another command is writing this folder" in m for m in messages), messages
+    assert all("msattn train other.toml" in m and f"process {os.getpid()}" in m for m in messages)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_NAME, OWNER_NAME]
 
 
 def _nan_worker(rank: int, world: int, port: int, recipe_path: str, out: str) -> None:

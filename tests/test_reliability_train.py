@@ -179,7 +179,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(recipe: Path, tmp_
 
     def save(obj, f, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # the checkpoint at iteration 8
+        if calls["n"] >= 2:  # from the checkpoint at iteration 8 on, the disk stays full
             f.write(b"partial")
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
@@ -189,9 +189,34 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(recipe: Path, tmp_
     code, _, err = run_cli(*train_args(recipe, run))
     assert code == 1, err
     assert "msattn: error:" in err and "last.pt: no space left on device" in err and "Traceback" not in err
+    assert f"saving {run / 'last.pt'} failed too" in err and f"{run / 'last.pt'} holds iteration 4;" in err
+    assert calls["n"] == 3  # the scheduled save and the one after the failure
     monkeypatch.undo()
     assert iteration_of(run) == 4
     assert not temporaries(run)
+
+
+def test_a_checkpoint_write_that_fails_once_is_retried_before_exiting(recipe: Path, tmp_path: Path, run_cli,
+                                                                      monkeypatch) -> None:  # fmt: skip
+    """The save at iteration 8 fails (disk briefly full): the failure path writes iteration 8 after all."""
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run = tmp_path / "run"
+    code, _, err = run_cli(*train_args(recipe, run))
+    monkeypatch.undo()
+    assert code == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("msattn: error: training stopped after iteration 8 of 24: ")
+    assert f"{run / 'last.pt'} holds iteration 8; to continue: msattn train" in line and line.endswith("--resume")
+    assert iteration_of(run) == 8
 
 
 def test_out_of_memory_in_a_step_names_the_knobs(recipe: Path, tmp_path: Path, run_cli, monkeypatch) -> None:

@@ -114,8 +114,9 @@ def test_resume_after_interrupt_is_bit_for_bit(tiny_data: Path, tmp_path: Path, 
         return real_loss(*args, **kwargs)
 
     monkeypatch.setattr(msattn.models, "segmentation_loss", dying_loss)
-    with pytest.raises(Interrupt):
+    with pytest.raises(TrainingError, match="last.pt holds iteration 3") as stopped:
         train(recipe, tmp_path / "broken", device="cpu")
+    assert isinstance(stopped.value.__cause__, Interrupt)
     assert load_checkpoint(tmp_path / "broken" / "last.pt")["iteration"] == 3
     monkeypatch.setattr(msattn.models, "segmentation_loss", real_loss)
     resumed = train(recipe, tmp_path / "broken", resume=True, device="cpu")

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from msattn.engine.distributed import DistInfo
@@ -149,7 +150,7 @@ def print_metrics_table(metrics: dict[str, Any], title: str = "", console: Conso
     table.add_column("class")
     table.add_column("IoU (%)", justify="right")
     for name, value in metrics["per_class"].items():
-        table.add_row(name, "-" if value is None or math.isnan(value) else f"{100 * value:.2f}")
+        table.add_row(escape(name), "-" if value is None or math.isnan(value) else f"{100 * value:.2f}")  # no markup
     table.add_section()
     table.add_row("[bold]mean IoU", f"[bold]{_pct(metrics['miou'])}")
     table.add_row("pixel accuracy", _pct(metrics["pixel_accuracy"]))
