@@ -151,6 +151,9 @@ class DataConfig:
         None, _count, "refuse images with more pixels (0: no limit; none: msattn --max-pixels or 100M)"
     )
     auto_prepare: str | None = _opt(None, _one_of("demo"), '"demo": build the synthetic set at root if missing')
+    check: str = _opt(
+        "sample", _one_of("sample", "full", "off"), "dataset check before training: a sample of each split, all, none"
+    )
 
 
 @dataclass

@@ -95,6 +95,9 @@ CASES: list[Case] = [
     Case("label-class-200-train-loader-worker", ("train", f"{W}/recipes/label200_worker.toml", "--device", "cpu",
                                                  "--out", f"{W}/runs/worker"),
          2, "labels/train_000.png: label values 200 outside 0..2"),  # fails in its first step: writes nothing
+    Case("label-class-200-train-precheck", ("train", f"{W}/recipes/label200_check.toml", "--device", "cpu",
+                                             "--out", f"{W}/runs/precheck"),
+         2, "train_000.png: label values 200"),  # found by the sampled check before the first step
     Case("label-size-mismatch-evaluate", (*EVAL, f"{W}/data/size_mismatch"), 2,
          "labels/val_000.png: label is 32x30, image is 32x32"),
     # --- annotation sources
@@ -270,8 +273,10 @@ def _recipes(folder: Path, w: Path) -> None:
     (folder / "int_for_bool.toml").write_text(text.replace("[data]\n", "[data]\nflip = 1\n"))
     (folder / "not_toml.toml").write_text("[data\nroot = 'x'\n")
     (folder / "bad_crf.toml").write_text("[crf]\nbi_w = -1.0\n")
-    write_recipe(folder / "label200_worker.toml", w / "data" / "label200",
-                 data={"workers": 1, "val_split": "none_such"}, train={"iterations": 2, "batch_size": 2})
+    write_recipe(folder / "label200_worker.toml", w / "data" / "label200",  # the loader path: no pre-check
+                 data={"workers": 1, "val_split": "none_such", "check": "off"}, train={"iterations": 2, "batch_size": 2})
+    write_recipe(folder / "label200_check.toml", w / "data" / "label200",
+                 data={"val_split": "none_such"}, train={"iterations": 2, "batch_size": 2})
     write_recipe(folder / "slash_split.toml", w / "data" / "slash", train={"iterations": 2, "batch_size": 2})
     write_recipe(folder / "no_data.toml", w / "data" / "nowhere", train={"iterations": 2, "batch_size": 2})
 

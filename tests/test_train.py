@@ -314,3 +314,18 @@ def test_pool5a_can_be_switched_off_for_ablations(tiny_data: Path, tmp_path: Pat
     assert state["model_args"]["pool5a"] is False and state["arch_version"] == 2
     assert "pool5a" not in model_from_checkpoint(state).backbone.features._modules
     assert load_recipe(write_recipe(tmp_path / "d.toml", tiny_data)).model.pool5a is True
+
+
+def test_a_sample_of_every_split_is_checked_before_the_first_step(tmp_path: Path, run_cli) -> None:
+    from PIL import Image
+
+    data = make_tiny_dataset(tmp_path / "tiny")
+    bad = np.array(Image.open(data / "labels" / "val_001.png"))
+    bad[5, 5] = 7  # a class index the 3-class dataset does not have
+    Image.fromarray(bad).save(data / "labels" / "val_001.png")
+    recipe = write_recipe(tmp_path / "r.toml", data, train={"iterations": 2, "batch_size": 2})
+    code, _, err = run_cli("train", recipe, "--out", tmp_path / "run")
+    assert code == 2 and "check-data" in err and "val_001" in err
+    assert not (tmp_path / "run").exists()  # stopped before writing anything
+    code, _, err = run_cli("train", recipe, "--out", tmp_path / "run2", "--set", "data.check=off")
+    assert code != 0 and "val_001" in err  # found only when validation reads it, after training

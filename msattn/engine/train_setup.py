@@ -184,20 +184,34 @@ def build_datasets(recipe: Recipe, info: Any, console: Console, norm: Any) -> tu
     return train_set, val_set, select_set
 
 
+#: ids per split that ``data.check = "sample"`` reads before training
+PREFLIGHT_SAMPLE = 32
+
+
 def preflight_data_checks(recipe: Recipe, splits: list[Any], console: Console) -> None:
-    """Hook: quick dataset checks before the first step, beyond the files every split's ids need.
+    """Check the dataset before the first step (``data.check``): ``sample`` reads a few ids of every
+    split used (label values, palettes, sizes, binary 0/255 masks), ``full`` every id, ``off`` none.
 
-    Extension point for ``msattn.data.check.check_dataset`` (issue 17: sampled label values,
-    palettes, duplicate ids): when that module exists, the lead wires its quick mode in here, so
-    that its errors come before training starts. Without it this does nothing more than
-    :func:`build_datasets` already did.
+    Errors stop training with one line (``msattn check-data DIR`` lists them all); warnings are printed.
     """
-    import importlib.util
+    from msattn.data.check import check_dataset
 
-    if importlib.util.find_spec("msattn.data.check") is None:
+    mode = recipe.data.check
+    if mode == "off" or not splits:
         return
-    # msattn.data.check exists: call its quick (sampled) check of ``splits`` here and raise
-    # DataError on its errors; print its warnings with console.print(..., markup=False).
+    names = list(dict.fromkeys(str(s.split) for s in splits))
+    report = check_dataset(Path(recipe.data.root), names, sample=None if mode == "full" else PREFLIGHT_SAMPLE,
+                           seed=recipe.train.seed)  # fmt: skip
+    for finding in report.warnings[:5]:
+        console.print(f"warning: {finding}", markup=False)
+    if len(report.warnings) > 5:
+        console.print(f"warning: ... and {len(report.warnings) - 5} more (msattn check-data {recipe.data.root})",
+                      markup=False)
+    if not report.ok:
+        raise DataError(
+            f"{report.summary_line()}; run `msattn check-data {recipe.data.root}` for every problem, or "
+            "--set data.check=off to train anyway"
+        )
 
 
 def maybe_prepare(recipe: Recipe, console: Console) -> None:
