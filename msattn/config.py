@@ -496,8 +496,7 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse a TOML file; unreadable or malformed files raise ConfigError naming it."""
     path = Path(path)
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        return tomllib.loads(path.read_bytes().decode("utf-8-sig"))  # a UTF-8 BOM (Windows editors) is accepted
     except FileNotFoundError:
         raise ConfigError(f"{path}: recipe not found") from None
     except IsADirectoryError:
