@@ -105,6 +105,7 @@ def _stems(folder: Path | None, suffix: str) -> set[str]:
     return {name[: -len(suffix)] for name in (p.name for p in folder.iterdir()) if name.endswith(suffix)}
 
 
+@common.locked_output("voc", "sbd")
 def prepare_voc(
     voc: Path,
     out: Path,
