@@ -399,11 +399,12 @@ def _cross_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
         recipe.eval.scales is not None
         and recipe.model.merge == "attention"
         and len(recipe.model.scales) > 1
-        and len(recipe.eval.scales) != len(recipe.model.scales)
+        and sorted(recipe.eval.scales) != sorted(recipe.model.scales)
     ):
         raise ConfigError(
             f"{origin_of('eval.scales', 'model.scales', 'model.merge')}: eval.scales must have as many scales as "
-            f"model.scales ({len(recipe.model.scales)}) for an attention model"
+            f"model.scales ({len(recipe.model.scales)}) and the same ones, in any order ({list(recipe.model.scales)}): "
+            "an attention head weighs exactly the scales it was trained on"
         )
 
 

@@ -316,3 +316,30 @@ def test_missing_fixtures_skip_with_how_to_get_them_and_fail_when_required(tmp_p
     with pytest.raises(pytest.fail.Exception, match="MSATTN_REQUIRE_FIXTURES=1"):
         _data_helpers.fixtures_dir(tmp_path / "nowhere")
     assert os.environ[_data_helpers.REQUIRE_ENV] == "1"
+
+
+def test_prepare_data_accepts_a_label_drawn_on_the_turned_photo(tmp_path: Path, run_cli) -> None:
+    from msattn.data import SegmentationFolder
+
+    voc = tmp_path / "VOC2012"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (voc / "SegmentationClass").mkdir()
+    with_exif_orientation(voc / "JPEGImages" / "2007_000129.jpg", pattern_image(20, 36), 6)  # shown 20 wide, 36 high
+    label = np.zeros((36, 20), dtype=np.uint8)  # drawn on the photo as shown
+    label[4:30, 5:15] = 15
+    Image.fromarray(label, mode="L").save(voc / "SegmentationClass" / "2007_000129.png")
+    code, _, err = run_cli("prepare-data", "voc", "--voc", voc, "--out", tmp_path / "out", "-j", "0")
+    assert code == 0, err  # before: "image is 36x20 but its annotation is 20x36"
+    split = "train" if "2007_000129" in (tmp_path / "out" / "train.txt").read_text() else "val"
+    item = SegmentationFolder(tmp_path / "out", split)[0]
+    assert tuple(item["image"].shape[-2:]) == (36, 20) and int((item["label"] == 15).sum()) == 26 * 10
+
+
+def test_an_input_named_twice_is_predicted_once_with_a_note(tmp_path: Path, run_cli) -> None:
+    photo(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "list.txt").write_text("a.png\na\n./a.png\n")
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    code, stdout, err = run_cli("predict", tmp_path / "in" / "list.txt", tmp_path / "in" / "a.png", "--checkpoint",
+                                ckpt, "--out", tmp_path / "o", "--device", "cpu")  # fmt: skip
+    assert code == 0 and "predicted 1 image(s)" in stdout, err
+    assert "1 input(s) named more than once, predicted once" in err  # before: dropped without a word

@@ -239,6 +239,10 @@ def _predict_images(
         raise UsageError(f"{out}: exists and is not a folder; choose another --out")
     found = gather_inputs(inputs, images_dir)
     paths = list(dict.fromkeys(found.paths))  # the same file named twice runs once
+    if len(paths) < len(found.paths):
+        repeated = sorted({str(p) for p in found.paths if found.paths.count(p) > 1})
+        found.notes.append(f"{len(repeated)} input(s) named more than once, predicted once: {', '.join(repeated[:3])}"
+                           + (f" and {len(repeated) - 3} more" if len(repeated) > 3 else ""))  # fmt: skip
     if not paths:
         raise DataError(f"no images found in {', '.join(str(p) for p in inputs)}")
     refuse_inputs_in_out(out, {f"input images ({d})": d for d in dict.fromkeys(p.parent for p in paths)})

@@ -282,11 +282,16 @@ def check_label_values(label: np.ndarray, num_classes: int, source: Path | str) 
 
 
 def check_image(src: Path, size: tuple[int, int] | None = None) -> None:
-    """Fully decode an image (corrupt or truncated files raise :class:`DataError`); check its (W, H)."""
-    from msattn.io import open_image
+    """Fully decode an image (corrupt or truncated files raise :class:`DataError`); check its (W, H).
 
-    img = open_image(src, mode=None)
-    if size is not None and img.size != tuple(size):
+    The size may match the stored pixels or the image turned by its EXIF orientation: the
+    dataset reader picks the one its label matches (:func:`msattn.data.labels.orient_to_label`).
+    """
+    from msattn.io import EXIF_ORIENTATION, open_image
+
+    img = open_image(src, mode=None, orient=False)
+    turned = img.size[::-1] if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else img.size  # 90-degree turns
+    if size is not None and tuple(size) not in (img.size, turned):
         raise DataError(
             f"{src}: image is {img.size[0]}x{img.size[1]} but its annotation is {size[0]}x{size[1]}"
         )
