@@ -343,3 +343,34 @@ def test_an_input_named_twice_is_predicted_once_with_a_note(tmp_path: Path, run_
                                 ckpt, "--out", tmp_path / "o", "--device", "cpu")  # fmt: skip
     assert code == 0 and "predicted 1 image(s)" in stdout, err
     assert "1 input(s) named more than once, predicted once" in err  # before: dropped without a word
+
+
+def test_a_70000_pixel_wide_strip_gets_all_its_files(tmp_path: Path, run_cli) -> None:
+    Image.fromarray(pattern_image(4, 70000)).save(photo(tmp_path / "in" / "a.png").parent / "wide.png")
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    code, stdout, err = run_cli("predict", tmp_path / "in", "--checkpoint", ckpt, "--out", tmp_path / "o",
+                                "--device", "cpu")  # fmt: skip
+    assert code == 0 and "predicted 2 image(s), skipped 0" in stdout, err  # before: "broken data stream", exit 1
+    assert Image.open(tmp_path / "o" / "wide.png").size == (70000, 4)
+    assert Image.open(tmp_path / "o" / "wide_overlay.jpg").size == (65500, 4)  # JPEG's limit is 65,535
+
+
+def test_an_image_whose_files_cannot_be_written_costs_only_itself(tmp_path: Path, run_cli, monkeypatch) -> None:
+    from msattn.engine import visualize
+
+    real = visualize.attention_figure
+
+    def figure(image, *args, **kwargs):
+        if image.shape[0] == 30:
+            raise ValueError("cannot draw this one")
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(visualize, "attention_figure", figure)
+    photo(tmp_path / "in" / "a.png", height=24)
+    photo(tmp_path / "in" / "b.png", height=30)
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    code, stdout, err = run_cli("predict", tmp_path / "in", "--checkpoint", ckpt, "--out", tmp_path / "o",
+                                "--save-attention", "--device", "cpu")  # fmt: skip
+    assert code == 0, err  # before: a traceback, and b.png, b_overlay.jpg, b_attention_*.png left behind
+    assert "predicted 1 image(s), skipped 1" in stdout and "b: its outputs could not be written" in err
+    assert not list((tmp_path / "o").glob("b*")) and (tmp_path / "o" / "a_attention.png").is_file()

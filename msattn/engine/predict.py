@@ -327,10 +327,38 @@ def _predict_loop(
                 for (name, image, mark), (p, att) in zip(group, results):
                     refined = _crf(image, p, run.crf_params) if run.crf_params is not None else p
                     labels = refined.argmax(axis=0).astype(np.uint8)
-                    write_prediction(out, name, image, p, att, labels, run.info, run.scales, run.merge,
-                                     options.outputs, mark)  # fmt: skip
-                    tally.written += 1
+                    problem = _write_all_or_nothing(out, name, image, p, att, labels, run, options.outputs, mark)
+                    if problem:
+                        progress.console.print(f"skipped {problem}", markup=False)
+                        tally.first_problem = tally.first_problem or problem
+                        tally.failed += 1
+                    else:
+                        tally.written += 1
                     progress.advance(bar)
+
+
+def _write_all_or_nothing(
+    out: Path, name: str, image: np.ndarray, probs: np.ndarray, attention: np.ndarray | None, labels: np.ndarray,
+    run: _Run, outputs: Outputs, mark: Any,
+) -> str | None:
+    """Write one image's files; when one cannot be written, remove the image's files and say why.
+
+    A full disk (or any msattn error) stops the run; a file this image alone cannot become (say
+    an overlay wider than JPEG allows) costs this image, not the batch, and leaves no part behind.
+    """
+    from msattn.errors import MsattnError
+
+    try:
+        write_prediction(out, name, image, probs, attention, labels, run.info, run.scales, run.merge, outputs, mark)
+        return None
+    except (MsattnError, MemoryError):
+        raise
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # the file system's (no space, permissions...)
+            raise
+        for file in outputs.files(name, run.scales):
+            (out / file).unlink(missing_ok=True)
+        return f"{name}: its outputs could not be written ({exc}); none of them was kept"
 
 
 def _record_settings(out: Path, key: str, settings: dict[str, Any]) -> None:

@@ -101,7 +101,7 @@ def write_prediction(
 
     save(label_image(labels, info.palette), f"{name}.png")
     if outputs.overlay:
-        save(overlay(image, labels, info.palette), f"{name}_overlay.jpg", quality=90)
+        save(_fit_jpeg(overlay(image, labels, info.palette)), f"{name}_overlay.jpg", quality=90)
     if outputs.save_probs:
         arrays = {
             "probs": probs.astype(np.float16),
@@ -117,3 +117,15 @@ def write_prediction(
             save(attention_heatmap(image, weights, title=scale_title(scale, merge)), attention_file(name, scale))
         figure = attention_figure(image, labels, attention, scales, info.palette, info.classes, merge)
         save(figure, f"{name}_attention.png")
+
+
+#: JPEG stores sides up to 65,535 pixels; a wider overlay (a 70000x4 strip) is scaled down to fit.
+JPEG_MAX_SIDE = 65_500
+
+
+def _fit_jpeg(img: Any) -> Any:
+    """``img`` scaled down (aspect kept) when a side exceeds :data:`JPEG_MAX_SIDE`."""
+    factor = JPEG_MAX_SIDE / max(img.size)
+    if factor >= 1:
+        return img
+    return img.resize((max(1, round(img.width * factor)), max(1, round(img.height * factor))))
