@@ -18,15 +18,48 @@ import typer
 from msattn import __version__
 from msattn.cli_data import register as register_data_commands
 
+
+class _PlainHelp:
+    """Help in the usual Unix form: flags without a type (``--resume``, not ``--resume <bool>``) and
+    arguments as ``RECIPE`` / ``INPUTS...`` in the usage line (not ``{recipe}``)."""
+
+    def get_params(self, ctx: typer.Context) -> list:  # type: ignore[override]
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""  # Typer shows the metavar instead of "<bool>"
+        return params
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if getattr(self, "options_metavar", None) else []  # type: ignore[attr-defined]
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                continue
+            name = (param.metavar or param.name or "").upper()
+            name = name if param.required else f"[{name}]"
+            pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+
+class _Group(_PlainHelp, typer.core.TyperGroup):
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        return typer.core.TyperGroup.collect_usage_pieces(self, ctx)
+
+
+class _Command(_PlainHelp, typer.core.TyperCommand):
+    pass
+
+
 app = typer.Typer(
     name="msattn",
     help="Scale-aware semantic segmentation: DeepLab-LargeFOV with attention to scale.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=_Group,
 )
 prepare_app = typer.Typer(
-    help="Turn original dataset archives into training-ready dataset folders.", no_args_is_help=True
+    help="Turn original dataset archives into training-ready dataset folders.", no_args_is_help=True, cls=_Group
 )
 app.add_typer(prepare_app, name="prepare-data")
 
@@ -65,7 +98,7 @@ def root(
 Workers = Annotated[int, typer.Option("--workers", "-j", min=0, help="Parallel worker processes (0: in-process).")]
 
 
-@prepare_app.command("person-part")
+@prepare_app.command(cls=_Command, name="person-part")
 def prepare_person_part(
     source: Annotated[Path, typer.Option(help="Folder with Annotations_Part/*.mat and JPEGImages/ (VOC 2010).")],
     out: Annotated[Path, typer.Option(help="Output dataset folder.")],
@@ -77,7 +110,7 @@ def prepare_person_part(
     run(source=source, out=out, workers=workers)
 
 
-@prepare_app.command("voc")
+@prepare_app.command(cls=_Command, name="voc")
 def prepare_voc(
     voc: Annotated[Path, typer.Option(help="VOC2012 folder (JPEGImages/, SegmentationClass/).")],
     out: Annotated[Path, typer.Option(help="Output dataset folder.")],
@@ -90,7 +123,7 @@ def prepare_voc(
     run(voc=voc, sbd=sbd, out=out, workers=workers)
 
 
-@prepare_app.command("coco")
+@prepare_app.command(cls=_Command, name="coco")
 def prepare_coco(
     coco: Annotated[Path, typer.Option(help="COCO 2014 folder (annotations/, train2014/, val2014/).")],
     out: Annotated[Path, typer.Option(help="Output dataset folder.")],
@@ -105,7 +138,7 @@ def prepare_coco(
     run(coco=coco, out=out, train_size=train_size, val_size=val_size, seed=seed, workers=workers)
 
 
-@prepare_app.command("demo")
+@prepare_app.command(cls=_Command, name="demo")
 def prepare_demo(
     out: Annotated[Path, typer.Option(help="Output dataset folder.")],
     num_train: Annotated[int, typer.Option(min=1, help="Training images.")] = 240,
@@ -123,7 +156,7 @@ def prepare_demo(
 # ----------------------------------------------------------------------------- weights
 
 
-@app.command("convert-weights")
+@app.command(cls=_Command, name="convert-weights")
 def convert_weights(
     caffemodel: Annotated[Path, typer.Argument(help="DeepLab's init.caffemodel (or another VGG-16 LargeFOV caffemodel).")],
     out: Annotated[Path, typer.Option(help="Output file (.pt) for model.pretrained.")],
@@ -139,7 +172,7 @@ def convert_weights(
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")]
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML file, e.g. recipes/voc.toml.")],
     set_: Annotated[
@@ -162,7 +195,7 @@ def train(
                       overwrite=overwrite)
 
 
-@app.command()
+@app.command(cls=_Command)
 def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.pt) written by msattn train.")],
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder (default: the checkpoint's).")] = None,
@@ -211,9 +244,17 @@ def evaluate(
 # ----------------------------------------------------------------------------- predict / crf
 
 
-@app.command()
+@app.command(cls=_Command)
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="Image files, folders or .txt list files.")],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Image files, folders (every image format Pillow reads; not recursive) or .txt lists: one "
+            "path per line, relative to the list's folder, or a bare id (a dataset's val.txt) looked up as "
+            "<id>.jpg/.png/... there, in images/ beside the list, or in --images-dir.",
+            show_default=False,
+        ),
+    ],
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.pt) written by msattn train.")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
     save_probs: Annotated[bool, typer.Option(help="Also write <name>.npz with float16 probabilities.")] = False,
@@ -229,9 +270,16 @@ def predict(
     pad_to: Annotated[
         Optional[int], typer.Option(help="Pad every image to this 8k+1 side (default: the next 8k+1 side).")
     ] = None,
+    images_dir: Annotated[
+        Optional[Path], typer.Option(help="Resolve the lines of .txt lists (paths or bare ids) against this folder.")
+    ] = None,
     device: Device = None,
 ) -> None:
-    """Predict label maps (and attention maps) for images."""
+    """Predict label maps (and attention maps) for images.
+
+    The output folder must not be an input folder; files there that predict did not write are
+    never written over. Ends with the file to open first.
+    """
     from msattn.engine.predict import predict_images
 
     predict_images(
@@ -248,10 +296,11 @@ def predict(
         resume=resume,
         overlay=overlay,
         pad_to=pad_to,
+        images_dir=images_dir,
     )
 
 
-@app.command("crf-refine")
+@app.command(cls=_Command, name="crf-refine")
 def crf_refine(
     images: Annotated[Path, typer.Option(help="Folder of the original images.")],
     probs: Annotated[Path, typer.Option(help="Folder of <name>.npz from predict --save-probs.")],
@@ -268,7 +317,7 @@ def crf_refine(
     workers: Workers = 2,
 ) -> None:
     """Refine saved probabilities with the fully connected CRF."""
-    from msattn.crf import crf_refine_command
+    from msattn.crf_folders import crf_refine_command
 
     crf_refine_command(
         images=images,
@@ -292,7 +341,7 @@ def crf_refine(
 # ----------------------------------------------------------------------------- bench
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     size: Annotated[Optional[list[int]], typer.Option("--size", help="Input sides (repeatable).")] = None,

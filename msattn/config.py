@@ -403,11 +403,12 @@ def _cross_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
         recipe.eval.scales is not None
         and recipe.model.merge == "attention"
         and len(recipe.model.scales) > 1
-        and len(recipe.eval.scales) != len(recipe.model.scales)
+        and sorted(recipe.eval.scales) != sorted(recipe.model.scales)
     ):
         raise ConfigError(
             f"{origin_of('eval.scales', 'model.scales', 'model.merge')}: eval.scales must have as many scales as "
-            f"model.scales ({len(recipe.model.scales)}) for an attention model"
+            f"model.scales ({len(recipe.model.scales)}) and the same ones, in any order ({list(recipe.model.scales)}): "
+            "an attention head weighs exactly the scales it was trained on"
         )
 
 
@@ -500,8 +501,7 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse a TOML file; unreadable or malformed files raise ConfigError naming it."""
     path = Path(path)
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        return tomllib.loads(path.read_bytes().decode("utf-8-sig"))  # a UTF-8 BOM (Windows editors) is accepted
     except FileNotFoundError:
         raise ConfigError(f"{path}: recipe not found") from None
     except IsADirectoryError:

@@ -98,7 +98,7 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file; a missing or malformed file raises :class:`DataError` naming it."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # a UTF-8 BOM (Windows editors) is accepted
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -125,11 +125,13 @@ def read_list_lines(path: str | os.PathLike[str], what: str = "list file") -> li
     """Non-blank lines of a UTF-8 list file, stripped, ``#`` comments skipped; DataError names the file."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a UTF-8 BOM is accepted
     except FileNotFoundError:
         raise DataError(f"{path}: {what} not found") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: {what} is not UTF-8 text") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a {what}") from None
     entries = (line.strip() for line in lines)
     return [entry for entry in entries if entry and not entry.startswith("#")]
 
@@ -158,14 +160,42 @@ def max_pixels_limit() -> int:
     return value
 
 
-def open_image(path: str | os.PathLike[str], mode: str | None = "RGB", max_pixels: int | None = None):
+#: Suffixes of the image files msattn reads from folders (those this Pillow build can open; see image_suffixes).
+IMAGE_SUFFIX_CANDIDATES = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".jp2", ".j2k", ".avif",
+)  # fmt: skip
+#: The EXIF tag of the orientation a viewer applies (1: as stored).
+EXIF_ORIENTATION = 0x0112
+#: What transparent pixels become when an image with alpha is read as RGB (composited over white).
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def image_suffixes() -> tuple[str, ...]:
+    """Lower-case suffixes of the image files msattn reads in folders (those Pillow can open here)."""
+    from PIL import Image
+
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return tuple(ext for ext in IMAGE_SUFFIX_CANDIDATES if ext in readable)
+
+
+def is_image_file(path: Path) -> bool:
+    """A file whose suffix is one of :func:`image_suffixes` (any case)."""
+    return path.suffix.lower() in image_suffixes()
+
+
+def open_image(
+    path: str | os.PathLike[str], mode: str | None = "RGB", max_pixels: int | None = None, orient: bool = True
+):
     """Open and fully decode an image; corrupt, truncated or oversized files raise :class:`DataError`.
 
-    ``mode`` converts the result (``None`` keeps the file's mode, e.g. ``"P"`` for palette labels).
+    ``mode`` converts the result (``None`` keeps the file's mode, e.g. ``"P"`` for palette labels);
+    ``"RGB"`` reads images as people see them (:func:`to_rgb`: 16-bit scaled, alpha composited over
+    white). ``orient`` applies the EXIF orientation (as photo viewers do); label readers turn it off.
     ``max_pixels`` (None: :func:`max_pixels_limit`; 0: no limit) is checked on the header, before
     any pixel is decoded, so a decompression bomb costs nothing.
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     path = Path(path)
     limit = max_pixels_limit() if max_pixels is None else max_pixels
@@ -180,7 +210,13 @@ def open_image(path: str | os.PathLike[str], mode: str | None = "RGB", max_pixel
                     "or data.max_pixels in a recipe)"
                 )
             img.load()
-            return img.convert(mode) if mode and img.mode != mode else img.copy()
+            rotated = orient and img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
+            result = ImageOps.exif_transpose(img) if rotated else img
+            if mode == "RGB":
+                return img.copy() if result is img and img.mode == "RGB" else to_rgb(result)  # detached from the file
+            if mode and result.mode != mode:
+                return result.convert(mode)
+            return result.copy() if result is img else result
     except DataError:
         raise
     except FileNotFoundError:
@@ -191,6 +227,35 @@ def open_image(path: str | os.PathLike[str], mode: str | None = "RGB", max_pixel
         raise DataError(f"{path}: refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from None
+
+
+def to_rgb(img: Any) -> Any:
+    """A PIL image in any mode as 8-bit RGB, as a viewer shows it (an RGB image is returned as it is).
+
+    16-bit and 32-bit greyscale (``I;16*``, ``I``) are scaled from 0..65535 to 0..255 (not clipped
+    to white); float images (``F``) from 0..1 when their values lie there, else clipped to 0..255;
+    transparent pixels (``RGBA``, ``LA``, ``PA``, palette or greyscale transparency) are composited
+    over white (:data:`ALPHA_BACKGROUND`); everything else goes through Pillow's conversion.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            values = values * 255.0 if values.size and np.nanmax(values) <= 1.0 else values
+        else:
+            values = values / 257.0  # 65535 -> 255
+        grey = np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if not has_alpha:
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 def save_image(img: Any, path: str | os.PathLike[str], **params: Any) -> None:

@@ -169,6 +169,12 @@ def test_convert_weights_cli_then_train_from_it_uses_caffe_normalisation(tmp_pat
     assert "RGB" in out and "caffe" in out
     code, _, err = run_cli("convert-weights", path, "--out", path)
     assert code == 2 and "input caffemodel" in err and path.stat().st_size > 1000  # the input is untouched
+    (tmp_path / "mine.pt").write_bytes(b"someone else's weights")
+    code, _, err = run_cli("convert-weights", path, "--out", tmp_path / "mine.pt")
+    assert code == 2 and "not written by msattn" in err  # a file it did not write is never replaced
+    assert (tmp_path / "mine.pt").read_bytes() == b"someone else's weights"
+    code, _, err = run_cli("convert-weights", path, "--out", tmp_path / "init.pt")
+    assert code == 0, err  # its own earlier output is
 
     data = make_tiny_dataset(tmp_path / "tiny")
     recipe = write_recipe(tmp_path / "r.toml", data, model={"scales": [1.0], "width": WIDTH,

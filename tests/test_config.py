@@ -153,6 +153,7 @@ def test_bad_overrides_name_the_override(tmp_path: Path, override: str, message:
         ('[data]\nroot = "d"\n[optim]\nlr = 1' + "0" * 50 + "\n", "optim.lr must be <="),
         ('[data]\nroot = "d"\n[train]\nseed = -1\n', "train.seed must be >= 0"),
         ('[data]\nroot = "d"\n[eval]\nscales = [1.0, 0.5]\n', "eval.scales must have as many scales"),
+        ('[data]\nroot = "d"\n[model]\nscales = [1.0, 0.5]\n[eval]\nscales = [1.0, 0.75]\n', "and the same ones"),
         ('[data]\nroot = "d"\n[model]\npretrained = "torchvision"\ninit_checkpoint = "x.pt"\n', "not both"),
         ('[model]\nwidth = 0.5\n', "missing section [data]"),
         ('[data]\ncrop_size = 33\n', "missing key data.root"),

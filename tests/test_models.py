@@ -143,6 +143,8 @@ def test_test_time_scales_override() -> None:
     torch.testing.assert_close(attention(x, scales=(0.5, 1.0))["out"], attention(x)["out"])
     with pytest.raises(ValueError, match="needs as many"):
         tiny((1.0, 0.5), "attention")(torch.randn(1, 3, 32, 32), scales=(1.0,))
+    with pytest.raises(ValueError, match=r"trained on scales \[1.0, 0.5\] needs those"):  # not silently other scales
+        tiny((1.0, 0.5), "attention")(torch.randn(1, 3, 32, 32), scales=(1.0, 0.75))
 
 
 @pytest.mark.parametrize("kwargs", [{"merge": "sum"}, {"scales": ()}, {"scales": (1.0, -0.5)}, {"scales": (1.0, 1.0)}])

@@ -53,8 +53,10 @@ class Case:
 
 
 def prepare_bookkeeping(out: str) -> tuple[str, ...]:
-    """What a prepare-data run that produced nothing keeps: the settings marker, the problem report, empty folders."""
-    return (out, f"{out}/images", f"{out}/labels", f"{out}/.msattn-prepare.json", f"{out}/prepare_report.json")
+    """What a prepare-data run that produced nothing keeps: the settings marker, the problem report, empty folders
+    and the lock's files."""
+    return (out, f"{out}/images", f"{out}/labels", f"{out}/.msattn-prepare.json", f"{out}/prepare_report.json",
+            f"{out}/.msattn.lock", f"{out}/.msattn.lock.json")  # fmt: skip
 
 
 W = "{w}"
@@ -194,6 +196,38 @@ CASES: list[Case] = [
     Case("gpu-oom-train", ("train", f"{W}/recipes/good.toml", "--device", "cpu", "--out", f"{W}/runs/oom"), 1,
          "lower train.micro_batch (accumulation keeps the batch), data.crop_size or the scales", patch="oom"),
     Case("gpu-oom-evaluate", (*EVAL, f"{W}/data/good"), 1, "out of GPU memory: lower the batch size", patch="oom"),
+    # --- issue 14: outputs never overwrite inputs or a user's files
+    Case("predict-out-is-the-input-folder", ("predict", f"{W}/in/good.jpg", "--checkpoint", CKPT, "--out", f"{W}/in"),
+         2, "--out {w}/in: is the folder of the input images"),
+    Case("predict-out-holds-a-users-file", (*PREDICT, f"{W}/user_out", "--checkpoint", CKPT), 2,
+         "user_out: holds 1 file(s) that msattn predict would write but did not make (good.png)"),
+    Case("crf-out-is-the-probs-folder", ("crf-refine", "--images", f"{W}/crf/images", "--probs", f"{W}/crf/probs_ok",
+                                         "--out", f"{W}/crf/probs_ok", "--workers", "0"),
+         2, "--out {w}/crf/probs_ok: is the folder of the --probs"),
+    Case("prepare-out-is-the-source", ("prepare-data", "voc", "--voc", f"{W}/src/voc_ok", "--out", f"{W}/src/voc_ok"),
+         2, "--out {w}/src/voc_ok: is the --voc folder"),
+    Case("evaluate-json-is-a-folder", (*EVAL, f"{W}/data/good", "--json", f"{W}/out"), 2,
+         "--json {w}/out: is a folder"),
+    Case("evaluate-json-over-an-input", (*EVAL, f"{W}/data/good", "--json", f"{W}/data/good/dataset.json"), 2,
+         "good/dataset.json: exists and was not written by msattn"),
+    Case("bench-json-is-a-folder", ("bench", "--json", f"{W}/out"), 2, "--json {w}/out: is a folder"),
+    # --- issue 14: values that cannot be right
+    Case("predict-scales-zero", (*PREDICT, f"{W}/out/p14", "--checkpoint", CKPT, "--scales", "0"), 2,
+         "--scales: scales must lie in (0, 4], got 0"),
+    Case("evaluate-scales-negative-and-repeated", (*EVAL, f"{W}/data/good", "--scales", "-0.5"), 2,
+         "--scales: scales must lie in (0, 4], got -0.5"),
+    Case("predict-scales-the-head-never-saw", (*PREDICT, f"{W}/out/p15", "--checkpoint", CKPT, "--scales", "1.0",
+                                               "--scales", "0.75"),
+         2, "--scales: this attention model was trained on 2 scales [1.0, 0.5]"),
+    Case("checkpoint-classes-not-a-list", (*PREDICT, f"{W}/out/p16", "--checkpoint", f"{W}/ckpt/bad_classes.pt"), 2,
+         "bad_classes.pt: malformed checkpoint: dataset.classes must be a list of class names"),
+    Case("checkpoint-palette-wrong-shape", (*PREDICT, f"{W}/out/p17", "--checkpoint", f"{W}/ckpt/bad_palette.pt"), 2,
+         "bad_palette.pt: malformed checkpoint: dataset.palette must be a list of [r, g, b] colours"),
+    Case("evaluate-every-pixel-ignored", (*EVAL, f"{W}/data/all_ignored"), 2,
+         "all_ignored/val.txt: every label pixel of the 2 image(s) is 255 (ignore): there is nothing to score"),
+    Case("predict-images-dir-missing", ("predict", f"{W}/in/list.txt", "--images-dir", f"{W}/nowhere", "--checkpoint",
+                                        CKPT, "--out", f"{W}/out/p18"),
+         2, "--images-dir {w}/nowhere: folder not found"),
 ]
 
 #: The cases issue 7 names; each must stay in the table.
@@ -232,7 +266,8 @@ def _dataset_variants(data: Path) -> None:
     import shutil
 
     good = make_tiny_dataset(data / "good", num_train=2, num_val=2)
-    for name in ("label200", "dotdot", "zero_label", "size_mismatch", "empty_list", "missing_image", "bad_json"):
+    for name in ("label200", "dotdot", "zero_label", "size_mismatch", "empty_list", "missing_image", "bad_json",
+                 "all_ignored"):
         shutil.copytree(good, data / name)
     label = np.zeros((32, 32), dtype=np.uint8)
     label[5, 5] = 200
@@ -244,6 +279,8 @@ def _dataset_variants(data: Path) -> None:
     (data / "empty_list" / "val.txt").write_text("# nothing here\n\n")
     (data / "missing_image" / "images" / "val_001.jpg").unlink()
     (data / "bad_json" / "dataset.json").write_text('{"name": "tiny", "classes": [')
+    for item in ("val_000", "val_001"):
+        Image.fromarray(np.full((32, 32), 255, np.uint8), mode="L").save(data / "all_ignored" / "labels" / f"{item}.png")
     shutil.copytree(good, data / "slash")
     (data / "slash" / "train.txt").write_text("train_000\nsub/train_000\n")
 
@@ -261,6 +298,8 @@ def _checkpoints(folder: Path, data_root: Path) -> None:
     data = (folder / "ok.pt").read_bytes()
     (folder / "truncated.pt").write_bytes(data[: len(data) // 2])
     save_checkpoint(folder / "mismatch.pt", {**ok, "model_args": {**ok["model_args"], "num_classes": 5}})
+    save_checkpoint(folder / "bad_classes.pt", {**ok, "dataset": {**dataset, "classes": "background"}})
+    save_checkpoint(folder / "bad_palette.pt", {**ok, "dataset": {**dataset, "palette": [[0, 0], [128, 0]]}})
 
 
 def _recipes(folder: Path, w: Path) -> None:
@@ -349,6 +388,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "in" / "list.txt").write_text("# listed paths are relative to the list\nsub/../gone.jpg\n")
     (w / "runs").mkdir()
     (w / "out").mkdir()
+    (w / "user_out").mkdir()
+    (w / "user_out" / "good.png").write_bytes(b"a file of the user's, named like an output")
     return w
 
 
@@ -472,7 +513,7 @@ def test_predict_falls_back_to_one_image_at_a_time_on_gpu_oom(world: Path, run_c
                            "--batch-size", "2", "--device", "cpu")  # fmt: skip
     assert code == 0, err
     assert batches == [2, 1, 1]
-    assert sorted(p.name for p in (world / "out" / "pair").iterdir()) == [
+    assert sorted(p.name for p in (world / "out" / "pair").iterdir() if not p.name.startswith(".msattn")) == [
         "im0.png", "im0_overlay.jpg", "im1.png", "im1_overlay.jpg"
     ]
 

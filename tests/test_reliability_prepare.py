@@ -20,6 +20,9 @@ import pytest
 
 from _data_helpers import tree_bytes
 from msattn.io import open_image
+from msattn.locks import LOCK_NAME, OWNER_NAME
+
+LOCK_FILES = (LOCK_NAME, OWNER_NAME)  # the lock's holder (process id, time) differs run to run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ("--num-train", "100", "--num-val", "30", "--image-size", "32", "--seed", "3")
@@ -87,7 +90,7 @@ def test_demo_killed_twice_then_resumed_is_identical_to_a_clean_run(tmp_path: Pa
     clean, broken = tmp_path / "clean", tmp_path / "broken"
     code, _, err = run_cli("prepare-data", "demo", "--out", clean, *DEMO, "-j", "0")
     assert code == 0, err
-    expected = tree_bytes(clean, skip=())
+    expected = tree_bytes(clean, skip=LOCK_FILES)
     assert len([name for name in expected if name.startswith("labels/")]) == TOTAL
 
     # 1. killed inside a write: the 41st fsync is in the middle of writing some file
@@ -113,7 +116,7 @@ def test_demo_killed_twice_then_resumed_is_identical_to_a_clean_run(tmp_path: Pa
     # 3. the re-run finishes the job: identical bytes, no temporary left
     run_to_completion(["prepare-data", "demo", "--out", str(broken), *DEMO, "-j", "2"])
     assert not temporaries(broken)
-    assert tree_bytes(broken, skip=()) == expected
+    assert tree_bytes(broken, skip=LOCK_FILES) == expected
 
 
 def test_person_part_killed_in_a_write_then_resumed_is_identical(tmp_path: Path, run_cli, fixtures_dir: Path) -> None:
@@ -121,7 +124,7 @@ def test_person_part_killed_in_a_write_then_resumed_is_identical(tmp_path: Path,
     clean, broken = tmp_path / "clean", tmp_path / "broken"
     code, _, err = run_cli("prepare-data", "person-part", "--source", source, "--out", clean, "-j", "0")
     assert code == 0, err
-    expected = tree_bytes(clean, skip=())
+    expected = tree_bytes(clean, skip=LOCK_FILES)
     assert len([name for name in expected if name.startswith("labels/")]) >= 6
 
     # fsync 1 is the settings marker, then labels (and image copies when the source is on another file system)
@@ -136,4 +139,4 @@ def test_person_part_killed_in_a_write_then_resumed_is_identical(tmp_path: Path,
 
     run_to_completion(["prepare-data", "person-part", "--source", str(source), "--out", str(broken), "-j", "0"])
     assert not temporaries(broken)
-    assert tree_bytes(broken, skip=()) == expected
+    assert tree_bytes(broken, skip=LOCK_FILES) == expected

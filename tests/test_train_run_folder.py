@@ -260,7 +260,7 @@ def test_markup_like_dataset_and_class_names_print_verbatim(tmp_path: Path, run_
                           train={"iterations": 1, "batch_size": 2, "eval_at_end": True})  # fmt: skip
     code, out, err = run_cli("train", recipe, "--out", tmp_path / "run", "--device", "cpu")
     assert code == 0, err
-    assert "tiny[/b] val: last.pt" in out and "red[x]" in out and "[bold]green" in out
+    assert "tiny[/b] val: last.pt" in out and "red[x]" in out and "[bold]green" in out, out
 
 
 def test_refusing_inputs_happens_before_the_lock_is_taken(recipe: Path, data: Path) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from msattn.data.labels import dedupe_ids, duplicate_warning
 from msattn.data.palette import voc_colormap
 from msattn.errors import DataError
 from msattn.io import check_id, open_image, read_id_list, read_json
@@ -29,6 +30,7 @@ class DatasetInfo:
     ignore_index: int
     palette: list[list[int]]
     root: Path
+    palette_declared: bool = True  # False: dataset.json has no palette (the VOC colours stand in)
 
     @property
     def num_classes(self) -> int:
@@ -56,6 +58,7 @@ def read_dataset_info(root: Path) -> DatasetInfo:
     if len(classes) > 255 or (ignore_index < len(classes)):
         raise DataError(f"{path}: {len(classes)} classes do not fit 8-bit labels with ignore_index {ignore_index}")
     palette = data.get("palette")
+    declared = palette is not None
     if palette is None:
         palette = voc_colormap(len(classes))
     ok = isinstance(palette, list) and all(
@@ -64,7 +67,10 @@ def read_dataset_info(root: Path) -> DatasetInfo:
     )
     if not ok or len(palette) < len(classes):
         raise DataError(f"{path}: 'palette' must list one [r, g, b] (0..255) per class")
-    return DatasetInfo(name=name, classes=list(classes), ignore_index=ignore_index, palette=palette, root=root)
+    return DatasetInfo(
+        name=name, classes=list(classes), ignore_index=ignore_index, palette=palette, root=root,
+        palette_declared=declared,
+    )  # fmt: skip
 
 
 def read_label(path: Path, num_classes: int, ignore_index: int = 255, max_pixels: int | None = None) -> np.ndarray:
@@ -72,18 +78,30 @@ def read_label(path: Path, num_classes: int, ignore_index: int = 255, max_pixels
 
     ``max_pixels``: see :func:`msattn.io.open_image` (None: the default limit).
     """
-    img = open_image(path, mode=None, max_pixels=max_pixels)
+    return read_label_image(path, num_classes, ignore_index, max_pixels)[0]
+
+
+def read_label_image(
+    path: Path, num_classes: int, ignore_index: int = 255, max_pixels: int | None = None
+) -> tuple[np.ndarray, Any, list[int]]:
+    """:func:`read_label`, the PIL image it came from (for its palette) and its distinct values.
+
+    Labels are read as stored: never turned by an EXIF orientation.
+    """
+    from msattn.data.labels import bad_label_values, distinct_values
+
+    img = open_image(path, mode=None, max_pixels=max_pixels, orient=False)
     if img.mode not in ("P", "L", "I", "I;16"):
         raise DataError(f"{path}: label is a mode {img.mode} image; expected single-channel class indices (P or L PNG)")
     label = np.asarray(img)
-    values = np.unique(label)
-    bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
-    if bad.size:
+    values = distinct_values(label)
+    bad = bad_label_values(values, num_classes, ignore_index)
+    if bad:
         raise DataError(
-            f"{path}: label values {', '.join(str(int(v)) for v in bad[:5])} outside 0..{num_classes - 1} "
+            f"{path}: label values {', '.join(str(v) for v in bad[:5])} outside 0..{num_classes - 1} "
             f"(ignore: {ignore_index})"
         )
-    return label.astype(np.uint8)
+    return label.astype(np.uint8), img, values
 
 
 class SegmentationFolder(Dataset):
@@ -110,9 +128,11 @@ class SegmentationFolder(Dataset):
         self.info = read_dataset_info(self.root)
         self.split = check_id(split, self.root / "dataset.json")
         list_path = self.root / f"{split}.txt"
-        self.ids = read_id_list(list_path)
+        self.ids, repeated = dedupe_ids(read_id_list(list_path))
         if not self.ids:
             raise DataError(f"{list_path}: lists no ids")
+        #: problems found while opening the split (repeated ids); items carry their own in "warnings"
+        self.warnings = [w for w in [duplicate_warning(repeated, list_path)] if w]
         missing = [i for i in self.ids if not self.image_path(i).is_file() or not self.label_path(i).is_file()]
         if missing:
             first = missing[0]
@@ -142,22 +162,42 @@ class SegmentationFolder(Dataset):
 
     def read_pair(self, index: int) -> tuple[Any, Any]:
         """The raw PIL RGB image and PIL label (mode L) of item ``index``, checked for size and values."""
+        image, label, _ = self.read_checked(index)
+        return image, label
+
+    def read_checked(self, index: int) -> tuple[Any, Any, list[tuple[Path, str]]]:
+        """:meth:`read_pair` plus the warnings about this item's files: [(file, message)].
+
+        The image is turned by its EXIF orientation when the label matches the turned image
+        (:func:`msattn.data.labels.orient_to_label`); labels are read as stored.
+        """
         from PIL import Image
 
+        from msattn.data.labels import label_warnings, orient_to_label, palette_warning
+        from msattn.io import to_rgb
+
         item_id = self.ids[index]
-        image = open_image(self.image_path(item_id), mode="RGB", max_pixels=self.max_pixels)
-        label = read_label(self.label_path(item_id), self.info.num_classes, self.info.ignore_index, self.max_pixels)
+        image_path, label_path = self.image_path(item_id), self.label_path(item_id)
+        info = self.info
+        label, label_img, values = read_label_image(label_path, info.num_classes, info.ignore_index, self.max_pixels)
+        stored = open_image(image_path, mode=None, max_pixels=self.max_pixels, orient=False)
+        image, orientation_note = orient_to_label(stored, (label.shape[1], label.shape[0]))
+        image = to_rgb(image)
         if (label.shape[1], label.shape[0]) != image.size:
             raise DataError(
-                f"{self.label_path(item_id)}: label is {label.shape[1]}x{label.shape[0]}, "
-                f"image is {image.size[0]}x{image.size[1]}"
+                f"{label_path}: label is {label.shape[1]}x{label.shape[0]}, image is {image.size[0]}x{image.size[1]}"
             )
-        return image, Image.fromarray(label)
+        warnings = [(label_path, m) for m in label_warnings(values, info.num_classes, info.ignore_index)]
+        if label_img.mode == "P" and info.palette_declared:
+            note = palette_warning(label_img.getpalette(), info.palette[: info.num_classes])
+            warnings += [(label_path, note)] if note else []
+        warnings += [(image_path, orientation_note)] if orientation_note else []
+        return image, Image.fromarray(label), warnings
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image, label = self.read_pair(index)
+        image, label, warnings = self.read_checked(index)
         image_t, label_t = self.transform(image, label, self.rng(index))
-        return {"image": image_t, "label": label_t, "id": self.ids[index]}
+        return {"image": image_t, "label": label_t, "id": self.ids[index], "warnings": warnings}
 
 
 def pad_collate(batch: Sequence[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:

@@ -546,6 +546,8 @@ def run_bench(
         raise UsageError(f"--size {min(sizes)}: the input side must be at least 8 pixels")
     if not 0 < width <= 4 or batch < 1 or iters < 1 or warmup < 0:
         raise UsageError("need 0 < --width <= 4, --batch >= 1, --iters >= 1, --warmup >= 0")
+    if json_path is not None:
+        _check_json(Path(json_path))  # a folder or an unwritable place fails now, not after minutes of timing
     dev = resolve_device(device)
     if amp and dev.type != "cuda":
         errors.print("msattn: warning: --amp ignored on CPU (bf16 is ~100x slower there); measuring fp32")
@@ -584,8 +586,24 @@ def run_bench(
         from msattn.io import write_json
 
         write_json(json_path, records)
-        console.print(f"wrote {len(records)} records to {json_path}")
+        console.print(f"wrote {len(records)} records to {json_path}", markup=False)
     return records
+
+
+def _check_json(path: Path) -> None:
+    """``--json`` is a writable file name, and not a file that bench did not write (a list of records)."""
+    import json
+
+    from msattn.outputs import check_output_file
+
+    def ours(existing: Path) -> bool:
+        try:
+            data = json.loads(existing.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, list) and all(isinstance(r, dict) and "mode" in r and "scales" in r for r in data)
+
+    check_output_file(path, "--json", ours=ours)
 
 
 # ----------------------------------------------------------------------------- report
@@ -598,6 +616,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def print_report(records: list[dict[str, Any]], context: dict[str, Any], console: Any) -> None:
     """Rich table of every record with the ratios to one scale, then the matmul peak and notes."""
     from rich.table import Table
+    from rich.text import Text
 
     flags = [f"batch {context['batch']}", "bf16 autocast" if context["amp"] else "fp32"]
     flags += ["channels_last" if context["channels_last"] else "contiguous"]
@@ -609,7 +628,7 @@ def print_report(records: list[dict[str, Any]], context: dict[str, Any], console
         "of peak: GFLOP/s over the matmul's in the same round (median)"
     )
     title = f"msattn bench: {context['device_name']} ({context['device']}), {', '.join(flags)}"
-    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    table = Table(title=Text(title), title_justify="left", caption=caption, caption_justify="left")
     columns = ("mode", "size", "scales", "merge", "ms/img", "img/s", "GFLOP/img", "GFLOP/s", "of peak", "mem MB",
                "time x1", "best x1", "arith x1", "gap")
     for name in columns:

@@ -117,3 +117,53 @@ def model_from_checkpoint(state: dict[str, Any], source: str | Path = "checkpoin
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{source}: model weights do not match the stored model arguments ({first})") from None
     return model.eval()
+
+
+def dataset_meta(state: dict[str, Any], source: str | Path = "checkpoint") -> dict[str, Any]:
+    """The checkpoint's ``dataset`` section, checked: CheckpointError naming ``dataset.<key>`` when malformed.
+
+    Returns ``name`` (str), ``classes`` (list of str or None), ``palette`` ([[r, g, b], ...] or
+    None), ``mean``/``std`` (3 floats or None), ``ignore_index`` (int) and ``root`` (str).
+    """
+    meta = state.get("dataset")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source}: malformed checkpoint (dataset is not a table)")
+
+    def bad(key: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{source}: malformed checkpoint: dataset.{key} must be {want}, got {meta.get(key)!r:.60}")
+
+    classes = meta.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+        raise bad("classes", "a list of class names")
+    palette = meta.get("palette")
+    if palette is not None and not (
+        isinstance(palette, list)
+        and all(isinstance(rgb, (list, tuple)) and len(rgb) == 3 for rgb in palette)
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for rgb in palette for v in rgb)
+    ):
+        raise bad("palette", "a list of [r, g, b] colours (0..255)")
+    norm = {}
+    for key in ("mean", "std"):
+        value = meta.get(key)
+        ok = value is None or (
+            isinstance(value, (list, tuple)) and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            and (key == "mean" or all(v > 0 for v in value))
+        )  # fmt: skip
+        if not ok:
+            raise bad(key, "3 numbers (one per RGB channel" + (", positive)" if key == "std" else ")"))
+        norm[key] = None if value is None else [float(v) for v in value]
+    ignore_index = meta.get("ignore_index", 255)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool) or not 0 <= ignore_index <= 255:
+        raise bad("ignore_index", "an integer in 0..255")
+    root = meta.get("root", "")
+    name = meta.get("name", "")
+    return {
+        "name": str(name),
+        "classes": None if classes is None else list(classes),
+        "palette": None if palette is None else [list(rgb) for rgb in palette],
+        "mean": norm["mean"],
+        "std": norm["std"],
+        "ignore_index": ignore_index,
+        "root": "" if root is None else str(root),
+    }

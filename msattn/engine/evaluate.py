@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from msattn.data.labels import WarningLog
 from msattn.engine.distributed import DistInfo
 from msattn.engine.metrics import ConfusionMatrix, format_miou, json_safe
 from msattn.engine.predict import amp_dtype_for, predict_batch
@@ -79,10 +79,14 @@ def evaluate_model(
     matrix = ConfusionMatrix(num_classes, ignore_index, device)
     console = console or Console(highlight=False, soft_wrap=True)
     progress_bar = _eval_progress(console, enabled=progress and rank == 0)
+    log = WarningLog()
     try:
         with progress_bar:
             task = progress_bar.add_task("evaluate", total=len(indices))
             for items in loader:
+                for item in items:
+                    for file, message in item.get("warnings", ()):
+                        log.add(file, message)
                 for group in _same_size_groups(items):
                     images = torch.stack([item["image"] for item in group]).to(device, non_blocking=True)
                     labels = torch.stack([item["label"] for item in group]).to(device, non_blocking=True)
@@ -98,6 +102,8 @@ def evaluate_model(
     matrix.reduce()
     metrics = matrix.compute(class_names)
     metrics["num_images"] = total
+    metrics["scored_pixels"] = int(matrix.mat.sum().item())  # 0: every pixel was ignore_index
+    metrics["warnings"] = log.lines()  # this rank's (rank 0's under DDP)
     return metrics
 
 
@@ -145,12 +151,14 @@ def _eval_progress(console: Console, enabled: bool) -> Any:
 
 def print_metrics_table(metrics: dict[str, Any], title: str = "", console: Console | None = None) -> None:
     """Per-class IoU (%) like the paper's Table 2, then mean IoU and pixel accuracy."""
+    from rich.text import Text
+
     console = console or Console(highlight=False, soft_wrap=True)
-    table = Table(title=title or None)
+    table = Table(title=Text(title) if title else None)  # Text: paths and class names print verbatim, never as markup
     table.add_column("class")
     table.add_column("IoU (%)", justify="right")
     for name, value in metrics["per_class"].items():
-        table.add_row(escape(name), "-" if value is None or math.isnan(value) else f"{100 * value:.2f}")  # no markup
+        table.add_row(Text(str(name)), "-" if value is None or math.isnan(value) else f"{100 * value:.2f}")
     table.add_section()
     table.add_row("[bold]mean IoU", f"[bold]{_pct(metrics['miou'])}")
     table.add_row("pixel accuracy", _pct(metrics["pixel_accuracy"]))
@@ -210,55 +218,103 @@ def _evaluate_checkpoint(
     workers: int | None,
     pad_to: int | None,
 ) -> dict[str, Any]:
-    from msattn.data import SegmentationFolder, read_dataset_info
-    from msattn.data.transforms import EvalTransform
     from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint, old_arch_warning
-    from msattn.io import check_id, write_json
+    from msattn.engine.scales import resolve_scales
+    from msattn.io import write_json
 
     console = Console(highlight=False, soft_wrap=True, quiet=not dist_info.is_main)
+    errors = Console(stderr=True, highlight=False, soft_wrap=True, quiet=not dist_info.is_main)
+    if json_path is not None:
+        _check_json(json_path, checkpoint)
     dev = dist_info.device
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint).to(dev, memory_format=torch.channels_last)
     warning = old_arch_warning(state, checkpoint)
     if warning:
-        Console(stderr=True, highlight=False, soft_wrap=True, quiet=not dist_info.is_main).print(
-            f"warning: {warning}", markup=False
+        errors.print(f"warning: {warning}", markup=False)
+    config = _checkpoint_recipe(state)
+    option = "--scales" if scales else "eval.scales (the checkpoint's recipe)"
+    eval_scales, note = resolve_scales(scales or (config.eval.scales if config else None), model, option)
+    if note:
+        errors.print(f"note: {note}", markup=False)
+    dataset, info, mean, std = _open_split(state, checkpoint, data, split, config)
+    for line in dataset.warnings:
+        errors.print(f"warning: {line}", markup=False)
+    settings = _run_settings(config, dev, amp, batch_size, workers, pad_to, crf)
+    metrics = evaluate_model(
+        model, dataset, num_classes=len(info.classes), class_names=list(info.classes),
+        ignore_index=info.ignore_index, scales=eval_scales, flip=flip, crf_params=settings["crf_params"],
+        mean=mean, std=std, batch_size=settings["batch_size"], limit=limit, device=dev,
+        amp_dtype=settings["amp_dtype"], rank=dist_info.rank, world_size=dist_info.world_size,
+        workers=settings["workers"], progress=dist_info.is_main, console=console, pad_to=settings["pad_to"],
+    )  # fmt: skip
+    for line in metrics["warnings"]:
+        errors.print(f"warning: {line}", markup=False)
+    if metrics["scored_pixels"] == 0:
+        raise DataError(
+            f"{info.root / (split + '.txt')}: every label pixel of the {metrics['num_images']} image(s) is "
+            f"{info.ignore_index} (ignore): there is nothing to score (binary 0/255 masks? see the warnings above)"
         )
-    meta = state["dataset"]
-    root = Path(data) if data is not None else Path(str(meta.get("root", "")))
-    if not str(root) or not (root / "dataset.json").is_file():
-        raise DataError(f"{root}: dataset folder not found (pass --data DIR; the checkpoint's was {meta.get('root')})")
+    result = {
+        "checkpoint": str(checkpoint),
+        "data": str(info.root),
+        "split": split,
+        "scales": list(eval_scales),
+        "flip": flip,
+        "crf": crf,
+        "amp": "bf16" if settings["amp_dtype"] is not None else "off",
+        "pad_to": settings["pad_to"],
+        "arch_version": state.get("arch_version", 1),
+        **metrics,
+    }
+    print_metrics_table(metrics, title=f"{info.name} {split}: {checkpoint}", console=console)
+    console.print(f"mIoU {format_miou(metrics['miou'])} on {metrics['num_images']} images", markup=False)
+    if json_path is not None and dist_info.is_main:
+        write_json(json_path, json_safe(result))
+        console.print(f"metrics written to {json_path}", markup=False)
+    return result
+
+
+def _check_json(json_path: Path, checkpoint: Path) -> None:
+    """``--json`` must be a writable file name, not an input, not a file that evaluate did not write."""
+    from msattn.outputs import check_output_file, json_written_by
+
+    check_output_file(
+        Path(json_path), "--json", inputs=[checkpoint], ours=lambda path: json_written_by(path, ("miou", "checkpoint"))
+    )
+
+
+def _open_split(
+    state: dict[str, Any], checkpoint: Path, data: Path | None, split: str, config: Any
+) -> tuple[Any, Any, Sequence[float], Sequence[float]]:
+    """The split's dataset (checked against the checkpoint's classes), its info, and the input mean/std."""
+    from msattn.data import SegmentationFolder, read_dataset_info
+    from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+    from msattn.engine.checkpoint import dataset_meta
+    from msattn.io import check_id
+
+    meta = dataset_meta(state, checkpoint)
+    root = Path(data) if data is not None else Path(meta["root"])
+    if not str(meta["root"] if data is None else data) or not (root / "dataset.json").is_file():
+        raise DataError(f"{root}: dataset folder not found (pass --data DIR; the checkpoint's was {meta['root']!r})")
     check_id(split, "--split")
     info = read_dataset_info(root)
-    if list(info.classes) != list(meta.get("classes", [])):
+    if list(info.classes) != list(meta["classes"] or []):
         raise DataError(
-            f"{root}: its classes ({len(info.classes)}) differ from the checkpoint's ({len(meta.get('classes', []))}); "
+            f"{root}: its classes ({len(info.classes)}) differ from the checkpoint's ({len(meta['classes'] or [])}); "
             "evaluate on the dataset the model was trained on"
         )
-    config = _checkpoint_recipe(state)
-    eval_scales = list(scales) if scales else (list(config.eval.scales) if config and config.eval.scales else None)
-    if eval_scales is not None:
-        trained = list(state["model_args"].get("scales", [1.0]))
-        if getattr(model, "head", None) is not None and len(eval_scales) != len(trained):
-            raise UsageError(
-                f"--scales: this attention model was trained on {len(trained)} scales {trained}; give as many "
-                "(max/avg and single-scale models take any number)"
-            )
-        if any(not (0 < s <= 4) for s in eval_scales) or len(set(eval_scales)) != len(eval_scales):
-            raise UsageError(f"--scales: need distinct values in (0, 4], got {eval_scales}")
-    crf_params = None
-    if crf:
-        from msattn.crf import CRFParams
-
-        crf_params = config.crf if config is not None else CRFParams()
     max_pixels = config.data.max_pixels if config is not None else None
-    from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-    mean, std = meta.get("mean") or IMAGENET_MEAN, meta.get("std") or IMAGENET_STD
+    mean, std = meta["mean"] or IMAGENET_MEAN, meta["std"] or IMAGENET_STD
     dataset = SegmentationFolder(root, split, transform=EvalTransform(mean=mean, std=std), max_pixels=max_pixels)
-    if len(dataset) == 0:
-        raise DataError(f"{root / (split + '.txt')}: the split is empty")
-    amp_dtype = amp_dtype_for(dev, amp)
+    return dataset, info, mean, std
+
+
+def _run_settings(
+    config: Any, device: torch.device, amp: bool, batch_size: int | None, workers: int | None, pad_to: int | None,
+    crf: bool,
+) -> dict[str, Any]:
+    """Batch size, workers, padding and CRF: the command line's, else the checkpoint recipe's, else defaults."""
     if batch_size is None:
         batch_size = config.eval.batch_size if config is not None else 1
     if workers is None:
@@ -267,46 +323,13 @@ def _evaluate_checkpoint(
         pad_to = config.eval.pad_to
     if pad_to is not None and (pad_to < 9 or (pad_to - 1) % 8):
         raise UsageError(f"--pad-to: must be a side of 8k+1 pixels (e.g. 321, 513), got {pad_to}")
-    metrics = evaluate_model(
-        model,
-        dataset,
-        num_classes=len(info.classes),
-        class_names=list(info.classes),
-        ignore_index=info.ignore_index,
-        scales=eval_scales,
-        flip=flip,
-        crf_params=crf_params,
-        mean=mean,
-        std=std,
-        batch_size=batch_size,
-        limit=limit,
-        device=dev,
-        amp_dtype=amp_dtype,
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
-        workers=workers,
-        progress=dist_info.is_main,
-        console=console,
-        pad_to=pad_to,
-    )
-    result = {
-        "checkpoint": str(checkpoint),
-        "data": str(root),
-        "split": split,
-        "scales": eval_scales or list(state["model_args"].get("scales", [1.0])),
-        "flip": flip,
-        "crf": crf,
-        "amp": "bf16" if amp_dtype is not None else "off",
-        "pad_to": pad_to,
-        "arch_version": state.get("arch_version", 1),
-        **metrics,
-    }
-    print_metrics_table(metrics, title=f"{info.name} {split}: {checkpoint}", console=console)
-    console.print(f"mIoU {format_miou(metrics['miou'])} on {metrics['num_images']} images", markup=False)
-    if json_path is not None and dist_info.is_main:
-        write_json(json_path, json_safe(result))
-        console.print(f"metrics written to {json_path}")
-    return result
+    crf_params = None
+    if crf:
+        from msattn.crf import CRFParams
+
+        crf_params = config.crf if config is not None else CRFParams()
+    return {"batch_size": batch_size, "workers": workers, "pad_to": pad_to, "crf_params": crf_params,
+            "amp_dtype": amp_dtype_for(device, amp)}  # fmt: skip
 
 
 def _checkpoint_recipe(state: dict[str, Any]) -> Any:

@@ -8,7 +8,6 @@ them): normalised images in, class probabilities and merge weights at image size
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_image
+from msattn.data.transforms import normalize_image
 from msattn.engine.distributed import DistInfo
+from msattn.engine.inputs import collect_inputs, gather_inputs, unique_names  # collect_inputs, unique_names: re-exported
+from msattn.engine.predict_files import Outputs, _dataset_info, _Labels, attention_file, write_prediction
 from msattn.errors import DataError, UsageError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-LIST_SUFFIX = ".txt"
+__all__ = [
+    "Outputs", "attention_file", "collect_inputs", "predict_batch", "predict_images", "predict_probs", "unique_names",
+    "write_prediction",
+]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the forward pass
@@ -113,148 +116,6 @@ def predict_probs(
 
 # ----------------------------------------------------------------------------- inputs and names
 
-
-def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
-    """Expand image files, folders (their images, sorted, not recursive) and ``.txt`` list files
-    (one path per line, relative to the list's folder; blank lines and ``#`` comments skipped).
-
-    Paths on the command line must exist; entries of a list are checked when they are read.
-    """
-    found: list[Path] = []
-    for path in inputs:
-        path = Path(path)
-        if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.suffix.lower() == LIST_SUFFIX:
-            found += _read_list(path)
-        elif not path.exists():
-            raise DataError(f"{path}: input not found")
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
-            found.append(path)
-        else:
-            raise DataError(f"{path}: not an image (.jpg, .jpeg, .png), folder or .txt list")
-    return found
-
-
-def _read_list(path: Path) -> list[Path]:
-    from msattn.io import read_list_lines
-
-    return [Path(os.path.normpath(path.parent / line)) for line in read_list_lines(path)]
-
-
-@dataclass(frozen=True)
-class Outputs:
-    """Which files predict writes per image: ``<name>.png`` always, the rest on request."""
-
-    save_probs: bool = False
-    save_attention: bool = False
-    overlay: bool = True
-
-    def files(self, name: str, scales: Sequence[float]) -> list[str]:
-        """File names written for image ``name``."""
-        files = [f"{name}.png"] + ([f"{name}_overlay.jpg"] if self.overlay else [])
-        if self.save_probs:
-            files.append(f"{name}.npz")
-        if self.save_attention and len(scales) > 1:
-            files += [attention_file(name, s) for s in scales] + [f"{name}_attention.png"]
-        return files
-
-
-def attention_file(name: str, scale: float) -> str:
-    """``<name>_attention_<scale>.png`` with the scale written as a float (1.0, 0.75, 0.5)."""
-    return f"{name}_attention_{float(scale)}.png"
-
-
-def unique_names(paths: Sequence[Path], files_of: Any = None) -> tuple[list[str], list[str]]:
-    """Output names (file stems) for ``paths``, renaming ``x`` to ``x_2``, ``x_3``... where two inputs
-    would write the same file. Returns (names, one message per rename).
-
-    ``files_of(name) -> list[str]`` lists the files a name writes (default: just the name).
-    """
-    files_of = files_of or (lambda n: [n])
-    taken: set[str] = set()
-    names, notes = [], []
-    for path in paths:
-        stem, name, k = path.stem, path.stem, 1
-        while any(f in taken for f in files_of(name)):
-            k += 1
-            name = f"{stem}_{k}"
-        if name != stem:
-            notes.append(f"{path}: another input already writes '{stem}', writing this one as '{name}'")
-        taken.update(files_of(name))
-        names.append(name)
-    return names, notes
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-@dataclass
-class _Labels:
-    """What predict needs from the checkpoint's dataset section."""
-
-    classes: list[str]
-    palette: np.ndarray  # uint8 [K,3]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-def _dataset_info(ckpt: dict[str, Any], num_classes: int) -> _Labels:
-    from msattn.engine.visualize import voc_palette
-
-    ds = ckpt.get("dataset") or {}
-    classes = [str(c) for c in ds.get("classes") or []] or [str(i) for i in range(num_classes)]
-    palette = ds.get("palette")
-    palette_arr = np.asarray(palette, dtype=np.uint8).reshape(-1, 3) if palette else voc_palette(num_classes)
-    mean = tuple(float(v) for v in ds.get("mean") or IMAGENET_MEAN)
-    std = tuple(float(v) for v in ds.get("std") or IMAGENET_STD)
-    return _Labels(classes, palette_arr, mean, std)
-
-
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    from msattn.io import atomic_write
-
-    with atomic_write(path, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
-
-
-def write_prediction(
-    out: Path,
-    name: str,
-    image: np.ndarray,
-    probs: np.ndarray,
-    attention: np.ndarray | None,
-    labels: np.ndarray,
-    info: _Labels,
-    scales: Sequence[float],
-    merge: str,
-    outputs: Outputs,
-) -> None:
-    """Write one image's files (all atomically): labels PNG, overlay, optional npz and attention maps."""
-    from msattn.engine.visualize import attention_figure, attention_heatmap, label_image, overlay, scale_title
-    from msattn.io import save_image
-
-    save_image(label_image(labels, info.palette), out / f"{name}.png")
-    if outputs.overlay:
-        save_image(overlay(image, labels, info.palette), out / f"{name}_overlay.jpg", quality=90)
-    if outputs.save_probs:
-        arrays = {
-            "probs": probs.astype(np.float16),
-            "scales": np.asarray(scales, dtype=np.float32),
-            "classes": np.asarray(info.classes, dtype=str),
-            "palette": info.palette,
-        }
-        if attention is not None:
-            arrays["attention"] = attention.astype(np.float16)
-        _write_npz(out / f"{name}.npz", arrays)
-    if outputs.save_attention and attention is not None:
-        for weights, scale in zip(attention, scales):
-            heat = attention_heatmap(image, weights, title=scale_title(scale, merge))
-            save_image(heat, out / attention_file(name, scale))
-        figure = attention_figure(image, labels, attention, scales, info.palette, info.classes, merge)
-        save_image(figure, out / f"{name}_attention.png")
-
-
 # ----------------------------------------------------------------------------- the command
 
 
@@ -285,119 +146,252 @@ def predict_images(
     resume: bool = False,
     overlay: bool = True,
     pad_to: int | None = None,
+    images_dir: Path | None = None,
 ) -> dict[str, int]:
     """``msattn predict``: write label maps, overlays and (optionally) probabilities and attention maps.
 
     ``overlay=False`` with neither probabilities nor attention writes the label PNGs alone (the
     format of the PASCAL VOC evaluation server). ``pad_to`` pads every image to that 8k+1 side.
+    Inputs are files, folders and ``.txt`` lists (:mod:`msattn.engine.inputs`; ``images_dir``
+    resolves list entries and bare ids).
 
-    Unreadable images are reported and skipped; DataError only when no image could be processed.
-    Images of the same size in a batch run together, others one by one. With ``resume``, images
-    whose every output file already exists are skipped (an interrupted run continues). Under
-    ``torchrun`` every rank predicts its share of the images (``rank::world_size``) and rank 0
+    The output folder is locked (one writer) and never holds the inputs; a file there that
+    predict did not write is never written over (refused before any work). Every output
+    carries a mark of the settings and input that made it (:mod:`msattn.outputs`): with
+    ``resume``, images whose files all exist with the current mark are skipped, stale ones
+    redone (saying why). Unreadable images are reported and skipped; DataError only when no
+    image could be processed. Images of the same size in a batch run together. Under
+    ``torchrun`` every rank predicts its share (``rank::world_size``) and rank 0 locks and
     reports. Returns counts over all ranks {"written", "failed", "done"}.
     """
     from msattn.engine.distributed import process_group
 
     with process_group(device) as dist_info:
         outputs = Outputs(save_probs=save_probs, save_attention=save_attention, overlay=overlay)
-        return _predict_images(dist_info, inputs, checkpoint, out, outputs, crf, scales, batch_size, amp, resume, pad_to)
+        options = _Options(outputs, crf, scales, batch_size, amp, resume, pad_to)
+        return _predict_images(dist_info, inputs, checkpoint, Path(out), options, images_dir)
+
+
+@dataclass(frozen=True)
+class _Options:
+    outputs: Outputs
+    crf: bool
+    scales: Sequence[float] | None
+    batch_size: int
+    amp: bool
+    resume: bool
+    pad_to: int | None
+
+
+@dataclass
+class _Run:
+    """What one predict run computes with, decided before any file is written."""
+
+    model: torch.nn.Module
+    info: _Labels
+    scales: tuple[float, ...]
+    merge: str
+    crf_params: Any
+    settings: dict[str, Any]  # everything that changes the numbers (the outputs' mark)
+    notes: list[str]
+
+
+def _prepare_run(checkpoint: Path, options: _Options, device: torch.device) -> _Run:
+    """Load the checkpoint and settle the scales, labels, CRF and the settings every output records."""
+    from msattn import __version__
+    from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from msattn.engine.scales import resolve_scales
+    from msattn.outputs import file_sha256
+
+    if options.pad_to is not None and (options.pad_to < 9 or (options.pad_to - 1) % 8):
+        raise UsageError(f"--pad-to: must be a side of 8k+1 pixels (e.g. 321, 513), got {options.pad_to}")
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt, checkpoint).to(device, memory_format=torch.channels_last)
+    scales, note = resolve_scales(options.scales, model)
+    if model.num_classes > 255:
+        raise UsageError(f"{checkpoint}: {model.num_classes} classes do not fit an 8-bit label PNG")
+    info = _dataset_info(ckpt, model.num_classes, checkpoint)
+    crf_params = _crf_params_from_checkpoint(ckpt, checkpoint) if options.crf else None
+    settings = {
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "scales": list(scales),
+        "crf": crf_params.to_dict() if crf_params is not None else None,
+        "pad_to": options.pad_to,
+        "amp": "bf16" if amp_dtype_for(device, options.amp) is not None else "off",
+        "msattn_version": __version__,
+    }
+    notes = [note] if note else []
+    if options.outputs.save_attention and len(scales) == 1:
+        notes.append("the model runs on one scale: there are no attention maps to save")
+    merge = getattr(model, "merge", "attention")
+    return _Run(model, info, scales, merge, crf_params, settings, notes)
 
 
 def _predict_images(
-    dist_info: DistInfo,
-    inputs: Sequence[Path],
-    checkpoint: Path,
-    out: Path,
-    outputs: Outputs,
-    crf: bool,
-    scales: Sequence[float] | None,
-    batch_size: int,
-    amp: bool,
-    resume: bool,
-    pad_to: int | None,
+    dist_info: DistInfo, inputs: Sequence[Path], checkpoint: Path, out: Path, options: _Options, images_dir: Path | None
 ) -> dict[str, int]:
     from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from msattn.engine.distributed import all_reduce_sum, barrier
-    from msattn.io import clean_temporaries, open_image
+    from msattn.engine.distributed import all_reduce_sum
+    from msattn.outputs import Item, Mark, inputs_key, refuse_inputs_in_out, settings_key
 
-    out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder; choose another --out")
-    paths = list(dict.fromkeys(collect_inputs(inputs)))  # the same file named twice runs once
+    found = gather_inputs(inputs, images_dir)
+    paths = list(dict.fromkeys(found.paths))  # the same file named twice runs once
+    if len(paths) < len(found.paths):
+        repeated = sorted({str(p) for p in found.paths if found.paths.count(p) > 1})
+        found.notes.append(f"{len(repeated)} input(s) named more than once, predicted once: {', '.join(repeated[:3])}"
+                           + (f" and {len(repeated) - 3} more" if len(repeated) > 3 else ""))  # fmt: skip
     if not paths:
         raise DataError(f"no images found in {', '.join(str(p) for p in inputs)}")
-    dev = dist_info.device
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, checkpoint).to(dev)
-    memory_format = torch.channels_last  # faster on CUDA and CPU (benchmarks/README.md)
-    model = model.to(memory_format=memory_format)
-    run_scales = tuple(float(s) for s in (scales or model.scales))
-    if getattr(model, "head", None) is not None and len(run_scales) != len(model.scales):
-        raise UsageError(
-            f"--scales: this attention model was trained on {len(model.scales)} scales "
-            f"{list(model.scales)}; give as many or none"
-        )
-    if model.num_classes > 255:
-        raise UsageError(f"{checkpoint}: {model.num_classes} classes do not fit an 8-bit label PNG")
-    info = _dataset_info(ckpt, model.num_classes)
-    crf_params = _crf_params_from_checkpoint(ckpt, checkpoint) if crf else None
-    merge = getattr(model, "merge", "attention")
-
-    names, notes = unique_names(paths, lambda n: outputs.files(n, run_scales))
-    if dist_info.is_main:  # the folder itself is made by the first write: a failed run leaves nothing
-        clean_temporaries(out)
-    barrier(dist_info)  # no rank writes before the leftovers of a killed run are gone
+    refuse_inputs_in_out(out, {f"input images ({d})": d for d in dict.fromkeys(p.parent for p in paths)})
+    run = _prepare_run(checkpoint, options, dist_info.device)
+    outputs, key = options.outputs, settings_key(run.settings)
+    names, renames = unique_names(paths, lambda n: outputs.files(n, run.scales))
+    items = [Item(tuple(outputs.files(n, run.scales)), Mark("predict", key, inputs_key([p]))) for p, n in zip(paths, names)]
     console = Console(stderr=True, highlight=False, soft_wrap=True, quiet=not dist_info.is_main)
-    for note in notes:
-        console.print(f"[yellow]note[/] {escape(str(note))}")
-    if outputs.save_attention and len(run_scales) == 1:
-        console.print("[yellow]note[/] the model runs on one scale: there are no attention maps to save")
+    for note in [*found.notes, *renames, *run.notes]:
+        console.print(f"note: {note}", markup=False)
+    with contextlib.ExitStack() as lock:
+        plan = _shared_plan(dist_info, out, items, run.settings, options.resume, lock)
+        for note in plan.notes:
+            console.print(f"note: {note}", markup=False)
+        mine = [i for i in plan.todo if i % dist_info.world_size == dist_info.rank]  # this rank's share
+        tally = _Tally()
+        try:
+            _predict_loop(run, [(paths[i], names[i], items[i].mark) for i in mine], out, options, dist_info, tally)
+        finally:
+            if dist_info.is_main and tally.written:  # what made the files, for later runs' messages
+                _record_settings(out, key, run.settings)
+        written, failed, done = tally.written, tally.failed, len(plan.done)
+        if dist_info.distributed:
+            written, failed = all_reduce_sum([written, failed], dist_info)
+            if dist_info.is_main and written and not tally.written:
+                _record_settings(out, key, run.settings)
+        hint = _hint(out, [names[i] for i in plan.done + plan.todo], outputs, run.scales) if dist_info.is_main else None
+        Console(highlight=False, soft_wrap=True, quiet=not dist_info.is_main).print(
+            f"predicted {written} image(s), skipped {failed}{f', {done} already done' if done else ''} -> {out}"
+            + (f"\nopen {hint}" if hint else ""),
+            markup=False,
+        )
+        if written == 0 and done == 0:
+            first = tally.first_problem or "(on another rank)"
+            raise DataError(f"none of the {len(paths)} input image(s) could be read; first: {first}")
+    return {"written": written, "failed": failed, "done": done}
 
-    mine = list(zip(paths, names))[dist_info.rank :: dist_info.world_size]  # this rank's share
-    todo = mine
-    if resume:
-        todo = [(p, n) for p, n in mine if not all((out / f).is_file() for f in outputs.files(n, run_scales))]
-    done = len(mine) - len(todo)
-    written = failed = 0
-    first_problem = ""
+
+@dataclass
+class _Tally:
+    written: int = 0
+    failed: int = 0
+    first_problem: str = ""
+
+
+def _hint(out: Path, names: Sequence[str], outputs: Outputs, scales: Sequence[float]) -> Path | None:
+    """The one file to open first: the first image's attention figure, else its overlay, else its labels."""
+    for name in names:
+        files = outputs.files(name, scales)
+        for wanted in (f"{name}_attention.png", f"{name}_overlay.jpg", f"{name}.png"):
+            if wanted in files and (out / wanted).is_file():
+                return out / wanted
+    return None
+
+
+def _predict_loop(
+    run: _Run, work: list[tuple[Path, str, Any]], out: Path, options: _Options, dist_info: DistInfo, tally: _Tally
+) -> None:
+    """Predict and write ``work`` [(image path, output name, mark)], counting into ``tally``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from msattn.io import open_image
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True, quiet=not dist_info.is_main)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not dist_info.is_main) as progress:
-        bar = progress.add_task("predict", total=len(todo))
-        for chunk in _chunks(todo, batch_size):
+        bar = progress.add_task("predict", total=len(work))
+        for chunk in _chunks(work, options.batch_size):
             loaded = []
-            for path, name in chunk:
+            for path, name, mark in chunk:
                 try:
-                    loaded.append((name, np.array(open_image(path, "RGB"))))
+                    loaded.append((name, np.array(open_image(path, "RGB")), mark))
                 except DataError as exc:
-                    progress.console.print(f"[yellow]skipped[/] {escape(str(exc))}")
-                    first_problem = first_problem or str(exc)
-                    failed += 1
+                    progress.console.print(f"skipped {exc}", markup=False)
+                    tally.first_problem = tally.first_problem or str(exc)
+                    tally.failed += 1
                     progress.advance(bar)
             for group in _same_size_groups(loaded):
-                results = _predict_group(model, group, info, run_scales, amp, dev, memory_format, pad_to)
-                for (name, image), (p, att) in zip(group, results):
-                    refined = _crf(image, p, crf_params) if crf_params is not None else p
+                results = _predict_group(run.model, [(n, im) for n, im, _ in group], run.info, run.scales,
+                                         options.amp, dist_info.device, torch.channels_last, options.pad_to)  # fmt: skip
+                for (name, image, mark), (p, att) in zip(group, results):
+                    refined = _crf(image, p, run.crf_params) if run.crf_params is not None else p
                     labels = refined.argmax(axis=0).astype(np.uint8)
-                    write_prediction(
-                        out, name, image, p, att, labels, info, run_scales, merge, outputs
-                    )
-                    written += 1
+                    problem = _write_all_or_nothing(out, name, image, p, att, labels, run, options.outputs, mark)
+                    if problem:
+                        progress.console.print(f"skipped {problem}", markup=False)
+                        tally.first_problem = tally.first_problem or problem
+                        tally.failed += 1
+                    else:
+                        tally.written += 1
                     progress.advance(bar)
+
+
+def _write_all_or_nothing(
+    out: Path, name: str, image: np.ndarray, probs: np.ndarray, attention: np.ndarray | None, labels: np.ndarray,
+    run: _Run, outputs: Outputs, mark: Any,
+) -> str | None:
+    """Write one image's files; when one cannot be written, remove the image's files and say why.
+
+    A full disk (or any msattn error) stops the run; a file this image alone cannot become (say
+    an overlay wider than JPEG allows) costs this image, not the batch, and leaves no part behind.
+    """
+    from msattn.errors import MsattnError
+
+    try:
+        write_prediction(out, name, image, probs, attention, labels, run.info, run.scales, run.merge, outputs, mark)
+        return None
+    except (MsattnError, MemoryError):
+        raise
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # the file system's (no space, permissions...)
+            raise
+        for file in outputs.files(name, run.scales):
+            (out / file).unlink(missing_ok=True)
+        return f"{name}: its outputs could not be written ({exc}); none of them was kept"
+
+
+def _record_settings(out: Path, key: str, settings: dict[str, Any]) -> None:
+    from msattn.outputs import write_settings
+
+    write_settings(out, "predict", key, settings)
+
+
+def _shared_plan(
+    dist_info: DistInfo, out: Path, items: list[Any], settings: dict[str, Any], resume: bool, lock: contextlib.ExitStack
+) -> Any:
+    """Rank 0 plans the run (refusing foreign files before it touches the folder), then takes the folder's
+    lock into ``lock`` and clears a killed run's temporaries; every rank gets the plan or the refusal.
+    """
+    from msattn.engine.distributed import broadcast_object
+    from msattn.io import clean_temporaries
+    from msattn.locks import folder_lock
+    from msattn.outputs import plan_outputs
+
+    plan = error = None
+    if dist_info.is_main:
+        try:
+            plan = plan_outputs(out, items, "predict", settings, keep_current=resume)
+            lock.enter_context(folder_lock(out, "msattn predict"))
+            clean_temporaries(out)  # leftovers of a killed run; nobody else writes here now
+        except (UsageError, OSError) as exc:  # raised below on every rank: none may wait for rank 0
+            error = exc
     if dist_info.distributed:
-        written, failed, done = all_reduce_sum([written, failed, done], dist_info)
-        first_problem = first_problem or "(on another rank)"
-    already = f", {done} already done" if done else ""
-    Console(highlight=False, quiet=not dist_info.is_main).print(
-        f"predicted {written} image(s), skipped {failed}{already} -> {out}"
-    )
-    if written == 0 and done == 0:
-        raise DataError(f"none of the {len(paths)} input image(s) could be read; first: {first_problem}")
-    return {"written": written, "failed": failed, "done": done}
+        plan, message = broadcast_object((plan, None if error is None else str(error)), dist_info)
+        error = UsageError(message) if message and error is None else error
+    if error is not None:
+        raise error
+    return plan
 
 
 def _predict_group(

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 
 from msattn.config import Recipe
 from msattn.engine.distributed import DistInfo, all_reduce_mean
@@ -194,7 +193,7 @@ def report_final(recipe: Recipe, out_dir: Path, metrics: dict[str, Any], dataset
         **metrics,
     }
     write_json(out_dir / "eval.json", json_safe(report))
-    title = escape(f"{dataset_info.name} {recipe.data.val_split}: last.pt")
+    title = f"{dataset_info.name} {recipe.data.val_split}: last.pt"  # print_metrics_table prints it verbatim
     print_metrics_table(metrics, title=title, console=console)
     console.print(
         f"mIoU {format_miou(metrics['miou'])} on {metrics['num_images']} {recipe.data.val_split} images (last.pt)",

@@ -19,6 +19,7 @@ IGNORE_INDEX = 255
 _BG = (255, 255, 255)
 _FG = (20, 20, 20)
 _MIN_PANEL, _MAX_PANEL = 192, 384  # panel heights in figures (small images are enlarged)
+_MAX_PANEL_WIDTH = 2048  # no panel is enlarged past this width (a 20000x8 strip stays 20000x8, not 480000x192)
 
 
 # ----------------------------------------------------------------------------- palettes
@@ -107,11 +108,13 @@ def _panel_height(height: int) -> int:
     return int(min(max(height, _MIN_PANEL), _MAX_PANEL))
 
 
-def _resize(img: Image.Image, height: int, nearest: bool = False) -> Image.Image:
-    if img.height == height:
+def _resize(img: Image.Image, height: int, nearest: bool = False, max_width: int = _MAX_PANEL_WIDTH) -> Image.Image:
+    """``img`` scaled to ``height``, or less when that would make it wider than ``max_width`` (extreme strips)."""
+    factor = min(height / img.height, max_width / img.width)
+    size = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
+    if size == img.size:
         return img
-    width = max(1, round(img.width * height / img.height))
-    return img.resize((width, height), Image.NEAREST if nearest else Image.BILINEAR)
+    return img.resize(size, Image.NEAREST if nearest else Image.BILINEAR)
 
 
 def colour_bar(height: int, font_size: int = 12) -> Image.Image:
@@ -159,12 +162,13 @@ def attention_heatmap(
     heat = heat_colors(weights).astype(np.float32)
     mixed = (1 - alpha) * np.asarray(image, dtype=np.float32) + alpha * heat
     panel = Image.fromarray(np.clip(mixed + 0.5, 0, 255).astype(np.uint8))
-    panel = _resize(panel, max(panel.height, _MIN_PANEL))  # native size; small images enlarged
-    font_size = max(12, panel.height // 16)
+    # native size; small images enlarged, but never past the panel width limit
+    panel = _resize(panel, max(panel.height, _MIN_PANEL), max_width=max(panel.width, _MAX_PANEL_WIDTH))
+    font_size = max(12, min(panel.height, panel.width) // 16)  # a tall strip gets no giant title
     band = font_size + 10
     titled = _titled(panel, title or "", _font(font_size), band)
-    bar = colour_bar(panel.height, font_size)
-    legend = Image.new("RGB", (bar.width, titled.height), _BG)
+    bar = colour_bar(max(panel.height, 64), font_size)
+    legend = Image.new("RGB", (bar.width, max(titled.height, bar.height + band)), _BG)
     legend.paste(bar, (0, band))
     return _hstack([titled, legend], gap=6)
 
@@ -202,8 +206,9 @@ def attention_figure(
         heat = Image.fromarray(heat_colors(weights))
         panels.append((_resize(heat, height, nearest=merge == "max"), scale_title(scale, merge)))
     titled = [_titled(p, t, font, band) for p, t in panels]
-    bar = colour_bar(height, font_size)
-    legend = Image.new("RGB", (bar.width, height + band), _BG)
+    bar_height = max(panels[0][0].height, 64)  # panels of an extreme strip are shorter than `height`
+    bar = colour_bar(bar_height, font_size)
+    legend = Image.new("RGB", (bar.width, bar_height + band), _BG)
     legend.paste(bar, (0, band))
     row = _hstack([*titled, legend], gap=8)
     if not classes:

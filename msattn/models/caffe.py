@@ -279,6 +279,14 @@ def is_converted_weights(state: Any) -> bool:
     return isinstance(state, dict) and state.get("format") == FORMAT
 
 
+def _converted_file(path: Path) -> bool:
+    """Whether ``path`` is an earlier ``msattn convert-weights`` output (so it may be replaced)."""
+    try:
+        return is_converted_weights(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
 def convert_weights_command(source: Path, out: Path) -> dict[str, Any]:
     """``msattn convert-weights``: write the converted weights to ``out`` (atomically; never over ``source``)."""
     from rich.console import Console
@@ -291,6 +299,9 @@ def convert_weights_command(source: Path, out: Path) -> dict[str, Any]:
         raise UsageError(f"{out}: --out is the input caffemodel; choose another file")
     if out.is_dir():
         raise UsageError(f"{out}: is a folder; --out needs a file name such as init.pt")
+    from msattn.outputs import check_output_file
+
+    check_output_file(out, "--out", inputs=[source], ours=_converted_file)  # never over a file it did not write
     converted = convert_caffemodel(source)
     with atomic_write(out, "wb") as handle:
         torch.save(converted, handle)

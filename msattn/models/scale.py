@@ -96,8 +96,9 @@ class ScaleNet(nn.Module):
         if self.head is not None:
             if len(scales) != len(self.scales):
                 raise ValueError(f"an attention model trained on {len(self.scales)} scales needs as many, got {scales}")
-            if sorted(scales) == sorted(self.scales):
-                scales = self.scales  # the head's output channels follow the training order
+            if sorted(scales) != sorted(self.scales):  # the head weighs exactly the scales it was trained on
+                raise ValueError(f"an attention model trained on scales {list(self.scales)} needs those, got {scales}")
+            scales = self.scales  # the head's output channels follow the training order
         feats, per_scale = [], []
         for s in scales:
             x = images if s == 1.0 else resize_bilinear(images, scaled_size(images.shape[-2:], s))

@@ -140,6 +140,7 @@ def _split_tasks(root: Path, split: str, ids: importing.IdTable) -> list[Task]:
     return tasks
 
 
+@common.locked_output("source")
 def prepare_cityscapes(source: Path, out: Path, workers: int = 2) -> PrepareSummary:
     """Write Cityscapes train/val (fine labels, 19 classes) to ``out``."""
     source, out = Path(source), Path(out)

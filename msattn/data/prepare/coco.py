@@ -167,6 +167,7 @@ def _split_tasks(
     return tasks
 
 
+@common.locked_output("coco")
 def prepare_coco(
     coco: Path, out: Path, train_size: int = 10000, val_size: int = 1500, seed: int = 0, workers: int = 2
 ) -> PrepareSummary:

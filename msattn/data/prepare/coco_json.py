@@ -148,6 +148,7 @@ def _tasks(
     return tasks, bad + ids.error_results(), warnings
 
 
+@common.locked_output("images", "val_images")
 def prepare_coco_json(
     annotations: Path,
     images: Path,

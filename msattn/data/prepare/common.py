@@ -11,11 +11,19 @@ final name is complete, and re-running the command resumes an interrupted run.
 
 Images are **hard links** to the source JPEGs when source and output share a file
 system (no extra disk space; do not edit them in place), and copies otherwise.
+
+Every ``prepare_*`` function is decorated with :func:`locked_output`: it refuses an ``--out``
+that is a source folder (or would write where a source lies), and holds the
+output folder's lock (:func:`msattn.locks.folder_lock`) for the whole run, so that a second
+``prepare-data`` into the same folder stops at once. :func:`prepare_output` refuses a folder
+holding files that prepare-data did not write.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import json
 import multiprocessing
 import os
 import shutil
@@ -32,7 +40,7 @@ import numpy as np
 
 from msattn import __version__
 from msattn.data.palette import flat_palette
-from msattn.errors import DataError, MsattnError, ResourceError
+from msattn.errors import DataError, MsattnError, ResourceError, UsageError
 from msattn.io import atomic_write, clean_temporaries, read_json, write_id_list, write_json
 
 IGNORE_INDEX = 255
@@ -94,19 +102,70 @@ def make_console(stderr: bool = False) -> Any:
 
 # ----------------------------------------------------------------------------- output folder
 
+#: What prepare-data writes directly in ``--out`` (a folder holding one of these without the marker is refused).
+WRITTEN_NAMES = ("images", "labels", "train.txt", "val.txt", "trainval.txt", "dataset.json", REPORT_NAME)
+
+
+def locked_output(*source_args: str) -> Callable[[Callable[..., PrepareSummary]], Callable[..., PrepareSummary]]:
+    """Decorate a ``prepare_*(..., out, ...)`` function: check ``out`` against its source folders (the
+    arguments named ``source_args``, shown as ``--<name>``) and hold ``out``'s lock for the whole call.
+    """
+    from msattn.locks import folder_lock
+
+    def wrap(fn: Callable[..., PrepareSummary]) -> Callable[..., PrepareSummary]:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> PrepareSummary:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            out = Path(bound.arguments["out"])
+            sources = {f"--{n}": Path(bound.arguments[n]) for n in source_args if bound.arguments[n] is not None}
+            check_sources(out, sources)
+            with folder_lock(out, f"msattn prepare-data ({fn.__name__})"):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return wrap
+
+
+def check_sources(out: Path, sources: dict[str, Path]) -> None:
+    """Refuse an ``out`` that could write over or mix with a source: the source folder itself, or a
+    folder holding the source where prepare-data writes (``out/images``, ``out/labels``). An ``out``
+    inside a source folder (``--voc data --out data/voc``) or holding it elsewhere
+    (``--voc data/voc/VOC2012 --out data/voc``) is fine: every name written there is new.
+    """
+    target = Path(os.path.abspath(out))
+    for option, source in sources.items():
+        src = Path(os.path.abspath(source))
+        if target == src or _samefile(target, src):
+            raise UsageError(f"--out {out}: is the {option} folder; prepare-data never writes into its sources' "
+                             "folders: choose another folder, e.g. a new folder beside it")  # fmt: skip
+        for written in ("images", "labels"):
+            if src.is_relative_to(target / written) or _samefile(target / written, src):
+                raise UsageError(f"--out {out}: would write {target / written}, where the {option} folder {source} "
+                                 "lies: choose another --out")  # fmt: skip
+
+
+def _samefile(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
 
 def prepare_output(out: Path, name: str, params: dict[str, Any]) -> None:
     """Create ``out``'s folders, remove temporaries left by a killed run, and pin the settings.
 
-    A folder prepared earlier with other settings (another seed, size, dataset) is refused, since
-    resuming into it would mix two datasets.
+    Must run inside :func:`locked_output` (the lock of ``out`` held by this process). A folder
+    prepared earlier with other settings (another seed, size, dataset) is refused, since resuming
+    into it would mix two datasets; so is one holding files prepare-data did not write.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; choose another --out")
-    for sub in (out, out / "images", out / "labels"):
-        sub.mkdir(parents=True, exist_ok=True)
-        clean_temporaries(sub)
+    _require_lock(out)
     marker = out / MARKER_NAME
     wanted = {"name": name, "params": params}
     if marker.is_file():
@@ -121,7 +180,33 @@ def prepare_output(out: Path, name: str, params: dict[str, Any]) -> None:
             )
     elif (out / "dataset.json").is_file():
         raise DataError(f"{out}: holds a dataset.json not written by this command; choose another --out")
+    else:
+        foreign = [n for n in WRITTEN_NAMES if (out / n).exists() and not _is_empty_dir(out / n)]
+        if foreign:
+            raise DataError(
+                f"{out}: holds {', '.join(foreign)} not written by prepare-data (no {MARKER_NAME}); prepare-data never "
+                "writes over them: choose another --out"
+            )
+    for sub in (out, out / "images", out / "labels"):
+        sub.mkdir(parents=True, exist_ok=True)
+        clean_temporaries(sub)
     write_json(marker, wanted)
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def _require_lock(out: Path) -> None:
+    """A programming error when ``out``'s lock is not held by this process (see :func:`locked_output`)."""
+    from msattn.locks import OWNER_NAME
+
+    try:
+        owner = json.loads((out / OWNER_NAME).read_text(encoding="utf-8")).get("pid")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    if owner != os.getpid():
+        raise RuntimeError(f"{out}: prepare_output() runs only inside a @common.locked_output prepare_* function")
 
 
 def _describe_difference(found: Any, wanted: dict[str, Any]) -> str:
@@ -210,11 +295,16 @@ def check_label_values(label: np.ndarray, num_classes: int, source: Path | str) 
 
 
 def check_image(src: Path, size: tuple[int, int] | None = None) -> None:
-    """Fully decode an image (corrupt or truncated files raise :class:`DataError`); check its (W, H)."""
-    from msattn.io import open_image
+    """Fully decode an image (corrupt or truncated files raise :class:`DataError`); check its (W, H).
 
-    img = open_image(src, mode=None)
-    if size is not None and img.size != tuple(size):
+    The size may match the stored pixels or the image turned by its EXIF orientation: the
+    dataset reader picks the one its label matches (:func:`msattn.data.labels.orient_to_label`).
+    """
+    from msattn.io import EXIF_ORIENTATION, open_image
+
+    img = open_image(src, mode=None, orient=False)
+    turned = img.size[::-1] if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else img.size  # 90-degree turns
+    if size is not None and tuple(size) not in (img.size, turned):
         raise DataError(
             f"{src}: image is {img.size[0]}x{img.size[1]} but its annotation is {size[0]}x{size[1]}"
         )
@@ -395,9 +485,10 @@ def _collect(
 def _print_summary(summary: PrepareSummary, results: Sequence[Result]) -> None:
     from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     console = make_console()
-    table = Table(title=f"prepare-data {summary.name} -> {summary.out}", title_justify="left")
+    table = Table(title=Text(f"prepare-data {summary.name} -> {summary.out}"), title_justify="left")  # verbatim
     for column in ("split", "usable", "written", "already done", "missing", "skipped", "errors"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for split in summary.splits:

@@ -263,6 +263,7 @@ def _assign(items: list, problems: list, val_fraction: float, seed: int) -> tupl
     return importing.split_by_fraction(ids, val_fraction, seed), importing.fraction_rule(val_fraction, seed)
 
 
+@common.locked_output("source", "images")
 def prepare_cvat(
     source: Path, out: Path, images: Path | None = None, val_fraction: float = 0.1, seed: int = 0, workers: int = 2
 ) -> PrepareSummary:

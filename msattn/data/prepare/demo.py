@@ -142,6 +142,7 @@ def _process(task: Task, out: Path) -> Result:
     return Result(task.split, task.id, WRITTEN)
 
 
+@common.locked_output()
 def prepare_demo(
     out: Path, num_train: int = 240, num_val: int = 60, image_size: int = 96, seed: int = 0, workers: int = 2
 ) -> PrepareSummary:

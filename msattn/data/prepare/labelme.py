@@ -183,6 +183,7 @@ def _tasks(items: list, index: dict[str, int], assign: dict[str, str]) -> tuple[
     return tasks, bad
 
 
+@common.locked_output("source")
 def prepare_labelme(
     source: Path, out: Path, labels: Path | None = None, val_fraction: float = 0.1, seed: int = 0, workers: int = 2
 ) -> PrepareSummary:

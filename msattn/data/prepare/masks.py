@@ -215,6 +215,7 @@ def _collect(images: Path, masks: Path, suffix: str, val_fraction: float, seed: 
     return tasks, orphans + [m for _, m in ids.problems], rule
 
 
+@common.locked_output("images", "masks")
 def prepare_masks(
     images: Path, masks: Path, out: Path, classes: Path | None = None, ignore_value: int = 255,
     val_fraction: float = 0.1, seed: int = 0, mask_suffix: str = "", workers: int = 2,

@@ -101,6 +101,7 @@ def _process(task: Task, out: Path) -> Result:
     return Result(task.split, task.id, WRITTEN)
 
 
+@common.locked_output("source")
 def prepare_person_part(
     source: Path,
     out: Path,

@@ -57,7 +57,7 @@ def read_voc_label(path: Path) -> np.ndarray:
     """Class indices of a VOC label PNG: the raw palette indices (mode P) or grey values (mode L)."""
     from msattn.io import open_image
 
-    img = open_image(path, mode=None)
+    img = open_image(path, mode=None, orient=False)  # labels are read as stored
     if img.mode not in ("P", "L"):
         raise DataError(f"{path}: label is a mode {img.mode} image; expected a palette (P) or grey (L) PNG of class indices")
     return np.array(img, dtype=np.uint8)
@@ -105,6 +105,7 @@ def _stems(folder: Path | None, suffix: str) -> set[str]:
     return {name[: -len(suffix)] for name in (p.name for p in folder.iterdir()) if name.endswith(suffix)}
 
 
+@common.locked_output("voc", "sbd")
 def prepare_voc(
     voc: Path,
     out: Path,
