@@ -135,7 +135,7 @@ def test_label_problems() -> None:
     assert problem.level == "error" and "3, 9" in problem.message
     (problem,) = label_problems(np.array([[0, 255], [255, 0]]), 5)
     assert problem.code == "binary-mask" and problem.level == "warning"
-    assert label_problems(np.array([0, 255]), 2) == []  # two classes: 0/255 is a plausible label
+    assert label_problems(np.array([0, 255]), 2)[0].code == "binary-mask"  # the classic 0/255 binary mask
     assert label_problems(np.array([255]), 3)[0].code == "all-ignore"
 
 

@@ -112,25 +112,25 @@ class CheckReport:
 
 
 def label_problems(values: np.ndarray, num_classes: int, ignore_index: int = 255) -> list[Finding]:
-    """Problems of a label from its values (the label array, or its unique values).
+    """Problems of a label from its values (the label array, or its unique values), by the rules of
+    :mod:`msattn.data.labels` that training and evaluation apply too.
 
     Errors: values that are neither a class index nor ``ignore_index``. Warnings: a label that is
-    all ignore, and one holding only 0 and ``ignore_index`` while there are more than two classes
-    (a binary mask whose objects were stored as 255, which means ignore).
+    all ignore, and one holding only 0 and ``ignore_index`` (a binary mask whose objects were
+    stored as 255, which means ignore).
     """
+    from msattn.data.labels import bad_label_values, label_warnings
+
     found = np.unique(np.asarray(values))
     problems = []
-    bad = found[((found < 0) | (found >= num_classes)) & (found != ignore_index)]
-    if bad.size:
-        shown = ", ".join(str(int(v)) for v in bad[:5])
+    bad = bad_label_values(found.tolist(), num_classes, ignore_index)
+    if bad:
+        shown = ", ".join(str(v) for v in bad[:5])
         problems.append(Finding(ERROR, "values-out-of-range",
                                 f"label values {shown} outside the classes 0..{num_classes - 1} (ignore: {ignore_index})"))  # fmt: skip
-    if found.size and np.all(found == ignore_index):
-        problems.append(Finding(WARNING, "all-ignore", f"every pixel is {ignore_index} (ignore): nothing to learn here"))
-    elif num_classes > 2 and set(found.tolist()) == {0, ignore_index}:
-        problems.append(Finding(WARNING, "binary-mask",
-                                f"only values 0 and {ignore_index}: a binary mask where {ignore_index} marks objects? "
-                                f"{ignore_index} means ignore, so those pixels are not learned"))  # fmt: skip
+    for message in label_warnings(found.tolist(), num_classes, ignore_index):
+        code = "all-ignore" if message.startswith("every pixel") else "binary-mask"
+        problems.append(Finding(WARNING, code, message))
     return problems
 
 
@@ -145,8 +145,8 @@ def image_problems(width: int, height: int, orientation: int = 1) -> list[Findin
                                 "iteration; consider downscaling images and labels"))  # fmt: skip
     if orientation not in (0, 1):
         problems.append(Finding(WARNING, "exif-rotated",
-                                f"EXIF orientation {orientation}: viewers show it turned, msattn reads the stored "
-                                "pixels; the label must match those (prepare-data stores images upright)"))  # fmt: skip
+                                f"EXIF orientation {orientation}: viewers show it turned; msattn reads it turned when "
+                                "its label matches the turned size, else as stored (prepare-data stores images upright)"))  # fmt: skip
     return problems
 
 

@@ -36,11 +36,14 @@ def label_warnings(values: Iterable[int], num_classes: int, ignore_index: int = 
 
     Values outside the classes are errors, not warnings (:func:`bad_label_values`). A map of
     only 0 and ``ignore_index`` is a binary mask saved as 0/255: the foreground is ignored,
-    not scored, and an evaluation reads 100% on the background alone.
+    not scored, and an evaluation reads 100% on the background alone. A map of only
+    ``ignore_index`` holds nothing to learn. ``msattn check-data`` applies the same rules.
     """
     present = {int(v) for v in values}
     messages = []
-    if num_classes >= 2 and present == {0, ignore_index}:
+    if present == {ignore_index}:
+        messages.append(f"every pixel is {ignore_index} (ignore): nothing to learn or score here")
+    elif num_classes >= 2 and present == {0, ignore_index}:
         messages.append(
             f"holds only the values 0 and {ignore_index}: a binary mask? {ignore_index} means 'ignore' here, so "
             f"its foreground is neither trained nor scored; store the foreground as a class index (1..{num_classes - 1})"
