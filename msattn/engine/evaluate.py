@@ -260,8 +260,10 @@ def _evaluate_checkpoint(
     amp_dtype = amp_dtype_for(dev, amp)
     if batch_size is None:
         batch_size = config.eval.batch_size if config is not None else 1
-    if workers is None:
-        workers = config.data.workers if config is not None else 0
+    if workers is None:  # issue 18: data.workers may be "auto"
+        from msattn.engine.loader import resolve_workers
+
+        workers = resolve_workers(config.data.workers if config is not None else 0, dev).count
     if pad_to is None and config is not None:
         pad_to = config.eval.pad_to
     if pad_to is not None and (pad_to < 9 or (pad_to - 1) % 8):

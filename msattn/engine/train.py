@@ -372,8 +372,13 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
             save_checkpoint(p, ckpt)
 
     # --- the loop
-    loader = make_train_loader(train_set, recipe, start, info)
-    batches = iter(loader)
+    # issue 18: "auto" workers, uint8 batches normalised on the device, data-wait time (msattn.engine.loader)
+    from msattn.engine.loader import DeviceBatches, train_workers
+
+    workers = train_workers(recipe.data.workers, train_set, dev)
+    console.print(workers.reason)
+    loader = make_train_loader(train_set, recipe, start, info, workers=workers.count)
+    batches = DeviceBatches(loader, dev, train_set.transform.mean, train_set.transform.std)
     step = functools.partial(
         train_step,
         ddp_model,
@@ -439,12 +444,14 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
                 record = {"iteration": done, **{n: float(v) for n, v in zip(names, means.tolist())}}
                 record["lr"] = recipe.optim.lr * lr_factor(recipe)(it)  # the lr of this step (backbone weights)
                 record["images_per_s"] = window_iters * cfg.batch_size / max(elapsed, 1e-9)
+                record["data_wait"] = min(1.0, batches.take_wait() / max(elapsed, 1e-9))  # share waiting for data
                 record["memory_mb"] = memory_mb(dev)
                 log.write(record)
                 progress.update(task, loss=record["loss"])
                 console.print(
                     f"it {done:>6}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                    f"{record['images_per_s']:.1f} img/s  {record['memory_mb']:.0f} MB"
+                    f"{record['images_per_s']:.1f} img/s  data wait {record['data_wait']:.0%}  "
+                    f"{record['memory_mb']:.0f} MB"
                 )
                 window, window_iters, window_start = {}, 0, time.perf_counter()
             progress.update(task, completed=done)
@@ -652,7 +659,10 @@ def maybe_prepare(recipe: Recipe, console: Console) -> None:
         from msattn.data.prepare.demo import prepare_demo
 
         console.print(f"preparing the synthetic demo dataset in {root}")
-        prepare_demo(out=root, num_train=240, num_val=60, image_size=96, seed=0, workers=recipe.data.workers)
+        from msattn.engine.loader import resolve_workers
+
+        workers = resolve_workers(recipe.data.workers, torch.device("cpu")).count  # issue 18: "auto"
+        prepare_demo(out=root, num_train=240, num_val=60, image_size=96, seed=0, workers=workers)
 
 
 def build_datasets(
@@ -671,6 +681,7 @@ def build_datasets(
         mean=norm.mean,
         std=norm.std,
         ignore_index=info.ignore_index,
+        output="uint8",  # normalised on the device by msattn.engine.loader.DeviceBatches (same values)
     )
     root = Path(data.root)
     train_set = SegmentationFolder(root, data.train_split, transform=train_tf, max_pixels=data.max_pixels)
@@ -695,13 +706,19 @@ def build_datasets(
     return train_set, val_set, select_set
 
 
-def make_train_loader(train_set: Dataset, recipe: Recipe, start: int, info: DistInfo) -> DataLoader:
-    """A DataLoader over this rank's part of the seeded stream, from iteration ``start`` on."""
+def make_train_loader(
+    train_set: Dataset, recipe: Recipe, start: int, info: DistInfo, workers: int | None = None
+) -> DataLoader:
+    """A DataLoader over this rank's part of the seeded stream, from iteration ``start`` on, with
+    ``workers`` processes (default: ``data.workers`` resolved by msattn.engine.loader)."""
+    from msattn.engine.loader import resolve_workers
+
     cfg = recipe.train
     sampler = StreamSampler(
         len(train_set), cfg.batch_size, recipe.micro_batch, cfg.seed, start, cfg.iterations, info.rank, info.world_size
     )
-    workers = recipe.data.workers
+    if workers is None:
+        workers = resolve_workers(recipe.data.workers, info.device).count
     return DataLoader(
         TrainStream(train_set, cfg.seed),
         batch_size=recipe.micro_batch,
