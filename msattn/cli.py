@@ -63,6 +63,20 @@ def root(
 # ----------------------------------------------------------------------------- prepare-data
 
 Workers = Annotated[int, typer.Option("--workers", "-j", min=0, help="Parallel worker processes (0: in-process).")]
+# issue 18: CUDA graphs over size buckets for evaluate and predict (msattn.engine.graphs)
+CompileGraphs = Annotated[
+    bool,
+    typer.Option(
+        "--compile/--no-compile",
+        help="CUDA: run the whole multi-scale forward as one captured CUDA graph per batch shape, images padded "
+        "to size buckets (--no-compile: eager, each image padded to its own next 8k+1 side). Ignored on CPU.",
+    ),
+]
+Bucket = Annotated[
+    Optional[int],
+    typer.Option(min=0, help="With CUDA graphs: pad sides up to multiples of N pixels + 1 (a multiple of 8; "
+                 "default 64; 0: the next 8k+1 side)."),
+]
 
 
 @prepare_app.command("person-part")
@@ -180,6 +194,8 @@ def evaluate(
         typer.Option(help="Pad every image to this 8k+1 side (DeepLab's VOC protocol: 513; default: the recipe's "
                      "eval.pad_to, else the next 8k+1 side of each image)."),
     ] = None,
+    compile_graphs: CompileGraphs = True,
+    bucket: Bucket = None,
     device: Device = None,
 ) -> None:
     """Score a checkpoint: mIoU, pixel accuracy and per-class IoU."""
@@ -199,6 +215,8 @@ def evaluate(
         batch_size=batch_size,
         workers=workers,
         pad_to=pad_to,
+        compile_graphs=compile_graphs,
+        bucket=bucket,
     )
 
 
@@ -214,7 +232,9 @@ def predict(
     save_attention: Annotated[bool, typer.Option(help="Write per-scale attention maps and a figure.")] = False,
     crf: Annotated[bool, typer.Option(help="Refine with the dense CRF.")] = False,
     scales: Annotated[Optional[list[float]], typer.Option("--scales", help="Scales (default: the model's).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 1,
+    batch_size: Annotated[
+        Optional[int], typer.Option(min=1, help="Images per forward pass (default: 8 with CUDA graphs, else 1).")
+    ] = None,
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
     resume: Annotated[bool, typer.Option(help="Skip images whose outputs are all in --out already.")] = False,
     overlay: Annotated[
@@ -223,6 +243,8 @@ def predict(
     pad_to: Annotated[
         Optional[int], typer.Option(help="Pad every image to this 8k+1 side (default: the next 8k+1 side).")
     ] = None,
+    compile_graphs: CompileGraphs = True,
+    bucket: Bucket = None,
     device: Device = None,
 ) -> None:
     """Predict label maps (and attention maps) for images."""
@@ -242,6 +264,8 @@ def predict(
         resume=resume,
         overlay=overlay,
         pad_to=pad_to,
+        compile_graphs=compile_graphs,
+        bucket=bucket,
     )
 
 

@@ -8,6 +8,7 @@ dense CRF, and their argmax is scored against the label (255 ignored).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from rich.table import Table
 
 from msattn.engine.distributed import DistInfo
 from msattn.engine.metrics import ConfusionMatrix, format_miou, json_safe
-from msattn.engine.predict import amp_dtype_for, predict_batch
+from msattn.engine.predict import amp_dtype_for
 from msattn.errors import DataError, UsageError
 
 
@@ -48,6 +49,7 @@ def evaluate_model(
     progress: bool = True,
     console: Console | None = None,
     pad_to: int | None = None,
+    runner: Any = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``dataset`` (items ``{"image", "label", "id"}`` at full resolution).
 
@@ -59,6 +61,10 @@ def evaluate_model(
     ``crf_params`` (a :class:`msattn.crf.CRFParams`) refines the probabilities with the dense
     CRF; it needs ``mean``/``std`` to recover the RGB image. Returns
     :meth:`ConfusionMatrix.compute` plus ``num_images``.
+
+    ``runner`` (a :class:`msattn.engine.graphs.InferenceRunner` over ``model`` with the same
+    scales, flip, amp and pad_to) runs the forward, e.g. as CUDA graphs over size buckets;
+    None: the eager :func:`predict_batch`, exactly.
     """
     from torch.utils.data import DataLoader, Subset
 
@@ -75,6 +81,10 @@ def evaluate_model(
     )
     was_training = model.training
     model.eval()
+    if runner is None:  # issue 18: the eager forward (graphs and buckets: msattn.engine.graphs)
+        from msattn.engine.graphs import InferenceRunner
+
+        runner = InferenceRunner(model, scales=scales, flip=flip, amp_dtype=amp_dtype, pad_to=pad_to)
     matrix = ConfusionMatrix(num_classes, ignore_index, device)
     console = console or Console(highlight=False, soft_wrap=True)
     progress_bar = _eval_progress(console, enabled=progress and rank == 0)
@@ -82,15 +92,8 @@ def evaluate_model(
         with progress_bar:
             task = progress_bar.add_task("evaluate", total=len(indices))
             for items in loader:
-                for group in _same_size_groups(items):
-                    images = torch.stack([item["image"] for item in group]).to(device, non_blocking=True)
-                    labels = torch.stack([item["label"] for item in group]).to(device, non_blocking=True)
-                    probs, _ = predict_batch(
-                        model, images, scales=scales, flip=flip, amp_dtype=amp_dtype, pad_to=pad_to
-                    )
-                    if crf_params is not None:
-                        probs = _refine(probs, images, crf_params, mean, std)
-                    matrix.update(probs.argmax(1), labels)
+                for group in _same_size_groups(items, runner.group_key):
+                    _score_group(runner, group, matrix, device, crf_params, mean, std)
                 progress_bar.update(task, advance=len(items))
     finally:
         model.train(was_training)
@@ -100,14 +103,27 @@ def evaluate_model(
     return metrics
 
 
-def _same_size_groups(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+def _same_size_groups(items: list[dict[str, Any]], key: Any) -> list[list[dict[str, Any]]]:
+    """Runs of consecutive items with the same ``key(image size)`` (the size, or its bucket with graphs)."""
     groups: list[list[dict[str, Any]]] = []
     for item in items:
-        if groups and groups[-1][0]["image"].shape == item["image"].shape:
+        if groups and key(groups[-1][0]["image"].shape[-2:]) == key(item["image"].shape[-2:]):
             groups[-1].append(item)
         else:
             groups.append([item])
     return groups
+
+
+def _score_group(
+    runner: Any, group: list[dict[str, Any]], matrix: ConfusionMatrix, device: torch.device, crf_params: Any,
+    mean: Any, std: Any,
+) -> None:
+    """Predict one group of images (one size, or one bucket) and count it into ``matrix``."""
+    images = [item["image"].to(device, non_blocking=True) for item in group]  # [3, H_i, W_i] each
+    for image, item, (probs, _) in zip(images, group, runner.predict(images)):
+        if crf_params is not None:
+            probs = _refine(probs[None], image[None], crf_params, mean, std)[0]
+        matrix.update(probs.argmax(0), item["label"].to(device, non_blocking=True))
 
 
 def _refine(probs: torch.Tensor, images: torch.Tensor, params: Any, mean: Any, std: Any) -> torch.Tensor:
@@ -174,6 +190,8 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     workers: int | None = None,
     pad_to: int | None = None,
+    compile_graphs: bool = True,
+    bucket: int | None = None,
 ) -> dict[str, Any]:
     """``msattn evaluate``: score a checkpoint on a split of its dataset (or of ``data``).
 
@@ -185,12 +203,17 @@ def evaluate_checkpoint(
     ``num_images``, ``checkpoint``, ``data``, ``split``, ``scales``, ``flip``, ``crf``, ``amp``.
     Under ``torchrun`` the images are sharded over the ranks, the confusion matrices summed,
     and rank 0 alone prints and writes.
+
+    On CUDA, ``compile_graphs`` (the default; ``--no-compile`` turns it off) pads images to
+    size buckets of ``bucket`` pixels (default 64) and replays one CUDA graph per batch shape,
+    and ``batch_size`` defaults to at least 8 (:mod:`msattn.engine.graphs`).
     """
     from msattn.engine.distributed import process_group
 
     with process_group(device) as info:
         return _evaluate_checkpoint(
-            info, checkpoint, data, split, scales, flip, crf, json_path, limit, amp, batch_size, workers, pad_to
+            info, checkpoint, data, split, scales, flip, crf, json_path, limit, amp, batch_size, workers, pad_to,
+            compile_graphs, bucket,
         )
 
 
@@ -208,6 +231,8 @@ def _evaluate_checkpoint(
     batch_size: int | None,
     workers: int | None,
     pad_to: int | None,
+    compile_graphs: bool = True,
+    bucket: int | None = None,
 ) -> dict[str, Any]:
     from msattn.data import SegmentationFolder, read_dataset_info
     from msattn.data.transforms import EvalTransform
@@ -258,16 +283,20 @@ def _evaluate_checkpoint(
     if len(dataset) == 0:
         raise DataError(f"{root / (split + '.txt')}: the split is empty")
     amp_dtype = amp_dtype_for(dev, amp)
-    if batch_size is None:
-        batch_size = config.eval.batch_size if config is not None else 1
-    if workers is None:  # issue 18: data.workers may be "auto"
-        from msattn.engine.loader import resolve_workers
-
-        workers = resolve_workers(config.data.workers if config is not None else 0, dev).count
     if pad_to is None and config is not None:
         pad_to = config.eval.pad_to
     if pad_to is not None and (pad_to < 9 or (pad_to - 1) % 8):
         raise UsageError(f"--pad-to: must be a side of 8k+1 pixels (e.g. 321, 513), got {pad_to}")
+    # issue 18: CUDA graphs over size buckets, batches of >= 8 on CUDA, loader workers "auto"
+    from msattn.engine.graphs import InferenceRunner, graph_policy, inference_batch_size
+    from msattn.engine.loader import resolve_workers
+
+    runner = InferenceRunner(model, scales=eval_scales, flip=flip, amp_dtype=amp_dtype, pad_to=pad_to,
+                             policy=graph_policy(dev, compile_graphs, bucket))
+    batch_size = inference_batch_size(batch_size, config.eval.batch_size if config is not None else 1, runner.policy)
+    if workers is None:
+        workers = resolve_workers(config.data.workers if config is not None else 0, dev).count
+    start = time.perf_counter()
     metrics = evaluate_model(
         model,
         dataset,
@@ -289,7 +318,9 @@ def _evaluate_checkpoint(
         progress=dist_info.is_main,
         console=console,
         pad_to=pad_to,
+        runner=runner,
     )
+    seconds = time.perf_counter() - start
     result = {
         "checkpoint": str(checkpoint),
         "data": str(root),
@@ -300,10 +331,19 @@ def _evaluate_checkpoint(
         "amp": "bf16" if amp_dtype is not None else "off",
         "pad_to": pad_to,
         "arch_version": state.get("arch_version", 1),
+        "batch_size": batch_size,
+        "cuda_graphs": runner.policy.enabled,
+        "bucket": runner.policy.bucket if runner.policy.enabled else None,
         **metrics,
+        "seconds": seconds,
+        "images_per_s": metrics["num_images"] / max(seconds, 1e-9),
     }
     print_metrics_table(metrics, title=f"{info.name} {split}: {checkpoint}", console=console)
     console.print(f"mIoU {format_miou(metrics['miou'])} on {metrics['num_images']} images", markup=False)
+    console.print(f"{metrics['num_images']} images in {seconds:.1f} s: {result['images_per_s']:.1f} img/s "
+                  f"(batch {batch_size}, {dev})", markup=False)
+    if runner.summary():
+        console.print(runner.summary(), markup=False)
     if json_path is not None and dist_info.is_main:
         write_json(json_path, json_safe(result))
         console.print(f"metrics written to {json_path}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,12 +280,14 @@ def predict_images(
     save_attention: bool = False,
     crf: bool = False,
     scales: Sequence[float] | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     amp: bool = True,
     device: str | None = None,
     resume: bool = False,
     overlay: bool = True,
     pad_to: int | None = None,
+    compile_graphs: bool = True,
+    bucket: int | None = None,
 ) -> dict[str, int]:
     """``msattn predict``: write label maps, overlays and (optionally) probabilities and attention maps.
 
@@ -296,12 +299,17 @@ def predict_images(
     whose every output file already exists are skipped (an interrupted run continues). Under
     ``torchrun`` every rank predicts its share of the images (``rank::world_size``) and rank 0
     reports. Returns counts over all ranks {"written", "failed", "done"}.
+
+    On CUDA, ``compile_graphs`` (the default; ``--no-compile`` turns it off) pads images to size
+    buckets of ``bucket`` pixels and replays one CUDA graph per batch shape; images of one
+    bucket then share a batch, and ``batch_size`` defaults to 8 (else 1; msattn.engine.graphs).
     """
     from msattn.engine.distributed import process_group
 
     with process_group(device) as dist_info:
         outputs = Outputs(save_probs=save_probs, save_attention=save_attention, overlay=overlay)
-        return _predict_images(dist_info, inputs, checkpoint, out, outputs, crf, scales, batch_size, amp, resume, pad_to)
+        return _predict_images(dist_info, inputs, checkpoint, out, outputs, crf, scales, batch_size, amp, resume, pad_to,
+                               compile_graphs, bucket)
 
 
 def _predict_images(
@@ -312,10 +320,12 @@ def _predict_images(
     outputs: Outputs,
     crf: bool,
     scales: Sequence[float] | None,
-    batch_size: int,
+    batch_size: int | None,
     amp: bool,
     resume: bool,
     pad_to: int | None,
+    compile_graphs: bool = True,
+    bucket: int | None = None,
 ) -> dict[str, int]:
     from rich.console import Console
     from rich.markup import escape
@@ -347,6 +357,12 @@ def _predict_images(
     info = _dataset_info(ckpt, model.num_classes)
     crf_params = _crf_params_from_checkpoint(ckpt, checkpoint) if crf else None
     merge = getattr(model, "merge", "attention")
+    # issue 18: CUDA graphs over size buckets (msattn.engine.graphs); eager and exact on CPU / --no-compile
+    from msattn.engine.graphs import InferenceRunner, graph_policy, inference_batch_size
+
+    runner = InferenceRunner(model, scales=run_scales, amp_dtype=amp_dtype_for(dev, amp), pad_to=pad_to,
+                             policy=graph_policy(dev, compile_graphs, bucket))
+    batch_size = inference_batch_size(batch_size, 1, runner.policy)
 
     names, notes = unique_names(paths, lambda n: outputs.files(n, run_scales))
     if dist_info.is_main:  # the folder itself is made by the first write: a failed run leaves nothing
@@ -366,6 +382,7 @@ def _predict_images(
     written = failed = 0
     first_problem = ""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    started = time.perf_counter()
     with Progress(*columns, console=console, disable=not dist_info.is_main) as progress:
         bar = progress.add_task("predict", total=len(todo))
         for chunk in _chunks(todo, batch_size):
@@ -378,8 +395,8 @@ def _predict_images(
                     first_problem = first_problem or str(exc)
                     failed += 1
                     progress.advance(bar)
-            for group in _same_size_groups(loaded):
-                results = _predict_group(model, group, info, run_scales, amp, dev, memory_format, pad_to)
+            for group in _same_size_groups(loaded, runner.group_key):
+                results = _predict_group(runner, group, info, dev, memory_format)
                 for (name, image), (p, att) in zip(group, results):
                     refined = _crf(image, p, crf_params) if crf_params is not None else p
                     labels = refined.argmax(axis=0).astype(np.uint8)
@@ -392,25 +409,26 @@ def _predict_images(
         written, failed, done = all_reduce_sum([written, failed, done], dist_info)
         first_problem = first_problem or "(on another rank)"
     already = f", {done} already done" if done else ""
-    Console(highlight=False, quiet=not dist_info.is_main).print(
-        f"predicted {written} image(s), skipped {failed}{already} -> {out}"
-    )
+    seconds = time.perf_counter() - started
+    speed = f" ({written / seconds:.1f} img/s, batch {batch_size})" if written and seconds > 0 else ""
+    report = Console(highlight=False, quiet=not dist_info.is_main)
+    report.print(f"predicted {written} image(s), skipped {failed}{already} -> {out}{speed}", markup=False)
+    if runner.summary():
+        report.print(runner.summary(), markup=False)
     if written == 0 and done == 0:
         raise DataError(f"none of the {len(paths)} input image(s) could be read; first: {first_problem}")
     return {"written": written, "failed": failed, "done": done}
 
 
 def _predict_group(
-    model: torch.nn.Module,
+    runner: Any,
     group: list[tuple[str, np.ndarray]],
     info: _Labels,
-    scales: Sequence[float],
-    amp: bool,
     device: torch.device,
     memory_format: torch.memory_format,
-    pad_to: int | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Run same-size images as one batch -> [(probs [C,H,W], attention [S,H,W] or None)] as numpy.
+    """Run images of one size (or one size bucket, with CUDA graphs) as one batch through ``runner``
+    (an :class:`msattn.engine.graphs.InferenceRunner`) -> [(probs [C,H,W], attention [S,H,W] or None)] as numpy.
 
     Out of GPU memory on a batch, the images are retried one by one; out of memory on one
     image stops with a :class:`ResourceError` that says what to turn down.
@@ -418,26 +436,28 @@ def _predict_group(
     from msattn.errors import ResourceError
 
     try:
-        batch = torch.stack([normalize_image(img, info.mean, info.std) for _, img in group])
-        batch = batch.to(device, memory_format=memory_format)  # [N,3,H,W]
-        probs, attention = predict_batch(model, batch, scales=scales, amp_dtype=amp_dtype_for(device, amp), pad_to=pad_to)
-        probs_np = probs.cpu().numpy()
-        att_np = None if attention is None else attention.cpu().numpy()
+        if runner.policy.enabled:  # one size bucket: sizes may differ, the runner pads to the bucket
+            images: Any = [normalize_image(img, info.mean, info.std).to(device) for _, img in group]
+        else:  # one size: one batch [N,3,H,W], as before
+            images = torch.stack([normalize_image(img, info.mean, info.std) for _, img in group])
+            images = images.to(device, memory_format=memory_format)
+        results = runner.predict(images)
+        results_np = [(p.cpu().numpy(), None if a is None else a.cpu().numpy()) for p, a in results]
     except torch.cuda.OutOfMemoryError:
-        probs_np = att_np = None  # handled below, outside the except block, so the failed tensors are freed
-    if probs_np is not None:
-        return [(probs_np[i], None if att_np is None else att_np[i]) for i in range(len(group))]
+        results_np = None  # handled below, outside the except block, so the failed tensors are freed
+    if results_np is not None:
+        return results_np
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if len(group) > 1:
-        return [
-            r for item in group for r in _predict_group(model, [item], info, scales, amp, device, memory_format, pad_to)
-        ]
+        return [r for item in group for r in _predict_group(runner, [item], info, device, memory_format)]
     name, image = group[0]
     h, w = image.shape[:2]
+    amp = runner.amp_dtype is not None
     raise ResourceError(
-        f"out of GPU memory on {name} ({w}x{h}, scales {list(scales)}) even alone: give smaller --scales, "
-        f"keep --amp on{'' if amp else ' (it is off)'}, downscale the image, or use --device cpu"
+        f"out of GPU memory on {name} ({w}x{h}, scales {list(runner.scales or [])}) even alone: give smaller "
+        f"--scales, keep --amp on{'' if amp else ' (it is off)'}, downscale the image, use --no-compile, "
+        "or use --device cpu"
     )
 
 
@@ -447,9 +467,13 @@ def _crf(image: np.ndarray, probs: np.ndarray, params: Any) -> np.ndarray:
     return dense_crf(image, probs, params)
 
 
-def _same_size_groups(loaded: list[tuple[str, np.ndarray]]) -> list[list[tuple[str, np.ndarray]]]:
-    """Group (name, image) pairs by image size, keeping first-seen order."""
-    groups: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
+def _same_size_groups(
+    loaded: list[tuple[str, np.ndarray]], key: Any = None
+) -> list[list[tuple[str, np.ndarray]]]:
+    """Group (name, image) pairs by ``key(image size)`` (default: the size; with CUDA graphs its bucket),
+    keeping first-seen order."""
+    groups: dict[Any, list[tuple[str, np.ndarray]]] = {}
     for item in loaded:
-        groups.setdefault(item[1].shape, []).append(item)
+        size = tuple(item[1].shape[:2])
+        groups.setdefault(size if key is None else key(size), []).append(item)
     return list(groups.values())
