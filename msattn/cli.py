@@ -321,10 +321,21 @@ def bench(
     width: Annotated[float, typer.Option(help="Channel width multiplier (1 = paper).")] = 1.0,
     iters: Annotated[int, typer.Option(min=1, help="Timed iterations per case.")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="Warm-up iterations per case.")] = 2,
-    modes: Annotated[Optional[list[str]], typer.Option("--mode", help="inference, train, data (repeatable).")] = None,
+    modes: Annotated[
+        Optional[list[str]], typer.Option("--mode", help="inference, train, data, train-e2e (repeatable).")
+    ] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the records as JSON here.")] = None,
+    graph: Annotated[
+        Optional[bool],
+        typer.Option("--graph/--no-graph", help="Inference as captured CUDA graphs (default: on for CUDA)."),
+    ] = None,
+    case: Annotated[
+        Optional[list[str]],
+        typer.Option("--case", help="Only these cases: scales[:merge], e.g. 1 or 1,0.75,0.5:attention (repeatable)."),
+    ] = None,
+    workers: Annotated[str, typer.Option(help="train-e2e's loader workers: a number or auto.")] = "auto",
 ) -> None:
-    """Measure latency, throughput, memory and FLOPs across scale sets and merges."""
+    """Measure latency, throughput, memory and FLOPs across scale sets and merges (progress on stderr)."""
     from msattn.engine.bench import run_bench
 
     run_bench(
@@ -339,6 +350,9 @@ def bench(
         warmup=warmup,
         modes=modes or ["inference", "train"],
         json_path=json_path,
+        graph=graph,
+        cases=case,
+        workers=workers,
     )
 
 
