@@ -163,10 +163,11 @@ def build_cases(mode: str, size: int, settings: Settings) -> list[Case]:
             make_step = functools.partial(_train_step, optimizer=optimizer, images=images, labels=labels,
                                           settings=settings)
         eager_step = make_step(model)
-        step = make_step(torch.compile(model)) if settings.compile_model else eager_step
+        compiled = torch.compile(model) if settings.compile_model else model
+        step = make_step(compiled) if settings.compile_model else eager_step
         case = Case(scales, merge, step, eager_step, _state_bytes(model, optimizer))
-        if mode == "inference" and settings.graph:
-            _capture_case(case, torch.compile(model) if settings.compile_model else model, images, settings)
+        if mode == "inference" and settings.graph:  # the (compiled) forward, captured: compiles during the capture
+            _capture_case(case, compiled, images, settings)
         cases.append(case)
     return cases
 
