@@ -141,8 +141,8 @@ class TrainTransform:
         if self.flip and rng.random() < 0.5:
             img, lab = img[:, ::-1], lab[:, ::-1]
         if self.output == "uint8":  # [3, c, c] over HWC memory, like normalize_image's result
-            image_u8 = torch.from_numpy(np.ascontiguousarray(img, dtype=np.uint8)).permute(2, 0, 1)
-            label_t = np.ascontiguousarray(lab) if lab.dtype == np.uint8 else lab.astype(np.int64)
+            image_u8 = torch.from_numpy(np.require(img, np.uint8, ["C", "W"])).permute(2, 0, 1)
+            label_t = np.require(lab, None, ["C", "W"]) if lab.dtype == np.uint8 else lab.astype(np.int64)
             return image_u8, torch.from_numpy(label_t)
         return normalize_image(img, self.mean, self.std), torch.from_numpy(lab.astype(np.int64))
 
