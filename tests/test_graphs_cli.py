@@ -44,8 +44,7 @@ def graphs_on(monkeypatch: pytest.MonkeyPatch) -> list:
     real_policy = graphs_module.graph_policy
 
     def policy(device, compile_graphs=True, bucket=None):
-        on = real_policy(torch.device("cuda"), compile_graphs, bucket)  # validates --bucket as on CUDA
-        return on
+        return real_policy(torch.device("cuda"), compile_graphs, bucket)  # as on CUDA (and --bucket checked)
 
     def capture(self, key, example):
         return static_capture(self, keys)(key, example)

@@ -376,7 +376,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
     from msattn.engine.loader import DeviceBatches, train_workers
 
     workers = train_workers(recipe.data.workers, train_set, dev)
-    console.print(workers.reason)
+    console.print(workers.reason, markup=False)
     loader = make_train_loader(train_set, recipe, start, info, workers=workers.count)
     batches = DeviceBatches(loader, dev, train_set.transform.mean, train_set.transform.std)
     step = functools.partial(
