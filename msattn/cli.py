@@ -96,6 +96,20 @@ def root(
 # ----------------------------------------------------------------------------- prepare-data
 
 Workers = Annotated[int, typer.Option("--workers", "-j", min=0, help="Parallel worker processes (0: in-process).")]
+# issue 18: CUDA graphs over size buckets for evaluate and predict (msattn.engine.graphs)
+CompileGraphs = Annotated[
+    bool,
+    typer.Option(
+        "--compile/--no-compile",
+        help="CUDA: run the whole multi-scale forward as one captured CUDA graph per batch shape, images padded "
+        "to size buckets (--no-compile: eager, each image padded to its own next 8k+1 side). Ignored on CPU.",
+    ),
+]
+Bucket = Annotated[
+    Optional[int],
+    typer.Option(min=0, help="With CUDA graphs: pad sides up to multiples of N pixels + 1 (a multiple of 8; "
+                 "default 64; 0: the next 8k+1 side)."),
+]
 
 
 @prepare_app.command(cls=_Command, name="person-part")
@@ -219,6 +233,8 @@ def evaluate(
         typer.Option(help="Pad every image to this 8k+1 side (DeepLab's VOC protocol: 513; default: the recipe's "
                      "eval.pad_to, else the next 8k+1 side of each image)."),
     ] = None,
+    compile_graphs: CompileGraphs = True,
+    bucket: Bucket = None,
     device: Device = None,
 ) -> None:
     """Score a checkpoint: mIoU, pixel accuracy and per-class IoU."""
@@ -238,6 +254,8 @@ def evaluate(
         batch_size=batch_size,
         workers=workers,
         pad_to=pad_to,
+        compile_graphs=compile_graphs,
+        bucket=bucket,
     )
 
 
@@ -261,7 +279,9 @@ def predict(
     save_attention: Annotated[bool, typer.Option(help="Write per-scale attention maps and a figure.")] = False,
     crf: Annotated[bool, typer.Option(help="Refine with the dense CRF.")] = False,
     scales: Annotated[Optional[list[float]], typer.Option("--scales", help="Scales (default: the model's).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 1,
+    batch_size: Annotated[
+        Optional[int], typer.Option(min=1, help="Images per forward pass (default: 8 with CUDA graphs, else 1).")
+    ] = None,
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
     resume: Annotated[bool, typer.Option(help="Skip images whose outputs are all in --out already.")] = False,
     overlay: Annotated[
@@ -273,6 +293,8 @@ def predict(
     images_dir: Annotated[
         Optional[Path], typer.Option(help="Resolve the lines of .txt lists (paths or bare ids) against this folder.")
     ] = None,
+    compile_graphs: CompileGraphs = True,
+    bucket: Bucket = None,
     device: Device = None,
 ) -> None:
     """Predict label maps (and attention maps) for images.
@@ -297,6 +319,8 @@ def predict(
         overlay=overlay,
         pad_to=pad_to,
         images_dir=images_dir,
+        compile_graphs=compile_graphs,
+        bucket=bucket,
     )
 
 
@@ -352,10 +376,21 @@ def bench(
     width: Annotated[float, typer.Option(help="Channel width multiplier (1 = paper).")] = 1.0,
     iters: Annotated[int, typer.Option(min=1, help="Timed iterations per case.")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="Warm-up iterations per case.")] = 2,
-    modes: Annotated[Optional[list[str]], typer.Option("--mode", help="inference, train, data (repeatable).")] = None,
+    modes: Annotated[
+        Optional[list[str]], typer.Option("--mode", help="inference, train, data, train-e2e (repeatable).")
+    ] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the records as JSON here.")] = None,
+    graph: Annotated[
+        Optional[bool],
+        typer.Option("--graph/--no-graph", help="Inference as captured CUDA graphs (default: on for CUDA)."),
+    ] = None,
+    case: Annotated[
+        Optional[list[str]],
+        typer.Option("--case", help="Only these cases: scales[:merge], e.g. 1 or 1,0.75,0.5:attention (repeatable)."),
+    ] = None,
+    workers: Annotated[str, typer.Option(help="train-e2e's loader workers: a number or auto.")] = "auto",
 ) -> None:
-    """Measure latency, throughput, memory and FLOPs across scale sets and merges."""
+    """Measure latency, throughput, memory and FLOPs across scale sets and merges (progress on stderr)."""
     from msattn.engine.bench import run_bench
 
     run_bench(
@@ -370,6 +405,9 @@ def bench(
         warmup=warmup,
         modes=modes or ["inference", "train"],
         json_path=json_path,
+        graph=graph,
+        cases=case,
+        workers=workers,
     )
 
 

@@ -34,7 +34,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from msattn.errors import ConfigError
 
@@ -146,7 +146,9 @@ class DataConfig:
     std: tuple[float, ...] | None = _opt(
         None, _all(_length(3), _between(0, 1, lo_open=True)), "RGB std on [0, 1]; none = model.input_norm's"
     )
-    workers: int = _opt(2, _between(0, 256), "DataLoader worker processes (0: in-process)")
+    workers: int | Literal["auto"] = _opt(
+        "auto", lambda v: None if v == "auto" else _between(0, 256)(v), 'DataLoader worker processes (0: in-process; "auto": from the CPUs and decode rate)'
+    )
     max_pixels: int | None = _opt(
         None, _count, "refuse images with more pixels (0: no limit; none: msattn --max-pixels or 100M)"
     )
@@ -287,13 +289,33 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+def _expected(hint: Any) -> str:
+    """What a value of type ``hint`` looks like, for error messages."""
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(f'"{v}"' for v in typing.get_args(hint))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
 def _convert(value: Any, hint: Any) -> Any:
     """Convert a TOML/JSON value to the annotated type or raise _Bad."""
     origin = typing.get_origin(hint)
+    if origin is Literal:  # a fixed word, e.g. "auto"
+        if value in typing.get_args(hint) and isinstance(value, str):
+            return value
+        raise _Bad(f"must be {_expected(hint)}, got {_describe(value)}")
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        if type(None) in typing.get_args(hint) and (
+            value is None or (isinstance(value, str) and value.strip().lower() == "none")
+        ):
             return None
+        if len(args) > 1:  # e.g. int | Literal["auto"]: the first that fits
+            for inner in args:
+                try:
+                    return _convert(value, inner)
+                except _Bad:
+                    continue
+            raise _Bad(f"must be {' or '.join(_expected(a) for a in args)}, got {_describe(value)}")
         (inner,) = args
         return _convert(value, inner)
     if hint is bool:

@@ -130,3 +130,76 @@ def test_cpu_memory_probe_sees_a_64_mb_allocation() -> None:
     if probe.peak_bytes is None:
         pytest.skip(f"peak RSS cannot be reset here: {probe.kind}")
     assert 60 * 2**20 < probe.peak_bytes < 200 * 2**20
+
+
+# ----------------------------------------------------------------------------- issue 18: progress, width, e2e
+
+
+def test_progress_goes_to_stderr_and_every_table_fits_100_columns(run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "all.json"
+    code, stdout, stderr = run_cli("bench", *TINY, "--size", "33", "--batch", "2", "--mode", "inference", "--mode",
+                                   "train", "--mode", "data", "--mode", "train-e2e", "--workers", "0", "--json", out)
+    assert code == 0, stderr
+    progress = [line for line in stderr.splitlines() if line.startswith("bench: ")]
+    for expected in ("building case 7/7", "round 1/1 (timed)", "memory and FLOPs, case 7/7", "decode + augment",
+                     "train-e2e 33 {1, 0.75, 0.5} attention: 0 loader worker(s)"):
+        assert any(expected in line for line in progress), (expected, progress)
+    assert max(len(line) for line in stdout.splitlines()) <= 100
+    headers = [line.split() for line in stdout.splitlines() if line.startswith("scales") or line.startswith("stage")]
+    assert ["scales", "merge", "ms/img", "img/s", "GFLOP/img", "of", "peak", "mem", "MB", "time", "x1", "FLOPs", "x1",
+            "gap"] in headers
+    assert ["scales", "merge", "workers", "img/s", "data", "wait", "decode", "img/s", "mem", "MB"] in headers
+    assert "…" not in stdout  # nothing cut short
+    records = read_records(out)
+    assert [r["mode"] for r in records].count("inference") == 7 and {r["graph"] for r in records
+                                                                    if r["mode"] == "inference"} == {False}
+
+
+def test_train_e2e_runs_the_real_loader_and_step(run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "e2e.json"
+    code, stdout, stderr = run_cli("bench", "--width", "0.0625", "--iters", "2", "--warmup", "1", "--size", "33",
+                                   "--batch", "2", "--mode", "train-e2e", "--case", "1", "--json", out)
+    assert code == 0, stderr
+    (record,) = read_records(out)
+    assert record["mode"] == "train-e2e" and record["scales"] == [1.0] and record["workers_setting"] == "auto"
+    assert record["workers"] == (1 if len(__import__("os").sched_getaffinity(0)) > 1 else 0)
+    assert "data.workers = auto" in record["workers_reason"] and record["decode_images_per_s"] > 0
+    assert 0.0 <= record["data_wait"] <= 1.0 and record["images_per_s"] > 0 and record["image_side"] == 49
+    assert "train-e2e 33: data.workers = auto" in stdout
+
+
+def test_case_filter_and_bad_cases_or_workers(run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "c.json"
+    code, _, stderr = run_cli("bench", *TINY, "--size", "33", "--mode", "inference", "--case", "1", "--case",
+                              "1,0.5:max", "--graph", "--json", out)
+    assert code == 0, stderr
+    assert "--graph ignored on CPU" in stderr
+    records = read_records(out)
+    assert [(r["scales"], r["merge"]) for r in records] == [([1.0], None), ([1.0, 0.5], "max")]
+    assert records[1]["latency_ratio"] > 0 and records[1]["capture_s"] is None
+    for args, message in ((["--case", "1,0.5"], "name the merge"), (["--case", "one"], "expected scales"),
+                          (["--mode", "train-e2e", "--workers", "many"], "--workers many")):
+        code, _, stderr = run_cli("bench", *TINY, "--size", "33", *args)
+        assert code == 2 and message in stderr and "Traceback" not in stderr
+
+
+def test_inference_cases_are_replayed_from_a_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA-graph path of the bench, with a CPU stand-in for the capture."""
+    import msattn.engine.bench as bench
+    import msattn.engine.graphs as graphs
+
+    captured = []
+
+    def fake_capture(fn, example, pool=None, warmup=2):
+        captured.append(tuple(example.shape))
+        static = example.clone()
+        return lambda x: fn(static.copy_(x))
+
+    monkeypatch.setattr(graphs, "capture_cuda_graph", fake_capture)
+    settings = bench.Settings(torch.device("cpu"), 1, False, False, True, 0.0625, 1, 0, graph=True,
+                              cases=((((1.0, 0.5)), "attention"),))
+    (case,) = bench.build_cases("inference", 33, settings)
+    assert captured == [(1, 3, 33, 33)] and case.capture_s is not None and case.step is not case.eager_step
+    case.step()
+    probe = bench.probe_case(case, settings)
+    assert probe["flops"] > 0

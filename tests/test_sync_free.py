@@ -173,3 +173,27 @@ def test_the_confusion_matrix_fills_without_syncing_and_counts_right() -> None:
     for t, p in [(0, 0), (1, 2), (2, 2), (1, 1), (1, 0), (0, 2)]:  # 255 and 7 uncounted; 9 clamps to 2
         expected[t, p] += 1
     assert torch.equal(matrix.mat, expected)
+
+
+@pytest.mark.parametrize("merge", ["attention", "max"])
+def test_what_a_cuda_graph_captures_and_the_batches_moved_to_the_device_never_sync(merge: str) -> None:
+    """A sync inside torch.cuda.graph capture is an error: the captured forward must have none."""
+    from _graph_helpers import static_capture
+
+    from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from msattn.engine.graphs import GraphPolicy, InferenceRunner
+    from msattn.engine.loader import DeviceBatches
+
+    model = tiny_model(merge, scales=(1.0, 0.75, 0.5)).eval()
+    runner = InferenceRunner(model, flip=True, policy=GraphPolicy(enabled=True))
+    runner.cache.capture = static_capture(runner)
+    images = [torch.randn(3, 40, 40), torch.randn(3, 33, 47)]
+    batch = {"image": torch.randint(0, 256, (2, 3, 9, 9), dtype=torch.uint8),
+             "label": torch.randint(0, 3, (2, 9, 9), dtype=torch.uint8)}
+    with SyncRecorder() as rec:
+        for _ in range(3):  # eager, capture, replay
+            results = runner.predict(images)
+        moved = next(DeviceBatches([batch], torch.device("cpu"), IMAGENET_MEAN, IMAGENET_STD))
+    assert rec.ops == []
+    assert runner.cache.stats.captures == 1 and [p.shape for p, _ in results] == [(3, 40, 40), (3, 33, 47)]
+    assert moved["image"].dtype == torch.float32 and moved["label"].dtype == torch.int64

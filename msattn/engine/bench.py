@@ -7,8 +7,12 @@ weighs on all cases alike and the multi-scale / single-scale ratios stay meaning
 - ``inference``: one forward under ``torch.inference_mode()``; time per image.
 - ``train``: the training engine's step (forward + loss + backward + SGD step with momentum and
   DeepLab parameter groups, fused on CUDA) on a ``size`` x ``size`` crop; images/s.
-- ``data``: ``prepare_demo`` into a temporary folder (images/s, one process) and decode +
-  augment (``SegmentationFolder`` + ``TrainTransform``) in one process, i.e. per loader worker.
+- ``data`` and ``train-e2e`` (the real loader + step): :mod:`msattn.engine.bench_data`.
+
+On CUDA, ``inference`` replays each case's forward as a captured CUDA graph (``--no-graph``:
+eager; with ``--compile`` the inductor-compiled forward is captured); the capture, a
+one-time cost, is in the records as ``capture_s``. Progress goes to stderr as it runs; the
+tables (:mod:`msattn.engine.bench_report`) fit 100 columns.
 
 Reported per case: median latency per image over ``iters`` timed rounds after ``warmup``
 rounds, FLOPs per image (``torch.utils.flop_counter``, convolutions and matmuls), achieved
@@ -24,15 +28,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import io
-import math
-import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,11 +41,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from msattn.engine.bench_measure import LoadMonitor, MemoryProbe
 from msattn.errors import UsageError
 from msattn.models import build_model, param_groups, segmentation_loss
 from msattn.models.scale import MERGES
 
-MODES = ("inference", "train", "data")
+MODES = ("inference", "train", "data", "train-e2e")
 SCALE_SETS: tuple[tuple[float, ...], ...] = ((1.0,), (1.0, 0.5), (1.0, 0.75, 0.5))
 NUM_CLASSES = 21  # PASCAL VOC: the paper's network has 20,505,429 parameters with 21 classes
 IGNORE_INDEX = 255
@@ -65,6 +66,7 @@ class Case:
     eager_step: Callable[[], None]  # the same on the uncompiled model (FLOPs are counted on it)
     state_bytes: Callable[[], int]  # resident state of this case: weights (+ optimizer momentum)
     times: list[float] = field(default_factory=list)
+    capture_s: float | None = None  # CUDA graph capture (and compile) time, once
 
 
 def scale_merge_pairs() -> list[tuple[tuple[float, ...], str | None]]:
@@ -92,6 +94,9 @@ class Settings:
     width: float
     iters: int
     warmup: int
+    graph: bool = False  # inference as captured CUDA graphs
+    cases: tuple[tuple[tuple[float, ...], str | None], ...] | None = None  # --case filter; None: all
+    say: Callable[..., None] = field(default=lambda text, force=True: None, compare=False)  # progress on stderr
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -102,6 +107,30 @@ class Settings:
         if not self.amp:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+
+def parse_case(text: str) -> tuple[tuple[float, ...], str | None]:
+    """``--case`` text -> (scales, merge): ``1``, ``1,0.5:max``, ``1,0.75,0.5:attention``."""
+    scales_text, _, merge = text.partition(":")
+    try:
+        scales = tuple(float(v) for v in scales_text.split(","))
+    except ValueError:
+        raise UsageError(f"--case {text}: expected scales[:merge], e.g. 1 or 1,0.75,0.5:attention") from None
+    if len(scales) == 1:
+        return scales, None
+    if merge not in MERGES:
+        raise UsageError(f"--case {text}: name the merge of a multi-scale case ({', '.join(MERGES)})")
+    return scales, merge
+
+
+def selected_pairs(
+    settings: Settings, pairs: Sequence[tuple[tuple[float, ...], str | None]] | None = None
+) -> list[tuple[tuple[float, ...], str | None]]:
+    """The (scales, merge) pairs to run: ``pairs`` (default: every pair of SCALE_SETS) filtered by ``--case``."""
+    pairs = list(pairs if pairs is not None else scale_merge_pairs())
+    if settings.cases is None:
+        return pairs
+    return [p for p in pairs if p in settings.cases] or list(settings.cases)
 
 
 def build_cases(mode: str, size: int, settings: Settings) -> list[Case]:
@@ -115,7 +144,9 @@ def build_cases(mode: str, size: int, settings: Settings) -> list[Case]:
     labels[:, : max(1, size // 16)] = IGNORE_INDEX  # a band of ignored pixels, as in padded crops
     backbone: nn.Module | None = None
     cases = []
-    for scales, merge in scale_merge_pairs():
+    pairs = selected_pairs(settings)
+    for number, (scales, merge) in enumerate(pairs, 1):
+        settings.say(f"{mode} {size}: building case {number}/{len(pairs)} ({case_name(scales, merge)})")
         model = build_model(NUM_CLASSES, scales=scales, merge=merge or "avg", width=settings.width)
         if backbone is None:
             backbone = model.backbone
@@ -132,9 +163,17 @@ def build_cases(mode: str, size: int, settings: Settings) -> list[Case]:
             make_step = functools.partial(_train_step, optimizer=optimizer, images=images, labels=labels,
                                           settings=settings)
         eager_step = make_step(model)
-        step = make_step(torch.compile(model)) if settings.compile_model else eager_step
-        cases.append(Case(scales, merge, step, eager_step, _state_bytes(model, optimizer)))
+        compiled = torch.compile(model) if settings.compile_model else model
+        step = make_step(compiled) if settings.compile_model else eager_step
+        case = Case(scales, merge, step, eager_step, _state_bytes(model, optimizer))
+        if mode == "inference" and settings.graph:  # the (compiled) forward, captured: compiles during the capture
+            _capture_case(case, compiled, images, settings)
+        cases.append(case)
     return cases
+
+
+def case_name(scales: Sequence[float], merge: str | None) -> str:
+    return "{" + ", ".join(f"{s:g}" for s in scales) + "}" + (f" {merge}" if merge else "")
 
 
 def _inference_step(model: nn.Module, images: torch.Tensor, settings: Settings) -> Callable[[], None]:
@@ -143,6 +182,29 @@ def _inference_step(model: nn.Module, images: torch.Tensor, settings: Settings) 
             model(images)
 
     return step
+
+
+def _capture_case(case: Case, model: Callable[..., Any], images: torch.Tensor, settings: Settings) -> None:
+    """Make ``case.step`` a CUDA graph replay of the forward (copy the input in, replay); time the capture."""
+    from msattn.engine.graphs import capture_cuda_graph
+
+    def forward(x: torch.Tensor) -> Any:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if settings.amp \
+            else contextlib.nullcontext()
+        with autocast:
+            return model(x)
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        replay = capture_cuda_graph(forward, images)
+    synchronize(settings.device)
+    case.capture_s = time.perf_counter() - start
+
+    def step() -> None:
+        with torch.inference_mode():
+            replay(images)
+
+    case.step = step
 
 
 def _train_step(
@@ -201,9 +263,12 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def run_interleaved(cases: Sequence[Case], settings: Settings) -> None:
+def run_interleaved(cases: Sequence[Case], settings: Settings, label: str = "") -> None:
     """``warmup`` untimed rounds then ``iters`` timed rounds; each round runs every case once."""
-    for round_ in range(settings.warmup + settings.iters):
+    rounds = settings.warmup + settings.iters
+    for round_ in range(rounds):
+        kind = "warm-up" if round_ < settings.warmup else "timed"
+        settings.say(f"{label}round {round_ + 1}/{rounds} ({kind})", force=round_ in (0, rounds - 1))
         for case in cases:
             seconds = timed(case.step, settings.device)
             if round_ >= settings.warmup:
@@ -219,73 +284,18 @@ def count_flops(fn: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
-def _proc_status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_trim() -> None:
-    """Give freed heap memory back to the OS (glibc), so RSS before a call is not inflated."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-@dataclass
-class MemoryProbe:
-    """Peak memory of one call over what was in use before it (see the module docstring)."""
-
-    device: torch.device
-    peak_bytes: int | None = None  # growth during the call
-    peak_rss_bytes: int | None = None  # CPU: absolute peak RSS of the process during the call
-    kind: str = ""
-
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[None]:
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            yield
-            synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - before
-            self.kind = "cuda max_memory_allocated during the call - allocated before + case state"
-            return
-        gc.collect()
-        _malloc_trim()
-        before = _proc_status_kb("VmRSS")
-        ok = before is not None and _reset_peak_rss()
-        yield
-        peak = _proc_status_kb("VmHWM") if ok else None
-        if ok and peak is not None and before is not None:
-            self.peak_bytes = max(0, peak - before) * 1024
-            self.peak_rss_bytes = peak * 1024
-            self.kind = "cpu peak RSS (VmHWM) during the call - RSS before + case state"
-        else:
-            self.kind = "unavailable (needs Linux /proc/self/clear_refs)"
-
-
 def probe_case(case: Case, settings: Settings) -> dict[str, Any]:
-    """One extra untimed call for memory (and FLOPs, counted on the eager model)."""
+    """One extra untimed call for memory (and FLOPs, counted on the eager model).
+
+    A CUDA graph allocates nothing when replayed (its pool is reserved at capture): its memory
+    is measured on the eager forward, which needs about what the graph's pool holds.
+    """
     memory = MemoryProbe(settings.device)
-    if settings.compile_model:  # FLOPs on the eager model, memory on the compiled one
+    if case.capture_s is not None:
+        flops = count_flops(case.eager_step)
+        with memory.measure():
+            case.eager_step()
+    elif settings.compile_model:  # FLOPs on the eager model, memory on the compiled one
         flops = count_flops(case.eager_step)
         with memory.measure():
             case.step()
@@ -328,32 +338,6 @@ def matmul_case(settings: Settings) -> tuple[Callable[[], None], int, str]:
     return step, 2 * n**3, f"{n}x{n} {dtype_name} matmul"
 
 
-class LoadMonitor:
-    """CPU time used by OTHER processes while we time, as a fraction of the machine (Linux)."""
-
-    def __init__(self) -> None:
-        self.start = (self._busy(), time.process_time(), time.perf_counter())
-
-    @staticmethod
-    def _busy() -> float | None:
-        try:
-            with open("/proc/stat") as handle:
-                fields = handle.readline().split()[1:]
-        except OSError:
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
-        return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-    def other_load(self) -> float | None:
-        busy0, own0, wall0 = self.start
-        busy1 = self._busy()
-        if busy0 is None or busy1 is None:
-            return None
-        wall = time.perf_counter() - wall0
-        own = time.process_time() - own0
-        return max(0.0, (busy1 - busy0 - own) / (wall * (os.cpu_count() or 1)))
-
-
 # ----------------------------------------------------------------------------- modes
 
 
@@ -363,7 +347,7 @@ def bench_model(mode: str, size: int, settings: Settings, context: dict[str, Any
     matmul_step, matmul_flops, matmul_name = matmul_case(settings)
     matmul = Case((), None, matmul_step, matmul_step, lambda: 0)
     monitor = LoadMonitor()
-    run_interleaved([matmul, *cases], settings)
+    run_interleaved([matmul, *cases], settings, label=f"{mode} {size}: {len(cases)} cases, ")
     other = monitor.other_load()
     peak = {
         "matmul": matmul_name,
@@ -372,7 +356,8 @@ def bench_model(mode: str, size: int, settings: Settings, context: dict[str, Any
     }
     probe_case(cases[0], settings)  # the first probe of a process pays one-time costs: throw it away
     records = []
-    for case in cases:
+    for number, case in enumerate(cases, 1):
+        settings.say(f"{mode} {size}: memory and FLOPs, case {number}/{len(cases)} ({case_name(case.scales, case.merge)})")
         probe = probe_case(case, settings)
         median = statistics.median(case.times)
         per_image = median / settings.batch
@@ -396,72 +381,13 @@ def bench_model(mode: str, size: int, settings: Settings, context: dict[str, Any
             **peak,
             **probe,
             "cpu_other_load": other,
+            "graph": case.capture_s is not None,
+            "capture_s": case.capture_s,
         }
         records.append(record)
     del cases
     gc.collect()
     return records
-
-
-def data_image_side(size: int) -> int:
-    """Side of the demo images for the data bench: 1.5 x the crop (321 -> 481, about a VOC image)."""
-    return max(16, size + size // 2)
-
-
-def bench_data(size: int, settings: Settings, context: dict[str, Any]) -> list[dict[str, Any]]:
-    """prepare_demo throughput and decode + augment throughput of one process (= one loader worker)."""
-    from msattn.data import SegmentationFolder
-    from msattn.data.prepare.demo import prepare_demo
-    from msattn.data.transforms import TrainTransform
-
-    side = data_image_side(size)
-    num_train, num_val = 8 * settings.iters, 2
-    common = {"mode": "data", "scales": [], "merge": None, "size": size, **context, "gflops": None}
-    common.update({"image_side": side, "gflops_per_s": None, "peak_fraction": None})
-    with tempfile.TemporaryDirectory(prefix="msattn-bench-") as tmp:
-        root = Path(tmp) / "demo"
-        memory, monitor = MemoryProbe(torch.device("cpu")), LoadMonitor()
-        with memory.measure():
-            quiet = io.StringIO()  # prepare_demo's own progress bar and summary table
-            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-                start = time.perf_counter()
-                prepare_demo(out=root, num_train=num_train, num_val=num_val, image_size=side, seed=0, workers=0)
-                seconds = time.perf_counter() - start
-        count = num_train + num_val
-        prepare = _data_record(common, "prepare_demo", seconds / count, [seconds / count], memory, count)
-        prepare["cpu_other_load"] = monitor.other_load()
-
-        dataset = SegmentationFolder(root, "train", transform=TrainTransform(size, scale_range=(0.5, 1.5), flip=True))
-        times: list[float] = []
-        memory, monitor = MemoryProbe(torch.device("cpu")), LoadMonitor()
-        with memory.measure():
-            for round_ in range(settings.warmup + settings.iters):
-                dataset.set_epoch(round_)
-                for index in range(len(dataset)):
-                    start = time.perf_counter()
-                    dataset[index]
-                    if round_ >= settings.warmup:
-                        times.append(time.perf_counter() - start)
-        load = _data_record(common, "decode_augment", sum(times) / len(times), times, memory, len(times))
-        load["cpu_other_load"] = monitor.other_load()
-    return [prepare, load]
-
-
-def _data_record(
-    common: dict[str, Any], stage: str, per_image: float, times: list[float], memory: MemoryProbe, count: int
-) -> dict[str, Any]:
-    return {
-        **common,
-        "stage": stage,
-        "workers": 1,
-        "images": count,
-        "latency_ms": per_image * 1e3,
-        "latency_ms_min": min(times) * 1e3,
-        "images_per_s": 1.0 / per_image,
-        "peak_mem_mb": None if memory.peak_bytes is None else memory.peak_bytes / MB,
-        "peak_rss_mb": None if memory.peak_rss_bytes is None else memory.peak_rss_bytes / MB,
-        "peak_mem_kind": memory.kind.replace(" + case state", ""),
-    }
 
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
@@ -471,10 +397,11 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
     a round, whose cases ran moments apart: load from other processes that comes and goes
     between rounds then cancels out. Otherwise it is the ratio of the medians.
     """
-    single = {(r["mode"], r["size"]): r for r in records if r["mode"] != "data" and len(r["scales"]) == 1}
+    timed = ("inference", "train")  # the interleaved modes; data and train-e2e have no FLOP ratios
+    single = {(r["mode"], r["size"]): r for r in records if r["mode"] in timed and len(r["scales"]) == 1}
     for record in records:
         base = single.get((record["mode"], record["size"]))
-        if record["mode"] == "data" or base is None:
+        if record["mode"] not in timed or base is None:
             continue
         times, base_times = record.get("times_ms"), base.get("times_ms")
         if times and base_times and len(times) == len(base_times):
@@ -532,54 +459,52 @@ def run_bench(
     warmup: int = 2,
     modes: Sequence[str] = ("inference", "train"),
     json_path: Path | None = None,
+    graph: bool | None = None,
+    cases: Sequence[str] | None = None,
+    workers: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Run the benchmark, print a table and the ratios, optionally write the records as JSON."""
+    """Run the benchmark, print progress (stderr), the tables and the ratios, optionally write JSON.
+
+    ``graph`` (None: on for CUDA) replays inference as CUDA graphs; ``cases`` (``--case``) picks
+    (scales, merge) pairs; ``workers`` (an integer or ``auto``) is train-e2e's loader.
+    """
     from rich.console import Console
 
-    console, errors = Console(), Console(stderr=True)
-    if not console.is_terminal:  # a log file or pipe: do not squeeze the table into 80 columns
-        console = Console(width=160)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise UsageError(f"--mode {unknown[0]}: unknown mode (choose from {', '.join(MODES)})")
-    if any(s < 8 for s in sizes):
-        raise UsageError(f"--size {min(sizes)}: the input side must be at least 8 pixels")
-    if not 0 < width <= 4 or batch < 1 or iters < 1 or warmup < 0:
-        raise UsageError("need 0 < --width <= 4, --batch >= 1, --iters >= 1, --warmup >= 0")
+    from msattn.engine.bench_data import bench_data, bench_train_e2e
+    from msattn.engine.bench_report import REPORT_WIDTH, ProgressLog, print_report
+
+    console, errors = Console(highlight=False), Console(stderr=True, highlight=False)
+    if not console.is_terminal:  # a log file or pipe: the tables are made for 100 columns
+        console = Console(width=REPORT_WIDTH, highlight=False)
+    _check_options(modes, sizes, width, batch, iters, warmup)
     if json_path is not None:
         _check_json(Path(json_path))  # a folder or an unwritable place fails now, not after minutes of timing
     dev = resolve_device(device)
     if amp and dev.type != "cuda":
         errors.print("msattn: warning: --amp ignored on CPU (bf16 is ~100x slower there); measuring fp32")
         amp = False
+    if graph and dev.type != "cuda":
+        errors.print("msattn: warning: --graph ignored on CPU (CUDA graphs need a CUDA device)")
+    graph = dev.type == "cuda" and graph is not False
+    workers_value = _workers_option(workers)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    settings = Settings(dev, batch, amp, compile_model, channels_last, width, iters, warmup)
-    modes = list(dict.fromkeys(modes))
-    context: dict[str, Any] = {
-        "device": dev.type,
-        "device_name": device_name(dev),
-        "batch": batch,
-        "amp": amp,
-        "channels_last": channels_last,
-        "compile": compile_model,
-        "width": width,
-        "iters": iters,
-        "warmup": warmup,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    selected = tuple(parse_case(c) for c in cases) if cases else None
+    settings = Settings(dev, batch, amp, compile_model, channels_last, width, iters, warmup, graph, selected,
+                        ProgressLog(errors))
+    context = _context(dev, settings)
     records: list[dict[str, Any]] = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TF32.*")
         for size in sizes:
-            for mode in modes:
-                with errors.status(f"bench {mode} at {size}x{size} on {context['device_name']}"):
-                    if mode == "data":
-                        records += bench_data(size, settings, context)
-                    else:
-                        records += bench_model(mode, size, settings, context)
+            for mode in dict.fromkeys(modes):
+                settings.say(f"{mode} at {size}x{size} on {context['device_name']}")
+                if mode == "data":
+                    records += bench_data(size, settings, context)
+                elif mode == "train-e2e":
+                    records += bench_train_e2e(size, settings, context, workers_value)
+                else:
+                    records += bench_model(mode, size, settings, {**context, "graph": graph and mode == "inference"})
     add_ratios(records)
     print_report(records, context, console)
     if json_path is not None:
@@ -588,6 +513,18 @@ def run_bench(
         write_json(json_path, records)
         console.print(f"wrote {len(records)} records to {json_path}", markup=False)
     return records
+
+
+def _check_options(
+    modes: Sequence[str], sizes: Sequence[int], width: float, batch: int, iters: int, warmup: int
+) -> None:
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise UsageError(f"--mode {unknown[0]}: unknown mode (choose from {', '.join(MODES)})")
+    if any(s < 8 for s in sizes):
+        raise UsageError(f"--size {min(sizes)}: the input side must be at least 8 pixels")
+    if not 0 < width <= 4 or batch < 1 or iters < 1 or warmup < 0:
+        raise UsageError("need 0 < --width <= 4, --batch >= 1, --iters >= 1, --warmup >= 0")
 
 
 def _check_json(path: Path) -> None:
@@ -606,61 +543,27 @@ def _check_json(path: Path) -> None:
     check_output_file(path, "--json", ours=ours)
 
 
-# ----------------------------------------------------------------------------- report
+def _workers_option(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise UsageError(f"--workers {text}: an integer >= 0 or auto")
+    return int(text)
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def print_report(records: list[dict[str, Any]], context: dict[str, Any], console: Any) -> None:
-    """Rich table of every record with the ratios to one scale, then the matmul peak and notes."""
-    from rich.table import Table
-    from rich.text import Text
-
-    flags = [f"batch {context['batch']}", "bf16 autocast" if context["amp"] else "fp32"]
-    flags += ["channels_last" if context["channels_last"] else "contiguous"]
-    flags += ["torch.compile"] * context["compile"] + [f"width {context['width']:g}", f"{context['threads']} threads"]
-    caption = (
-        "time x1: median over rounds of the time over the single-scale time in the same round; "
-        "best x1: fastest round over fastest round; "
-        "arith x1: FLOP ratio; gap: time x1 / arith x1 - 1; pure area ratio: {1, 0.5} 1.25, {1, 0.75, 0.5} 1.8125; "
-        "of peak: GFLOP/s over the matmul's in the same round (median)"
-    )
-    title = f"msattn bench: {context['device_name']} ({context['device']}), {', '.join(flags)}"
-    table = Table(title=Text(title), title_justify="left", caption=caption, caption_justify="left")
-    columns = ("mode", "size", "scales", "merge", "ms/img", "img/s", "GFLOP/img", "GFLOP/s", "of peak", "mem MB",
-               "time x1", "best x1", "arith x1", "gap")
-    for name in columns:
-        table.add_column(name, justify="left" if name in ("mode", "scales", "merge") else "right")
-    for r in records:
-        ratio, arith = r.get("latency_ratio"), r.get("flop_ratio")
-        multi = len(r["scales"]) > 1
-        table.add_row(
-            r["mode"], str(r["size"]), ", ".join(f"{s:g}" for s in r["scales"]) or r.get("stage", ""),
-            r["merge"] or "-", _fmt(r["latency_ms"], ".1f"), _fmt(r["images_per_s"], ".2f"),
-            _fmt(r["gflops"], ".1f"), _fmt(r["gflops_per_s"], ".1f"), _fmt(r.get("peak_fraction"), ".0%"),
-            _fmt(r["peak_mem_mb"], ".0f"), _fmt(ratio if multi else None, ".3f"),
-            _fmt(r.get("latency_ratio_min") if multi else None, ".3f"), _fmt(arith if multi else None, ".3f"),
-            _fmt(ratio / arith - 1 if multi and ratio and arith else None, "+.1%"),
-        )
-    console.print(table)
-    for r in records:
-        if r["mode"] != "data" and len(r["scales"]) == 1:
-            console.print(
-                f"{r['mode']} {r['size']}: {r['matmul']} timed in the same rounds: {r['matmul_gflops_s']:.1f} GFLOP/s "
-                f"(best {r['matmul_gflops_s_best']:.1f}); one scale reaches {r['peak_fraction']:.0%} of it"
-            )
-    loads = [r["cpu_other_load"] for r in records if r.get("cpu_other_load") is not None]
-    if loads and max(loads) > 0.05:
-        console.print(
-            f"note: other processes used up to {max(loads):.0%} of this machine's CPU while timing; "
-            "absolute figures are pessimistic (cases are timed interleaved, so the ratios suffer less)"
-        )
-    for r in records:
-        if r.get("stage") == "decode_augment":
-            console.print(
-                f"data {r['size']}: one worker decodes + augments {r['images_per_s']:.1f} img/s "
-                f"({r['image_side']}px demo images, {r['size']}px crops): "
-                f"{math.ceil(150 / r['images_per_s'])} worker(s) feed 150 img/s"
-            )
+def _context(dev: torch.device, settings: Settings) -> dict[str, Any]:
+    """What every record of the run carries: the machine, the settings, the versions, the date."""
+    return {
+        "device": dev.type,
+        "device_name": device_name(dev),
+        "batch": settings.batch,
+        "amp": settings.amp,
+        "channels_last": settings.channels_last,
+        "compile": settings.compile_model,
+        "width": settings.width,
+        "iters": settings.iters,
+        "warmup": settings.warmup,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -8,6 +8,7 @@ dense CRF, and their argmax is scored against the label (255 ignored).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from rich.table import Table
 from msattn.data.labels import WarningLog
 from msattn.engine.distributed import DistInfo
 from msattn.engine.metrics import ConfusionMatrix, format_miou, json_safe
-from msattn.engine.predict import amp_dtype_for, predict_batch
+from msattn.engine.predict import amp_dtype_for
 from msattn.errors import DataError, UsageError
 
 
@@ -49,6 +50,7 @@ def evaluate_model(
     progress: bool = True,
     console: Console | None = None,
     pad_to: int | None = None,
+    runner: Any = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``dataset`` (items ``{"image", "label", "id"}`` at full resolution).
 
@@ -59,7 +61,11 @@ def evaluate_model(
     them. Consecutive images of the same size are batched (up to ``batch_size``).
     ``crf_params`` (a :class:`msattn.crf.CRFParams`) refines the probabilities with the dense
     CRF; it needs ``mean``/``std`` to recover the RGB image. Returns
-    :meth:`ConfusionMatrix.compute` plus ``num_images``.
+    :meth:`ConfusionMatrix.compute` plus ``num_images``, ``scored_pixels`` and ``warnings``.
+
+    ``runner`` (a :class:`msattn.engine.graphs.InferenceRunner` over ``model`` with the same
+    scales, flip, amp and pad_to) runs the forward, e.g. as CUDA graphs over size buckets;
+    None: the eager :func:`msattn.engine.predict.predict_batch`, exactly.
     """
     from torch.utils.data import DataLoader, Subset
 
@@ -76,6 +82,10 @@ def evaluate_model(
     )
     was_training = model.training
     model.eval()
+    if runner is None:  # the eager forward (graphs and buckets: msattn.engine.graphs)
+        from msattn.engine.graphs import InferenceRunner
+
+        runner = InferenceRunner(model, scales=scales, flip=flip, amp_dtype=amp_dtype, pad_to=pad_to)
     matrix = ConfusionMatrix(num_classes, ignore_index, device)
     console = console or Console(highlight=False, soft_wrap=True)
     progress_bar = _eval_progress(console, enabled=progress and rank == 0)
@@ -87,15 +97,8 @@ def evaluate_model(
                 for item in items:
                     for file, message in item.get("warnings", ()):
                         log.add(file, message)
-                for group in _same_size_groups(items):
-                    images = torch.stack([item["image"] for item in group]).to(device, non_blocking=True)
-                    labels = torch.stack([item["label"] for item in group]).to(device, non_blocking=True)
-                    probs, _ = predict_batch(
-                        model, images, scales=scales, flip=flip, amp_dtype=amp_dtype, pad_to=pad_to
-                    )
-                    if crf_params is not None:
-                        probs = _refine(probs, images, crf_params, mean, std)
-                    matrix.update(probs.argmax(1), labels)
+                for group in _same_size_groups(items, runner.group_key):
+                    _score_group(runner, group, matrix, device, crf_params, mean, std)
                 progress_bar.update(task, advance=len(items))
     finally:
         model.train(was_training)
@@ -107,14 +110,27 @@ def evaluate_model(
     return metrics
 
 
-def _same_size_groups(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+def _same_size_groups(items: list[dict[str, Any]], key: Any) -> list[list[dict[str, Any]]]:
+    """Runs of consecutive items with the same ``key(image size)`` (the size, or its bucket with graphs)."""
     groups: list[list[dict[str, Any]]] = []
     for item in items:
-        if groups and groups[-1][0]["image"].shape == item["image"].shape:
+        if groups and key(groups[-1][0]["image"].shape[-2:]) == key(item["image"].shape[-2:]):
             groups[-1].append(item)
         else:
             groups.append([item])
     return groups
+
+
+def _score_group(
+    runner: Any, group: list[dict[str, Any]], matrix: ConfusionMatrix, device: torch.device, crf_params: Any,
+    mean: Any, std: Any,
+) -> None:
+    """Predict one group of images (one size, or one bucket) and count it into ``matrix``."""
+    images = [item["image"].to(device, non_blocking=True) for item in group]  # [3, H_i, W_i] each
+    for image, item, (probs, _) in zip(images, group, runner.predict(images)):
+        if crf_params is not None:
+            probs = _refine(probs[None], image[None], crf_params, mean, std)[0]
+        matrix.update(probs.argmax(0), item["label"].to(device, non_blocking=True))
 
 
 def _refine(probs: torch.Tensor, images: torch.Tensor, params: Any, mean: Any, std: Any) -> torch.Tensor:
@@ -183,6 +199,8 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     workers: int | None = None,
     pad_to: int | None = None,
+    compile_graphs: bool = True,
+    bucket: int | None = None,
 ) -> dict[str, Any]:
     """``msattn evaluate``: score a checkpoint on a split of its dataset (or of ``data``).
 
@@ -194,12 +212,17 @@ def evaluate_checkpoint(
     ``num_images``, ``checkpoint``, ``data``, ``split``, ``scales``, ``flip``, ``crf``, ``amp``.
     Under ``torchrun`` the images are sharded over the ranks, the confusion matrices summed,
     and rank 0 alone prints and writes.
+
+    On CUDA, ``compile_graphs`` (the default; ``--no-compile`` turns it off) pads images to
+    size buckets of ``bucket`` pixels (default 64) and replays one CUDA graph per batch shape,
+    and ``batch_size`` defaults to at least 8 (:mod:`msattn.engine.graphs`).
     """
     from msattn.engine.distributed import process_group
 
     with process_group(device) as info:
         return _evaluate_checkpoint(
-            info, checkpoint, data, split, scales, flip, crf, json_path, limit, amp, batch_size, workers, pad_to
+            info, checkpoint, data, split, scales, flip, crf, json_path, limit, amp, batch_size, workers, pad_to,
+            compile_graphs, bucket,
         )
 
 
@@ -217,8 +240,11 @@ def _evaluate_checkpoint(
     batch_size: int | None,
     workers: int | None,
     pad_to: int | None,
+    compile_graphs: bool = True,
+    bucket: int | None = None,
 ) -> dict[str, Any]:
     from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint, old_arch_warning
+    from msattn.engine.graphs import InferenceRunner, graph_policy
     from msattn.engine.scales import resolve_scales
     from msattn.io import write_json
 
@@ -241,13 +267,20 @@ def _evaluate_checkpoint(
     for line in dataset.warnings:
         errors.print(f"warning: {line}", markup=False)
     settings = _run_settings(config, dev, amp, batch_size, workers, pad_to, crf)
+    # CUDA graphs over size buckets and batches of several images on CUDA; the eager forward on CPU
+    runner = InferenceRunner(model, scales=eval_scales, flip=flip, amp_dtype=settings["amp_dtype"],
+                             pad_to=settings["pad_to"], policy=graph_policy(dev, compile_graphs, bucket))  # fmt: skip
+    settings["batch_size"] = _batch_size(batch_size, config, runner)
+    start = time.perf_counter()
     metrics = evaluate_model(
         model, dataset, num_classes=len(info.classes), class_names=list(info.classes),
         ignore_index=info.ignore_index, scales=eval_scales, flip=flip, crf_params=settings["crf_params"],
         mean=mean, std=std, batch_size=settings["batch_size"], limit=limit, device=dev,
         amp_dtype=settings["amp_dtype"], rank=dist_info.rank, world_size=dist_info.world_size,
         workers=settings["workers"], progress=dist_info.is_main, console=console, pad_to=settings["pad_to"],
+        runner=runner,
     )  # fmt: skip
+    seconds = time.perf_counter() - start
     for line in metrics["warnings"]:
         errors.print(f"warning: {line}", markup=False)
     if metrics["scored_pixels"] == 0:
@@ -265,14 +298,30 @@ def _evaluate_checkpoint(
         "amp": "bf16" if settings["amp_dtype"] is not None else "off",
         "pad_to": settings["pad_to"],
         "arch_version": state.get("arch_version", 1),
+        "batch_size": settings["batch_size"],
+        "cuda_graphs": runner.policy.enabled,
+        "bucket": runner.policy.bucket if runner.policy.enabled else None,
         **metrics,
+        "seconds": seconds,
+        "images_per_s": metrics["num_images"] / max(seconds, 1e-9),
     }
     print_metrics_table(metrics, title=f"{info.name} {split}: {checkpoint}", console=console)
     console.print(f"mIoU {format_miou(metrics['miou'])} on {metrics['num_images']} images", markup=False)
+    console.print(f"{metrics['num_images']} images in {seconds:.1f} s: {result['images_per_s']:.1f} img/s "
+                  f"(batch {settings['batch_size']}, {dev})", markup=False)  # fmt: skip
+    if runner.summary():
+        console.print(runner.summary(), markup=False)
     if json_path is not None and dist_info.is_main:
         write_json(json_path, json_safe(result))
         console.print(f"metrics written to {json_path}", markup=False)
     return result
+
+
+def _batch_size(given: int | None, config: Any, runner: Any) -> int:
+    """--batch-size, else the recipe's eval.batch_size, raised to a GPU-sized batch when graphs run."""
+    from msattn.engine.graphs import inference_batch_size
+
+    return inference_batch_size(given, config.eval.batch_size if config is not None else 1, runner.policy)
 
 
 def _check_json(json_path: Path, checkpoint: Path) -> None:
@@ -315,10 +364,12 @@ def _run_settings(
     crf: bool,
 ) -> dict[str, Any]:
     """Batch size, workers, padding and CRF: the command line's, else the checkpoint recipe's, else defaults."""
+    from msattn.engine.loader import resolve_workers
+
     if batch_size is None:
         batch_size = config.eval.batch_size if config is not None else 1
     if workers is None:
-        workers = config.data.workers if config is not None else 0
+        workers = resolve_workers(config.data.workers if config is not None else 0, device).count
     if pad_to is None and config is not None:
         pad_to = config.eval.pad_to
     if pad_to is not None and (pad_to < 9 or (pad_to - 1) % 8):

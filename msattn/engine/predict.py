@@ -8,6 +8,7 @@ them): normalised images in, class probabilities and merge weights at image size
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,13 +141,15 @@ def predict_images(
     save_attention: bool = False,
     crf: bool = False,
     scales: Sequence[float] | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     amp: bool = True,
     device: str | None = None,
     resume: bool = False,
     overlay: bool = True,
     pad_to: int | None = None,
     images_dir: Path | None = None,
+    compile_graphs: bool = True,
+    bucket: int | None = None,
 ) -> dict[str, int]:
     """``msattn predict``: write label maps, overlays and (optionally) probabilities and attention maps.
 
@@ -163,12 +166,16 @@ def predict_images(
     image could be processed. Images of the same size in a batch run together. Under
     ``torchrun`` every rank predicts its share (``rank::world_size``) and rank 0 locks and
     reports. Returns counts over all ranks {"written", "failed", "done"}.
+
+    On CUDA, ``compile_graphs`` (the default; ``--no-compile`` turns it off) pads images to size
+    buckets of ``bucket`` pixels and replays one CUDA graph per batch shape; images of one
+    bucket then share a batch, and ``batch_size`` defaults to 8 (else 1; msattn.engine.graphs).
     """
     from msattn.engine.distributed import process_group
 
     with process_group(device) as dist_info:
         outputs = Outputs(save_probs=save_probs, save_attention=save_attention, overlay=overlay)
-        options = _Options(outputs, crf, scales, batch_size, amp, resume, pad_to)
+        options = _Options(outputs, crf, scales, batch_size, amp, resume, pad_to, compile_graphs, bucket)
         return _predict_images(dist_info, inputs, checkpoint, Path(out), options, images_dir)
 
 
@@ -177,10 +184,12 @@ class _Options:
     outputs: Outputs
     crf: bool
     scales: Sequence[float] | None
-    batch_size: int
+    batch_size: int | None
     amp: bool
     resume: bool
     pad_to: int | None
+    compile_graphs: bool = True
+    bucket: int | None = None
 
 
 @dataclass
@@ -194,6 +203,8 @@ class _Run:
     crf_params: Any
     settings: dict[str, Any]  # everything that changes the numbers (the outputs' mark)
     notes: list[str]
+    runner: Any  # msattn.engine.graphs.InferenceRunner: eager, or CUDA graphs over size buckets
+    batch_size: int
 
 
 def _prepare_run(checkpoint: Path, options: _Options, device: torch.device) -> _Run:
@@ -224,7 +235,12 @@ def _prepare_run(checkpoint: Path, options: _Options, device: torch.device) -> _
     if options.outputs.save_attention and len(scales) == 1:
         notes.append("the model runs on one scale: there are no attention maps to save")
     merge = getattr(model, "merge", "attention")
-    return _Run(model, info, scales, merge, crf_params, settings, notes)
+    from msattn.engine.graphs import InferenceRunner, graph_policy, inference_batch_size
+
+    runner = InferenceRunner(model, scales=scales, amp_dtype=amp_dtype_for(device, options.amp), pad_to=options.pad_to,
+                             policy=graph_policy(device, options.compile_graphs, options.bucket))  # fmt: skip
+    batch_size = inference_batch_size(options.batch_size, 1, runner.policy)
+    return _Run(model, info, scales, merge, crf_params, settings, notes, runner, batch_size)
 
 
 def _predict_images(
@@ -259,6 +275,7 @@ def _predict_images(
             console.print(f"note: {note}", markup=False)
         mine = [i for i in plan.todo if i % dist_info.world_size == dist_info.rank]  # this rank's share
         tally = _Tally()
+        started = time.perf_counter()
         try:
             _predict_loop(run, [(paths[i], names[i], items[i].mark) for i in mine], out, options, dist_info, tally)
         finally:
@@ -270,9 +287,11 @@ def _predict_images(
             if dist_info.is_main and written and not tally.written:
                 _record_settings(out, key, run.settings)
         hint = _hint(out, [names[i] for i in plan.done + plan.todo], outputs, run.scales) if dist_info.is_main else None
+        seconds = time.perf_counter() - started
+        speed = f" ({written / seconds:.1f} img/s, batch {run.batch_size})" if written and seconds > 0 else ""
         Console(highlight=False, soft_wrap=True, quiet=not dist_info.is_main).print(
             f"predicted {written} image(s), skipped {failed}{f', {done} already done' if done else ''} -> {out}"
-            + (f"\nopen {hint}" if hint else ""),
+            + speed + (f"\n{run.runner.summary()}" if run.runner.summary() else "") + (f"\nopen {hint}" if hint else ""),
             markup=False,
         )
         if written == 0 and done == 0:
@@ -311,7 +330,7 @@ def _predict_loop(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not dist_info.is_main) as progress:
         bar = progress.add_task("predict", total=len(work))
-        for chunk in _chunks(work, options.batch_size):
+        for chunk in _chunks(work, run.batch_size):
             loaded = []
             for path, name, mark in chunk:
                 try:
@@ -321,9 +340,9 @@ def _predict_loop(
                     tally.first_problem = tally.first_problem or str(exc)
                     tally.failed += 1
                     progress.advance(bar)
-            for group in _same_size_groups(loaded):
-                results = _predict_group(run.model, [(n, im) for n, im, _ in group], run.info, run.scales,
-                                         options.amp, dist_info.device, torch.channels_last, options.pad_to)  # fmt: skip
+            for group in _same_size_groups(loaded, run.runner.group_key):
+                results = _predict_group(run.runner, [(n, im) for n, im, _ in group], run.info, dist_info.device,
+                                         torch.channels_last)  # fmt: skip
                 for (name, image, mark), (p, att) in zip(group, results):
                     refined = _crf(image, p, run.crf_params) if run.crf_params is not None else p
                     labels = refined.argmax(axis=0).astype(np.uint8)
@@ -395,16 +414,14 @@ def _shared_plan(
 
 
 def _predict_group(
-    model: torch.nn.Module,
+    runner: Any,
     group: list[tuple[str, np.ndarray]],
     info: _Labels,
-    scales: Sequence[float],
-    amp: bool,
     device: torch.device,
     memory_format: torch.memory_format,
-    pad_to: int | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Run same-size images as one batch -> [(probs [C,H,W], attention [S,H,W] or None)] as numpy.
+    """Run images of one size (or one size bucket, with CUDA graphs) as one batch through ``runner``
+    (an :class:`msattn.engine.graphs.InferenceRunner`) -> [(probs [C,H,W], attention [S,H,W] or None)] as numpy.
 
     Out of GPU memory on a batch, the images are retried one by one; out of memory on one
     image stops with a :class:`ResourceError` that says what to turn down.
@@ -412,26 +429,28 @@ def _predict_group(
     from msattn.errors import ResourceError
 
     try:
-        batch = torch.stack([normalize_image(img, info.mean, info.std) for _, img in group])
-        batch = batch.to(device, memory_format=memory_format)  # [N,3,H,W]
-        probs, attention = predict_batch(model, batch, scales=scales, amp_dtype=amp_dtype_for(device, amp), pad_to=pad_to)
-        probs_np = probs.cpu().numpy()
-        att_np = None if attention is None else attention.cpu().numpy()
+        if runner.policy.enabled:  # one size bucket: sizes may differ, the runner pads to the bucket
+            images: Any = [normalize_image(img, info.mean, info.std).to(device) for _, img in group]
+        else:  # one size: one batch [N,3,H,W]
+            images = torch.stack([normalize_image(img, info.mean, info.std) for _, img in group])
+            images = images.to(device, memory_format=memory_format)
+        results = runner.predict(images)
+        results_np = [(p.cpu().numpy(), None if a is None else a.cpu().numpy()) for p, a in results]
     except torch.cuda.OutOfMemoryError:
-        probs_np = att_np = None  # handled below, outside the except block, so the failed tensors are freed
-    if probs_np is not None:
-        return [(probs_np[i], None if att_np is None else att_np[i]) for i in range(len(group))]
+        results_np = None  # handled below, outside the except block, so the failed tensors are freed
+    if results_np is not None:
+        return results_np
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if len(group) > 1:
-        return [
-            r for item in group for r in _predict_group(model, [item], info, scales, amp, device, memory_format, pad_to)
-        ]
+        return [r for item in group for r in _predict_group(runner, [item], info, device, memory_format)]
     name, image = group[0]
     h, w = image.shape[:2]
+    amp = runner.amp_dtype is not None
     raise ResourceError(
-        f"out of GPU memory on {name} ({w}x{h}, scales {list(scales)}) even alone: give smaller --scales, "
-        f"keep --amp on{'' if amp else ' (it is off)'}, downscale the image, or use --device cpu"
+        f"out of GPU memory on {name} ({w}x{h}, scales {list(runner.scales or [])}) even alone: give smaller "
+        f"--scales, keep --amp on{'' if amp else ' (it is off)'}, downscale the image, use --no-compile, "
+        "or use --device cpu"
     )
 
 
@@ -441,9 +460,11 @@ def _crf(image: np.ndarray, probs: np.ndarray, params: Any) -> np.ndarray:
     return dense_crf(image, probs, params)
 
 
-def _same_size_groups(loaded: list[tuple[str, np.ndarray]]) -> list[list[tuple[str, np.ndarray]]]:
-    """Group (name, image) pairs by image size, keeping first-seen order."""
-    groups: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
+def _same_size_groups(loaded: list[tuple[Any, ...]], key: Any = None) -> list[list[tuple[Any, ...]]]:
+    """Group (name, image, ...) tuples by ``key(image size)`` (default: the size; with CUDA graphs its
+    bucket), keeping first-seen order."""
+    groups: dict[Any, list[tuple[Any, ...]]] = {}
     for item in loaded:
-        groups.setdefault(item[1].shape, []).append(item)
+        size = tuple(item[1].shape[:2])
+        groups.setdefault(size if key is None else key(size), []).append(item)
     return list(groups.values())

@@ -127,10 +127,15 @@ def run_loop(s: TrainSetup, policy: CheckpointPolicy, log: MetricsLog) -> None:
     """Step from ``s.start`` to ``train.iterations``: log, validate and let the policy checkpoint."""
     from msattn.models import segmentation_loss
 
+    from msattn.engine.loader import DeviceBatches, train_workers
+
     recipe, cfg, info = s.recipe, s.recipe.train, s.info
+    workers = train_workers(recipe.data.workers, s.train_set, info.device)  # "auto": from CPUs and decode rate
+    s.console.print(workers.reason, markup=False)
     loader = make_train_loader(s.train_set, cfg.batch_size, recipe.micro_batch, cfg.seed, s.start, cfg.iterations,
-                               info.rank, info.world_size, recipe.data.workers, info.device.type == "cuda")  # fmt: skip
-    batches = iter(loader)
+                               info.rank, info.world_size, workers.count, info.device.type == "cuda")  # fmt: skip
+    # uint8 batches, normalised on the device; the time spent waiting for them is logged as data_wait
+    batches = DeviceBatches(loader, info.device, s.train_set.transform.mean, s.train_set.transform.std)
     step = functools.partial(
         train_step, s.train_model, optimizer=s.optimizer, scaler=s.scaler, device=info.device, amp_dtype=s.amp_dtype,
         channels_last=cfg.channels_last, loss_fn=segmentation_loss,
@@ -155,7 +160,7 @@ def run_loop(s: TrainSetup, policy: CheckpointPolicy, log: MetricsLog) -> None:
             if done % cfg.log_every == 0 or validate or policy.last_due(done):
                 policy.stop_if_nonfinite()
             if done % cfg.log_every == 0 or done == cfg.iterations:
-                loss = log_point(s, log, window, done)
+                loss = log_point(s, log, window, done, batches.take_wait())
                 progress.update(task, loss=loss)
             progress.update(task, completed=done)
             select_miou = validation_point(s, policy, log, done) if validate else None
@@ -174,18 +179,20 @@ def announce(s: TrainSetup) -> None:
     )
 
 
-def log_point(s: TrainSetup, log: MetricsLog, window: LossWindow, done: int) -> float:
-    """One metrics.jsonl line: loss terms averaged over the window and the ranks, lr, throughput, memory."""
+def log_point(s: TrainSetup, log: MetricsLog, window: LossWindow, done: int, data_wait_s: float = 0.0) -> float:
+    """One metrics.jsonl line: loss terms averaged over the window and the ranks, lr, throughput, the share
+    of the window spent waiting for data (``data_wait``: a starved GPU shows here), memory."""
     cfg = s.recipe.train
     iterations, elapsed = window.iterations, window.elapsed()
     record = {"iteration": done, **window.means(s.info)}
     record["lr"] = s.recipe.optim.lr * lr_factor(s.recipe)(done - 1)  # the lr of this step (backbone weights)
     record["images_per_s"] = iterations * cfg.batch_size / max(elapsed, 1e-9)
+    record["data_wait"] = min(1.0, data_wait_s / max(elapsed, 1e-9))
     record["memory_mb"] = memory_mb(s.info.device)
     log.write(record)
     s.console.print(
         f"it {done:>6}/{cfg.iterations}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-        f"{record['images_per_s']:.1f} img/s  {record['memory_mb']:.0f} MB",
+        f"{record['images_per_s']:.1f} img/s  data wait {record['data_wait']:.0%}  {record['memory_mb']:.0f} MB",
         markup=False,
     )
     return record["loss"]

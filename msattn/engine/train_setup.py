@@ -160,7 +160,8 @@ def build_datasets(recipe: Recipe, info: Any, console: Console, norm: Any) -> tu
 
     data = recipe.data
     train_tf = TrainTransform(crop_size=data.crop_size, scale_range=data.scale_range, flip=data.flip,
-                              mean=norm.mean, std=norm.std, ignore_index=info.ignore_index)  # fmt: skip
+                              mean=norm.mean, std=norm.std, ignore_index=info.ignore_index,
+                              output="uint8")  # normalised on the device (msattn.engine.loader.DeviceBatches)  # fmt: skip
     root = Path(data.root)
     train_set = SegmentationFolder(root, data.train_split, transform=train_tf, max_pixels=data.max_pixels)
     if len(train_set) == 0:
@@ -223,7 +224,10 @@ def maybe_prepare(recipe: Recipe, console: Console) -> None:
         from msattn.data.prepare.demo import prepare_demo
 
         console.print(f"preparing the synthetic demo dataset in {root}", markup=False)
-        prepare_demo(out=root, num_train=240, num_val=60, image_size=96, seed=0, workers=recipe.data.workers)
+        from msattn.engine.loader import resolve_workers
+
+        workers = resolve_workers(recipe.data.workers, torch.device("cpu")).count  # "auto" -> a number
+        prepare_demo(out=root, num_train=240, num_val=60, image_size=96, seed=0, workers=workers)
 
 
 def build_training(recipe: Recipe, num_classes: int, initial: Any, info: DistInfo, console: Console) -> tuple:

@@ -49,10 +49,19 @@ def segmentation_loss(
     supervision and more than one scale). Returns the total and the detached terms by name
     (``"merged"``, ``"scale_1"``, ``"scale_0.75"``, ...).
     """
-    terms = {"merged": cross_entropy(outputs["out"], labels, label_mode, ignore_index)}
+    shrunk: dict[tuple[int, ...], torch.Tensor] = {}  # labels on each output grid, read once per size
+
+    def term(logits: torch.Tensor) -> torch.Tensor:
+        target = labels
+        if label_mode == "downsample":
+            size = tuple(logits.shape[-2:])
+            target = shrunk[size] if size in shrunk else shrunk.setdefault(size, downsample_labels(labels, size))
+        return cross_entropy(logits, target, label_mode, ignore_index)
+
+    terms = {"merged": term(outputs["out"])}
     per_scale = outputs["per_scale"]
     if extra_supervision and len(per_scale) > 1:
         for scale, logits in zip(outputs["scales"], per_scale):
-            terms[f"scale_{scale:g}"] = cross_entropy(logits, labels, label_mode, ignore_index)
+            terms[f"scale_{scale:g}"] = term(logits)
     total = torch.stack(list(terms.values())).sum()
     return total, {name: value.detach() for name, value in terms.items()}
