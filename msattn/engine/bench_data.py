@@ -144,15 +144,13 @@ def bench_train_e2e(size: int, settings: Settings, context: dict[str, Any], work
 def _e2e_case(
     dataset: Any, scales: tuple[float, ...], merge: str | None, size: int, workers: int, settings: Settings
 ) -> dict[str, Any]:
-    from msattn.config import recipe_from_dict
-    from msattn.engine.distributed import DistInfo
     from msattn.engine.loader import DeviceBatches
     from msattn.engine.train import make_train_loader
 
     dev, batch = settings.device, settings.batch
     steps = settings.warmup + settings.iters
-    recipe = recipe_from_dict({"data": {"root": str(dataset.root)}, "train": {"batch_size": batch, "iterations": steps}})
-    loader = make_train_loader(dataset, recipe, 0, DistInfo(device=dev), workers=workers)
+    # the training engine's loader: seeded stream, one rank, batch = micro-batch, `workers` processes
+    loader = make_train_loader(dataset, batch, batch, 0, 0, steps, 0, 1, workers, dev.type == "cuda")
     batches = DeviceBatches(loader, dev, dataset.transform.mean, dataset.transform.std)
     step, state_bytes = _engine_step(scales, merge, settings)
     if dev.type == "cuda":
