@@ -10,14 +10,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-# ../shared/fixtures from the project root, or wherever MSATTN_FIXTURES points
-FIXTURES = Path(os.environ.get("MSATTN_FIXTURES") or Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
+# the copy in tests/fixtures (of the project's shared/fixtures), or wherever MSATTN_FIXTURES points
+FIXTURES = Path(os.environ.get("MSATTN_FIXTURES") or Path(__file__).resolve().parent / "fixtures")
 #: Set to 1 (CI does, in .ci/run) to fail instead of skip when the fixtures are missing.
 REQUIRE_ENV = "MSATTN_REQUIRE_FIXTURES"
 
 
 def fixtures_dir(root: Path | None = None) -> Path:
-    """``../shared/fixtures`` (or ``$MSATTN_FIXTURES``), else skip the test saying how to get them.
+    """``tests/fixtures`` (or ``$MSATTN_FIXTURES``), else skip the test saying how to get them.
 
     With ``MSATTN_REQUIRE_FIXTURES=1`` a missing folder fails the test instead (CI).
     """
@@ -25,9 +25,9 @@ def fixtures_dir(root: Path | None = None) -> Path:
     if (root / "README.md").is_file():
         return root
     reason = (
-        f"real-format fixtures not found at {root}: they are the project's shared/fixtures folder (small samples "
-        "of Pascal-Part, VOC 2012 and the id lists), kept outside the repository; put that folder at "
-        "../shared/fixtures beside your clone, or set MSATTN_FIXTURES=/path/to/fixtures (README, Tests)"
+        f"real-format fixtures not found at {root}: they are small samples of Pascal-Part, VOC 2012 and the id "
+        "lists, in tests/fixtures of the repository (a copy of the project's shared/fixtures folder); restore "
+        "that folder from git, or set MSATTN_FIXTURES=/path/to/fixtures, e.g. ../shared/fixtures (README, Tests)"
     )
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{reason}; {REQUIRE_ENV}=1 makes this a failure")

@@ -20,7 +20,7 @@ def _few_threads() -> None:
 
 @pytest.fixture
 def fixtures_dir() -> Path:
-    """The real-format fixtures (../shared/fixtures from the project root); skips when absent."""
+    """The real-format fixtures (tests/fixtures, or $MSATTN_FIXTURES); skips when absent."""
     return shared_fixtures()
 
 

@@ -311,7 +311,7 @@ def test_missing_fixtures_skip_with_how_to_get_them_and_fail_when_required(tmp_p
     monkeypatch.delenv(_data_helpers.REQUIRE_ENV, raising=False)
     with pytest.raises(pytest.skip.Exception) as skipped:
         _data_helpers.fixtures_dir(tmp_path / "nowhere")
-    assert "../shared/fixtures" in str(skipped.value) and "MSATTN_FIXTURES=" in str(skipped.value)
+    assert "tests/fixtures" in str(skipped.value) and "MSATTN_FIXTURES=" in str(skipped.value)
     monkeypatch.setenv(_data_helpers.REQUIRE_ENV, "1")
     with pytest.raises(pytest.fail.Exception, match="MSATTN_REQUIRE_FIXTURES=1"):
         _data_helpers.fixtures_dir(tmp_path / "nowhere")
