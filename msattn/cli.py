@@ -136,6 +136,26 @@ def convert_weights(
 # ----------------------------------------------------------------------------- train / evaluate
 
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")]
+Tile = Annotated[
+    Optional[int],
+    typer.Option(help="Predict images larger than this in tiles of SIZE x SIZE pixels (8k+1, e.g. 513 or 1025); "
+                 "each tile runs the whole multi-scale model and the tiles are blended."),
+]
+Overlap = Annotated[
+    Optional[int], typer.Option(help="Pixels shared by neighbouring tiles (default: a quarter of the tile).")
+]
+MaxMemory = Annotated[
+    Optional[str],
+    typer.Option(help="Memory budget, e.g. 4GB: images whose whole-image prediction would need more are tiled "
+                 "(default: 80% of free GPU memory, or 50% of available RAM on CPU)."),
+]
+
+
+def _tiling(tile: Optional[int], overlap: Optional[int], max_memory: Optional[str]):  # noqa: ANN202
+    from msattn.tiling import TilingOptions, parse_memory
+
+    budget = parse_memory(max_memory) if max_memory is not None else None
+    return TilingOptions(tile=tile, overlap=overlap, max_memory=budget)
 
 
 @app.command()
@@ -179,6 +199,9 @@ def evaluate(
         typer.Option(help="Pad every image to this 8k+1 side (DeepLab's VOC protocol: 513; default: the recipe's "
                      "eval.pad_to, else the next 8k+1 side of each image)."),
     ] = None,
+    tile: Tile = None,
+    overlap: Overlap = None,
+    max_memory: MaxMemory = None,
     device: Device = None,
 ) -> None:
     """Score a checkpoint: mIoU, pixel accuracy and per-class IoU."""
@@ -198,6 +221,7 @@ def evaluate(
         batch_size=batch_size,
         workers=workers,
         pad_to=pad_to,
+        tiling=_tiling(tile, overlap, max_memory),
     )
 
 
@@ -207,8 +231,18 @@ def evaluate(
 @app.command()
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Image files, folders or .txt list files.")],
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.pt) written by msattn train.")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="Checkpoint (.pt) written by msattn train (the torch backend).")
+    ] = None,
+    model: Annotated[
+        Optional[Path], typer.Option(help="ONNX model written by msattn export (the onnxruntime backend).")
+    ] = None,
+    backend: Annotated[
+        Optional[str],
+        typer.Option(help="torch (runs --checkpoint) or onnxruntime (runs --model, needs msattn[export]); "
+                     "default: the one the given file needs."),
+    ] = None,
     save_probs: Annotated[bool, typer.Option(help="Also write <name>.npz with float16 probabilities.")] = False,
     save_attention: Annotated[bool, typer.Option(help="Write per-scale attention maps and a figure.")] = False,
     crf: Annotated[bool, typer.Option(help="Refine with the dense CRF.")] = False,
@@ -222,6 +256,9 @@ def predict(
     pad_to: Annotated[
         Optional[int], typer.Option(help="Pad every image to this 8k+1 side (default: the next 8k+1 side).")
     ] = None,
+    tile: Tile = None,
+    overlap: Overlap = None,
+    max_memory: MaxMemory = None,
     device: Device = None,
 ) -> None:
     """Predict label maps (and attention maps) for images."""
@@ -241,6 +278,9 @@ def predict(
         resume=resume,
         overlay=overlay,
         pad_to=pad_to,
+        model=model,
+        backend=backend,
+        tiling=_tiling(tile, overlap, max_memory),
     )
 
 
@@ -280,6 +320,35 @@ def crf_refine(
         search=search,
         workers=workers,
     )
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@app.command("export")
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.pt) written by msattn train.")],
+    out: Annotated[Path, typer.Option(help="Output ONNX file, e.g. model.onnx.")],
+    scales: Annotated[
+        Optional[list[float]], typer.Option("--scales", help="Scales built into the graph (default: the model's).")
+    ] = None,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (18 or newer; default: the exporter's).")] = None,
+    dynamic: Annotated[
+        bool, typer.Option("--dynamic/--static", help="Any batch, height and width (default), or one fixed --size.")
+    ] = True,
+    size: Annotated[str, typer.Option(help="HEIGHTxWIDTH of the input for --static.")] = "513x513",
+    argmax: Annotated[bool, typer.Option(help="Add a 'labels' output: the argmax, uint8 [N, H, W].")] = False,
+    verify: Annotated[
+        bool, typer.Option(help="Compare onnxruntime with PyTorch on random images after writing.")
+    ] = True,
+) -> None:
+    """Export the whole multi-scale model (resizing, backbone, merge, upsampling) as one ONNX graph."""
+    from msattn.export.onnx import export_checkpoint
+
+    export_checkpoint(
+        checkpoint=checkpoint, out=out, scales=scales, opset=opset, dynamic=dynamic, size=size, argmax=argmax,
+        verify=verify,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- bench

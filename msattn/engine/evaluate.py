@@ -48,11 +48,14 @@ def evaluate_model(
     progress: bool = True,
     console: Console | None = None,
     pad_to: int | None = None,
+    tiling: Any = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``dataset`` (items ``{"image", "label", "id"}`` at full resolution).
 
     Every image is padded to the next 8k+1 side (or to ``pad_to``, DeepLab's 513) for the
     network and the prediction cropped back (:func:`msattn.engine.predict.predict_batch`).
+    ``tiling`` (:class:`msattn.tiling.TilingOptions`) predicts images over the tile or the
+    memory budget tile by tile (:func:`msattn.tiling.tiled_forward`); None: never.
 
     Images are sharded over ``world_size`` ranks and the confusion matrix is summed over
     them. Consecutive images of the same size are batched (up to ``batch_size``).
@@ -75,6 +78,7 @@ def evaluate_model(
     )
     was_training = model.training
     model.eval()
+    forward = predict_batch if tiling is None else _tiled_forward(model, tiling, scales, device)
     matrix = ConfusionMatrix(num_classes, ignore_index, device)
     console = console or Console(highlight=False, soft_wrap=True)
     progress_bar = _eval_progress(console, enabled=progress and rank == 0)
@@ -85,9 +89,7 @@ def evaluate_model(
                 for group in _same_size_groups(items):
                     images = torch.stack([item["image"] for item in group]).to(device, non_blocking=True)
                     labels = torch.stack([item["label"] for item in group]).to(device, non_blocking=True)
-                    probs, _ = predict_batch(
-                        model, images, scales=scales, flip=flip, amp_dtype=amp_dtype, pad_to=pad_to
-                    )
+                    probs, _ = forward(model, images, scales=scales, flip=flip, amp_dtype=amp_dtype, pad_to=pad_to)
                     if crf_params is not None:
                         probs = _refine(probs, images, crf_params, mean, std)
                     matrix.update(probs.argmax(1), labels)
@@ -98,6 +100,16 @@ def evaluate_model(
     metrics = matrix.compute(class_names)
     metrics["num_images"] = total
     return metrics
+
+
+def _tiled_forward(model: torch.nn.Module, options: Any, scales: Sequence[float] | None, device: torch.device) -> Any:
+    """predict_batch, or tiles for the images ``options`` (--tile, --max-memory) says are too large."""
+    from msattn.tiling import Planner, tiled_forward
+    from msattn.tiling.memory import memory_model_from_args
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    args = getattr(model, "model_args", None) or {"num_classes": model.num_classes, "scales": list(model.scales)}
+    return tiled_forward(Planner(options, memory_model_from_args(args, scales, weights), str(device)))
 
 
 def _same_size_groups(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -174,6 +186,7 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     workers: int | None = None,
     pad_to: int | None = None,
+    tiling: Any = None,
 ) -> dict[str, Any]:
     """``msattn evaluate``: score a checkpoint on a split of its dataset (or of ``data``).
 
@@ -184,14 +197,16 @@ def evaluate_checkpoint(
     ``miou``, ``pixel_accuracy``, ``mean_accuracy``, ``per_class`` {class: IoU or null},
     ``num_images``, ``checkpoint``, ``data``, ``split``, ``scales``, ``flip``, ``crf``, ``amp``.
     Under ``torchrun`` the images are sharded over the ranks, the confusion matrices summed,
-    and rank 0 alone prints and writes.
+    and rank 0 alone prints and writes. ``tiling`` (:class:`msattn.tiling.TilingOptions`, from
+    --tile/--overlap/--max-memory) overrides the recipe's ``eval.tile``/``overlap``/``max_memory``.
     """
     from msattn.engine.distributed import process_group
 
     with process_group(device) as info:
         return _evaluate_checkpoint(
-            info, checkpoint, data, split, scales, flip, crf, json_path, limit, amp, batch_size, workers, pad_to
-        )
+            info, checkpoint, data, split, scales, flip, crf, json_path, limit, amp, batch_size, workers, pad_to,
+            tiling,
+        )  # fmt: skip
 
 
 def _evaluate_checkpoint(
@@ -208,6 +223,7 @@ def _evaluate_checkpoint(
     batch_size: int | None,
     workers: int | None,
     pad_to: int | None,
+    tiling: Any = None,
 ) -> dict[str, Any]:
     from msattn.data import SegmentationFolder, read_dataset_info
     from msattn.data.transforms import EvalTransform
@@ -266,6 +282,7 @@ def _evaluate_checkpoint(
         pad_to = config.eval.pad_to
     if pad_to is not None and (pad_to < 9 or (pad_to - 1) % 8):
         raise UsageError(f"--pad-to: must be a side of 8k+1 pixels (e.g. 321, 513), got {pad_to}")
+    tiling = _recipe_tiling(tiling, config)
     metrics = evaluate_model(
         model,
         dataset,
@@ -287,6 +304,7 @@ def _evaluate_checkpoint(
         progress=dist_info.is_main,
         console=console,
         pad_to=pad_to,
+        tiling=tiling,
     )
     result = {
         "checkpoint": str(checkpoint),
@@ -297,6 +315,8 @@ def _evaluate_checkpoint(
         "crf": crf,
         "amp": "bf16" if amp_dtype is not None else "off",
         "pad_to": pad_to,
+        "tile": tiling.tile,
+        "overlap": tiling.overlap,
         "arch_version": state.get("arch_version", 1),
         **metrics,
     }
@@ -306,6 +326,21 @@ def _evaluate_checkpoint(
         write_json(json_path, json_safe(result))
         console.print(f"metrics written to {json_path}")
     return result
+
+
+def _recipe_tiling(given: Any, config: Any) -> Any:
+    """--tile/--overlap/--max-memory, each defaulting to the recipe's eval.tile/overlap/max_memory."""
+    from msattn.tiling import TilingOptions, parse_memory
+
+    given = given or TilingOptions()
+    section = config.eval if config is not None else None
+    budget = getattr(section, "max_memory", None)
+    return TilingOptions(
+        tile=given.tile if given.tile is not None else getattr(section, "tile", None),
+        overlap=given.overlap if given.overlap is not None else getattr(section, "overlap", None),
+        max_memory=given.max_memory if given.max_memory is not None else (
+            parse_memory(budget, "eval.max_memory") if budget else None),
+    )  # fmt: skip
 
 
 def _checkpoint_recipe(state: dict[str, Any]) -> Any:

@@ -230,28 +230,37 @@ def write_prediction(
     merge: str,
     outputs: Outputs,
 ) -> None:
-    """Write one image's files (all atomically): labels PNG, overlay, optional npz and attention maps."""
-    from msattn.engine.visualize import attention_figure, attention_heatmap, label_image, overlay, scale_title
+    """Write one image's files (all atomically): labels PNG, overlay, optional npz and attention maps.
+
+    The label PNG and npz are full size; the overlay and attention pictures of huge images are
+    downscaled (:mod:`msattn.tiling.preview`). ``probs``/``attention`` may be float16 or memory-mapped.
+    """
+    from msattn.engine.visualize import attention_figure, attention_heatmap, label_image, scale_title
     from msattn.io import save_image
+    from msattn.tiling.preview import overlay_bands, picture_views
 
     save_image(label_image(labels, info.palette), out / f"{name}.png")
+    views = picture_views(image, labels, attention if outputs.save_attention else None, merge)  # smaller when huge
     if outputs.overlay:
-        save_image(overlay(image, labels, info.palette), out / f"{name}_overlay.jpg", quality=90)
+        save_image(overlay_bands(views.overlay_image, views.overlay_labels, info.palette),
+                   out / f"{name}_overlay.jpg", quality=90)  # fmt: skip
     if outputs.save_probs:
         arrays = {
-            "probs": probs.astype(np.float16),
+            "probs": np.asarray(probs, dtype=np.float16),  # no copy of a float16 (memory-mapped) store
             "scales": np.asarray(scales, dtype=np.float32),
             "classes": np.asarray(info.classes, dtype=str),
             "palette": info.palette,
         }
         if attention is not None:
-            arrays["attention"] = attention.astype(np.float16)
+            arrays["attention"] = np.asarray(attention, dtype=np.float16)
         _write_npz(out / f"{name}.npz", arrays)
-    if outputs.save_attention and attention is not None:
-        for weights, scale in zip(attention, scales):
-            heat = attention_heatmap(image, weights, title=scale_title(scale, merge))
+    if outputs.save_attention and views.figure_weights is not None:
+        for weights, scale in zip(views.figure_weights, scales):
+            heat = attention_heatmap(views.figure_image, weights, title=scale_title(scale, merge))
             save_image(heat, out / attention_file(name, scale))
-        figure = attention_figure(image, labels, attention, scales, info.palette, info.classes, merge)
+        figure = attention_figure(
+            views.figure_image, views.figure_labels, views.figure_weights, scales, info.palette, info.classes, merge
+        )
         save_image(figure, out / f"{name}_attention.png")
 
 
@@ -264,16 +273,20 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def _crf_params_from_checkpoint(ckpt: dict[str, Any], source: Path) -> Any:
+    return _crf_params((ckpt.get("config") or {}).get("crf"), source)
+
+
+def _crf_params(section: dict[str, Any] | None, source: Any) -> Any:
+    """The recipe's [crf] settings (from a checkpoint or an exported model's metadata), else the defaults."""
     from msattn.crf import CRFParams, _import_densecrf, crf_params_from_dict
 
     _import_densecrf()  # fail before any work when pydensecrf is missing
-    section = (ckpt.get("config") or {}).get("crf")
     return crf_params_from_dict(section, f"{source} (config.crf)") if section else CRFParams()
 
 
 def predict_images(
     inputs: Sequence[Path],
-    checkpoint: Path,
+    checkpoint: Path | None,
     out: Path,
     save_probs: bool = False,
     save_attention: bool = False,
@@ -285,11 +298,18 @@ def predict_images(
     resume: bool = False,
     overlay: bool = True,
     pad_to: int | None = None,
+    model: Path | None = None,
+    backend: str | None = None,
+    tiling: Any = None,
 ) -> dict[str, int]:
     """``msattn predict``: write label maps, overlays and (optionally) probabilities and attention maps.
 
     ``overlay=False`` with neither probabilities nor attention writes the label PNGs alone (the
     format of the PASCAL VOC evaluation server). ``pad_to`` pads every image to that 8k+1 side.
+    ``backend`` (:func:`msattn.backends.open_backend`): ``torch`` runs ``checkpoint``,
+    ``onnxruntime`` an exported ``model``. ``tiling`` (:class:`msattn.tiling.TilingOptions`):
+    ``--tile``/``--overlap``/``--max-memory``; images over the tile or the memory budget are
+    predicted tile by tile (:mod:`msattn.tiling`).
 
     Unreadable images are reported and skipped; DataError only when no image could be processed.
     Images of the same size in a batch run together, others one by one. With ``resume``, images
@@ -300,30 +320,33 @@ def predict_images(
     from msattn.engine.distributed import process_group
 
     with process_group(device) as dist_info:
+        from msattn.backends import open_backend
+        from msattn.tiling import TilingOptions
+
         outputs = Outputs(save_probs=save_probs, save_attention=save_attention, overlay=overlay)
-        return _predict_images(dist_info, inputs, checkpoint, out, outputs, crf, scales, batch_size, amp, resume, pad_to)
+        runner = open_backend(backend, checkpoint, model, dist_info.device, scales, amp, pad_to)
+        return _predict_images(dist_info, inputs, runner, out, outputs, crf, batch_size, resume, tiling or TilingOptions())
 
 
 def _predict_images(
     dist_info: DistInfo,
     inputs: Sequence[Path],
-    checkpoint: Path,
+    backend: Any,
     out: Path,
     outputs: Outputs,
     crf: bool,
-    scales: Sequence[float] | None,
     batch_size: int,
-    amp: bool,
     resume: bool,
-    pad_to: int | None,
+    tiling: Any,
 ) -> dict[str, int]:
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from msattn.backends import memory_model
     from msattn.engine.distributed import all_reduce_sum, barrier
     from msattn.io import clean_temporaries, open_image
+    from msattn.tiling import Planner
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -331,22 +354,13 @@ def _predict_images(
     paths = list(dict.fromkeys(collect_inputs(inputs)))  # the same file named twice runs once
     if not paths:
         raise DataError(f"no images found in {', '.join(str(p) for p in inputs)}")
-    dev = dist_info.device
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, checkpoint).to(dev)
-    memory_format = torch.channels_last  # faster on CUDA and CPU (benchmarks/README.md)
-    model = model.to(memory_format=memory_format)
-    run_scales = tuple(float(s) for s in (scales or model.scales))
-    if getattr(model, "head", None) is not None and len(run_scales) != len(model.scales):
-        raise UsageError(
-            f"--scales: this attention model was trained on {len(model.scales)} scales "
-            f"{list(model.scales)}; give as many or none"
-        )
-    if model.num_classes > 255:
-        raise UsageError(f"{checkpoint}: {model.num_classes} classes do not fit an 8-bit label PNG")
-    info = _dataset_info(ckpt, model.num_classes)
-    crf_params = _crf_params_from_checkpoint(ckpt, checkpoint) if crf else None
-    merge = getattr(model, "merge", "attention")
+    run_scales = backend.scales
+    if backend.num_classes > 255:
+        raise UsageError(f"{backend.source}: {backend.num_classes} classes do not fit an 8-bit label PNG")
+    info = _Labels(list(backend.classes), backend.palette, backend.mean, backend.std)
+    crf_params = _crf_params(backend.crf_section, backend.source) if crf else None
+    merge = backend.merge
+    planner = Planner(tiling, memory_model(backend), str(dist_info.device))
 
     names, notes = unique_names(paths, lambda n: outputs.files(n, run_scales))
     if dist_info.is_main:  # the folder itself is made by the first write: a failed run leaves nothing
@@ -363,7 +377,7 @@ def _predict_images(
     if resume:
         todo = [(p, n) for p, n in mine if not all((out / f).is_file() for f in outputs.files(n, run_scales))]
     done = len(mine) - len(todo)
-    written = failed = 0
+    written = failed = tiled = 0
     first_problem = ""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not dist_info.is_main) as progress:
@@ -379,7 +393,16 @@ def _predict_images(
                     failed += 1
                     progress.advance(bar)
             for group in _same_size_groups(loaded):
-                results = _predict_group(model, group, info, run_scales, amp, dev, memory_format, pad_to)
+                plan = planner.plan(*group[0][1].shape[:2])
+                if plan is not None:  # too large to predict whole: tile by tile, one image at a time
+                    for name, image in group:
+                        _predict_tiled(backend, name, image, plan, planner, out, outputs, info, merge, crf_params,
+                                       progress)  # fmt: skip
+                        written += 1
+                        tiled += 1
+                        progress.advance(bar)
+                    continue
+                results = _predict_group(backend, group)
                 for (name, image), (p, att) in zip(group, results):
                     refined = _crf(image, p, crf_params) if crf_params is not None else p
                     labels = refined.argmax(axis=0).astype(np.uint8)
@@ -389,27 +412,56 @@ def _predict_images(
                     written += 1
                     progress.advance(bar)
     if dist_info.distributed:
-        written, failed, done = all_reduce_sum([written, failed, done], dist_info)
+        written, failed, done, tiled = all_reduce_sum([written, failed, done, tiled], dist_info)
         first_problem = first_problem or "(on another rank)"
     already = f", {done} already done" if done else ""
+    in_tiles = f" ({tiled} in tiles)" if tiled else ""
     Console(highlight=False, quiet=not dist_info.is_main).print(
-        f"predicted {written} image(s), skipped {failed}{already} -> {out}"
+        f"predicted {written} image(s){in_tiles}, skipped {failed}{already} -> {out}", markup=False
     )
     if written == 0 and done == 0:
         raise DataError(f"none of the {len(paths)} input image(s) could be read; first: {first_problem}")
     return {"written": written, "failed": failed, "done": done}
 
 
-def _predict_group(
-    model: torch.nn.Module,
-    group: list[tuple[str, np.ndarray]],
+def _predict_tiled(
+    backend: Any,
+    name: str,
+    image: np.ndarray,
+    plan: Any,
+    planner: Any,
+    out: Path,
+    outputs: Outputs,
     info: _Labels,
-    scales: Sequence[float],
-    amp: bool,
-    device: torch.device,
-    memory_format: torch.memory_format,
-    pad_to: int | None = None,
-) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    merge: str,
+    crf_params: Any,
+    progress: Any,
+) -> None:
+    """Predict one image tile by tile (a progress bar of its own) and write its files."""
+    from msattn.tiling.images import predict_image_tiled
+    from msattn.tiling.layout import count_tiles
+    from msattn.tiling.stitch import Scratch
+
+    height, width = image.shape[:2]
+    task = progress.add_task(f"  {name}: {plan.tile}px tiles", total=count_tiles(height, width, plan))
+    scratch = Scratch(out)  # memory-mapped stores for the largest images, removed below
+    try:
+        result = predict_image_tiled(
+            backend, image, plan, planner, scratch,
+            keep_probs=outputs.save_probs or crf_params is not None, keep_attention=outputs.save_attention,
+            exact_probs=crf_params is not None, on_tile=lambda: progress.advance(task),
+        )  # fmt: skip
+        labels = result.labels
+        if crf_params is not None:
+            labels = _crf(image, np.asarray(result.probs, dtype=np.float32), crf_params).argmax(axis=0).astype(np.uint8)
+        probs = result.probs if outputs.save_probs else None
+        write_prediction(out, name, image, probs, result.attention, labels, info, backend.scales, merge, outputs)
+    finally:
+        scratch.close()
+        progress.remove_task(task)
+
+
+def _predict_group(backend: Any, group: list[tuple[str, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Run same-size images as one batch -> [(probs [C,H,W], attention [S,H,W] or None)] as numpy.
 
     Out of GPU memory on a batch, the images are retried one by one; out of memory on one
@@ -418,26 +470,22 @@ def _predict_group(
     from msattn.errors import ResourceError
 
     try:
-        batch = torch.stack([normalize_image(img, info.mean, info.std) for _, img in group])
-        batch = batch.to(device, memory_format=memory_format)  # [N,3,H,W]
-        probs, attention = predict_batch(model, batch, scales=scales, amp_dtype=amp_dtype_for(device, amp), pad_to=pad_to)
-        probs_np = probs.cpu().numpy()
-        att_np = None if attention is None else attention.cpu().numpy()
+        probs_np, att_np = backend.forward(np.stack([img for _, img in group]))  # [N,C,H,W], [N,S,H,W]
     except torch.cuda.OutOfMemoryError:
         probs_np = att_np = None  # handled below, outside the except block, so the failed tensors are freed
     if probs_np is not None:
         return [(probs_np[i], None if att_np is None else att_np[i]) for i in range(len(group))]
-    if device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if len(group) > 1:
-        return [
-            r for item in group for r in _predict_group(model, [item], info, scales, amp, device, memory_format, pad_to)
-        ]
+        return [r for item in group for r in _predict_group(backend, [item])]
     name, image = group[0]
     h, w = image.shape[:2]
+    amp = getattr(backend, "amp_dtype", None) is not None
     raise ResourceError(
-        f"out of GPU memory on {name} ({w}x{h}, scales {list(scales)}) even alone: give smaller --scales, "
-        f"keep --amp on{'' if amp else ' (it is off)'}, downscale the image, or use --device cpu"
+        f"out of GPU memory on {name} ({w}x{h}, scales {list(backend.scales)}) even alone: give smaller --scales, "
+        f"keep --amp on{'' if amp else ' (it is off)'}, predict in tiles (--tile 1025, or a lower --max-memory), "
+        "or use --device cpu"
     )
 
 
