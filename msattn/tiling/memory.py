@@ -125,16 +125,17 @@ class MemoryModel:
 def choose_tile(model: MemoryModel, height: int, width: int, budget: int, overlap: int | None = None) -> Tiling:
     """The largest tiling (tile = 8k+1, default overlap a quarter of it) whose estimate fits ``budget``.
 
-    Tiles start on the model's scale quantum (:func:`msattn.tiling.layout.scale_quantum`).
+    Tiles start on the model's scale quantum (:func:`msattn.tiling.layout.scale_quantum`) and
+    their side minus one is a multiple of it, so every scale's grid is exact on every tile.
     """
     largest = max(height, width)
     quantum = scale_quantum(model.scales)
+    unit = quantum // STRIDE  # tile - 1 a multiple of the quantum: every scale's grid is exact on the tile
     best = None
-    k_hi = max(1, (min(largest, 65537) - 1) // STRIDE)
-    lo, hi = (max(MIN_TILE, 2 * quantum + 1) - 1) // STRIDE, k_hi  # binary search on k: the estimate grows with the tile
-    while lo <= hi:
+    lo, hi = -(-max(MIN_TILE - 1, 2 * quantum) // quantum), max(1, (min(largest, 65537) - 1) // quantum)
+    while lo <= hi:  # binary search: the estimate grows with the tile
         mid = (lo + hi) // 2
-        tile = STRIDE * mid + 1
+        tile = STRIDE * unit * mid + 1
         tiling = Tiling(tile, _fitting_overlap(tile, overlap, quantum), quantum)
         if model.tiled_bytes(height, width, tiling) <= budget:
             best, lo = tiling, mid + 1

@@ -63,16 +63,16 @@ def reduce_weights(weights: np.ndarray, factor: int, nearest: bool = False) -> n
 
 
 def overlay_bands(image: np.ndarray, labels: np.ndarray, palette: Any) -> Any:
-    """:func:`msattn.engine.visualize.overlay` computed band by band (uint8 result, PIL image)."""
+    """:func:`msattn.engine.visualize.overlay` computed band by band into one PIL image (no float copy of the image)."""
     from PIL import Image
 
     from msattn.engine.visualize import overlay
 
-    rows = [
-        np.asarray(overlay(image[r : r + _BAND_ROWS], labels[r : r + _BAND_ROWS], palette))
-        for r in range(0, image.shape[0], _BAND_ROWS)
-    ]
-    return Image.fromarray(np.concatenate(rows, axis=0))
+    height, width = labels.shape
+    picture = Image.new("RGB", (width, height))
+    for r in range(0, height, _BAND_ROWS):
+        picture.paste(overlay(image[r : r + _BAND_ROWS], labels[r : r + _BAND_ROWS], palette), (0, r))
+    return picture
 
 
 @dataclass

@@ -60,7 +60,10 @@ class Stitcher:
         weight = self.weight[:n]
         if np.any(weight <= 0):
             raise ValueError(f"rows {self.top}..{upto} are not covered by any tile")
-        maps = {name: s[:, :n] / weight for name, s in self.sums.items()}
+        maps = {}
+        for name, s in self.sums.items():
+            s[:, :n] /= weight  # in place: the band is dropped right after
+            maps[name] = s[:, :n]
         for sink in self.sinks:
             sink(self.top, upto, maps)
         self._shift(n)
