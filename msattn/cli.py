@@ -365,8 +365,12 @@ def bench(
     width: Annotated[float, typer.Option(help="Channel width multiplier (1 = paper).")] = 1.0,
     iters: Annotated[int, typer.Option(min=1, help="Timed iterations per case.")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="Warm-up iterations per case.")] = 2,
-    modes: Annotated[Optional[list[str]], typer.Option("--mode", help="inference, train, data (repeatable).")] = None,
+    modes: Annotated[
+        Optional[list[str]], typer.Option("--mode", help="inference, train, data, tiled, onnx (repeatable).")
+    ] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the records as JSON here.")] = None,
+    image: Annotated[str, typer.Option(help="HEIGHTxWIDTH of the large image of --mode tiled.")] = "3000x4000",
+    tile: Annotated[int, typer.Option(help="Tile side of --mode tiled (8k+1).")] = 1025,
 ) -> None:
     """Measure latency, throughput, memory and FLOPs across scale sets and merges."""
     from msattn.engine.bench import run_bench
@@ -383,6 +387,8 @@ def bench(
         warmup=warmup,
         modes=modes or ["inference", "train"],
         json_path=json_path,
+        image=image,
+        tile=tile,
     )
 
 

@@ -45,7 +45,7 @@ from msattn.errors import UsageError
 from msattn.models import build_model, param_groups, segmentation_loss
 from msattn.models.scale import MERGES
 
-MODES = ("inference", "train", "data")
+MODES = ("inference", "train", "data", "tiled", "onnx")  # tiled, onnx: msattn.engine.bench_deploy
 SCALE_SETS: tuple[tuple[float, ...], ...] = ((1.0,), (1.0, 0.5), (1.0, 0.75, 0.5))
 NUM_CLASSES = 21  # PASCAL VOC: the paper's network has 20,505,429 parameters with 21 classes
 IGNORE_INDEX = 255
@@ -471,10 +471,11 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
     a round, whose cases ran moments apart: load from other processes that comes and goes
     between rounds then cancels out. Otherwise it is the ratio of the medians.
     """
-    single = {(r["mode"], r["size"]): r for r in records if r["mode"] != "data" and len(r["scales"]) == 1}
+    model_modes = ("inference", "train")
+    single = {(r["mode"], r["size"]): r for r in records if r["mode"] in model_modes and len(r["scales"]) == 1}
     for record in records:
         base = single.get((record["mode"], record["size"]))
-        if record["mode"] == "data" or base is None:
+        if record["mode"] not in model_modes or base is None:
             continue
         times, base_times = record.get("times_ms"), base.get("times_ms")
         if times and base_times and len(times) == len(base_times):
@@ -532,8 +533,14 @@ def run_bench(
     warmup: int = 2,
     modes: Sequence[str] = ("inference", "train"),
     json_path: Path | None = None,
+    image: str = "3000x4000",
+    tile: int = 1025,
 ) -> list[dict[str, Any]]:
-    """Run the benchmark, print a table and the ratios, optionally write the records as JSON."""
+    """Run the benchmark, print a table and the ratios, optionally write the records as JSON.
+
+    ``image`` (HxW) and ``tile`` are the large image and tile side of the ``tiled`` mode
+    (:mod:`msattn.engine.bench_deploy`).
+    """
     from rich.console import Console
 
     console, errors = Console(), Console(stderr=True)
@@ -546,6 +553,8 @@ def run_bench(
         raise UsageError(f"--size {min(sizes)}: the input side must be at least 8 pixels")
     if not 0 < width <= 4 or batch < 1 or iters < 1 or warmup < 0:
         raise UsageError("need 0 < --width <= 4, --batch >= 1, --iters >= 1, --warmup >= 0")
+    from msattn.engine import bench_deploy
+
     dev = resolve_device(device)
     if amp and dev.type != "cuda":
         errors.print("msattn: warning: --amp ignored on CPU (bf16 is ~100x slower there); measuring fp32")
@@ -573,13 +582,23 @@ def run_bench(
         warnings.filterwarnings("ignore", message=".*TF32.*")
         for size in sizes:
             for mode in modes:
+                if mode == "tiled":
+                    continue  # one large image, not per --size: below
                 with errors.status(f"bench {mode} at {size}x{size} on {context['device_name']}"):
                     if mode == "data":
                         records += bench_data(size, settings, context)
+                    elif mode == "onnx":
+                        records += bench_deploy.bench_onnx(size, settings, context)
                     else:
                         records += bench_model(mode, size, settings, context)
+        if "tiled" in modes:
+            with errors.status(f"bench tiled on a {image} image on {context['device_name']}"):
+                records += bench_deploy.bench_tiled(settings, context, image, tile)
     add_ratios(records)
-    print_report(records, context, console)
+    model_records = [r for r in records if r["mode"] not in bench_deploy.DEPLOY_MODES]
+    if model_records:
+        print_report(model_records, context, console)
+    bench_deploy.print_deploy_report(records, console)
     if json_path is not None:
         from msattn.io import write_json
 

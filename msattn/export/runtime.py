@@ -59,8 +59,8 @@ class OnnxBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, scales: Any = None, pad_to: int | None = None) -> None:
-        self.session = OnnxSession(path)
+    def __init__(self, path: str | Path, scales: Any = None, pad_to: int | None = None, threads: int | None = None) -> None:
+        self.session = OnnxSession(path, threads)
         self.source = str(path)
         self.scales = tuple(float(s) for s in self.session.json("scales", [1.0]))
         if scales and tuple(float(s) for s in scales) != self.scales:
