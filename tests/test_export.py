@@ -242,3 +242,30 @@ def test_missing_extra_says_how_to_install_it(tmp_path, run_cli, monkeypatch) ->
     code, _, err = run_cli("predict", tmp_path / "a.png", "--model", tmp_path / "m.onnx", "--out", tmp_path / "o")
     assert code == 1 and "onnxruntime" in err and "pip install 'msattn[export]'" in err, err
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "o").exists()
+
+
+@onnx_extra
+@pytest.mark.slow
+def test_readme_deploy_snippet_runs_without_msattn(exported, tmp_path, monkeypatch) -> None:
+    import shutil
+    import subprocess
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text(encoding="utf-8").split("<!-- deploy-snippet -->", 1)[1]
+    code = text.split("```python", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 12
+    path, model, _ = exported
+    shutil.copy(path, tmp_path / "voc.onnx")
+    image = random_images(1, 53, 71, seed=5)
+    Image.fromarray(image[0]).save(tmp_path / "photo.jpg", quality=100)
+    (tmp_path / "snippet.py").write_text(code)
+    # a fresh interpreter that cannot import msattn: the snippet needs numpy, Pillow and onnxruntime only
+    env = {"PYTHONPATH": "", "PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"}
+    probe = "import sys; sys.modules['msattn'] = None; exec(open('snippet.py').read())"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    written = Image.open(tmp_path / "photo.png")
+    decoded = np.asarray(Image.open(tmp_path / "photo.jpg").convert("RGB"))[None]
+    probs, _ = reference(model, decoded)
+    assert written.mode == "P" and (np.array(written) == probs[0].argmax(0)).mean() >= 0.999
+    assert written.getpalette()[3:6] == PALETTE[1]

@@ -79,6 +79,7 @@ def _probe(settings: Any, fn: Any) -> tuple[float, float | None, Any]:
 def bench_tiled(settings: Any, context: dict[str, Any], image_size: str, tile: int) -> list[dict[str, Any]]:
     """Whole (where the estimate fits the budget) vs tiled prediction of one large image."""
     from msattn.backends import TorchBackend, memory_model
+    from msattn.engine.bench import LoadMonitor
     from msattn.tiling import Planner, TilingOptions, format_bytes
     from msattn.tiling.images import predict_image_tiled
     from msattn.tiling.layout import count_tiles, scale_quantum
@@ -99,18 +100,21 @@ def bench_tiled(settings: Any, context: dict[str, Any], image_size: str, tile: i
         plan = planner.plan(height, width) or planner.fixed
         backend.forward(image[None, :257, :257])  # warm-up (first-call costs)
         quantum = scale_quantum(backend.scales)
+        monitor = LoadMonitor()
         seconds, peak, tiled = _probe(settings, lambda: predict_image_tiled(backend, image, plan, planner, Scratch(tmp)))
         records.append({**common, "case": "tiles", "tile": plan.tile, "overlap": plan.overlap, "quantum": quantum,
                         "tiles": count_tiles(height, width, plan), "seconds": seconds,
                         "peak_mem_mb": None if peak is None else peak + weights_mb,
-                        "estimate_mb": memory.tiled_bytes(height, width, plan) / MB})  # fmt: skip
+                        "estimate_mb": memory.tiled_bytes(height, width, plan) / MB,
+                        "cpu_other_load": monitor.other_load()})  # fmt: skip
         whole_need = memory.forward_bytes(height, width)
         record = {**common, "case": "whole", "estimate_mb": whole_need / MB}
         if whole_need <= budget:
             gc.collect()
+            monitor = LoadMonitor()
             seconds, peak, out = _probe(settings, lambda: backend.forward(image[None])[0][0].argmax(0))
             record.update(seconds=seconds, peak_mem_mb=None if peak is None else peak + weights_mb,
-                          agreement=float((out == tiled.labels).mean()))  # fmt: skip
+                          agreement=float((out == tiled.labels).mean()), cpu_other_load=monitor.other_load())  # fmt: skip
         else:
             record["skipped"] = f"estimate {format_bytes(whole_need)} over the budget {format_bytes(budget)}"
         records.append(record)
@@ -144,8 +148,11 @@ def bench_onnx(size: int, settings: Any, context: dict[str, Any]) -> list[dict[s
 
 
 def _time_pair(name: str, spec: dict, side: int, runners: dict, settings: Any, context: dict) -> list[dict[str, Any]]:
+    from msattn.engine.bench import LoadMonitor
+
     image = _test_image(side, side)[None]
     times: dict[str, list[float]] = {k: [] for k in runners}
+    monitor = LoadMonitor()
     for round_ in range(settings.warmup + settings.iters):
         for key, runner in runners.items():
             start = time.perf_counter()
@@ -153,13 +160,14 @@ def _time_pair(name: str, spec: dict, side: int, runners: dict, settings: Any, c
             if round_ >= settings.warmup:
                 times[key].append(time.perf_counter() - start)
     ratio = statistics.median(o / t for o, t in zip(times["onnxruntime"], times["torch"]))
+    other = monitor.other_load()
     records = []
     for key, values in times.items():
         records.append({
             "mode": "onnx", "model": name, "runtime": key, "scales": list(spec["scales"]), "merge": spec["merge"],
             "size": side, **context, "width": spec["width"], "num_classes": spec["num_classes"],
             "latency_ms": statistics.median(values) * 1e3, "latency_ms_min": min(values) * 1e3,
-            "times_ms": [v * 1e3 for v in values], "onnx_over_torch": ratio,
+            "times_ms": [v * 1e3 for v in values], "onnx_over_torch": ratio, "cpu_other_load": other,
         })  # fmt: skip
     return records
 

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_image
 from msattn.engine.distributed import DistInfo
 from msattn.errors import DataError, UsageError
 
@@ -199,18 +198,6 @@ class _Labels:
     std: tuple[float, ...]
 
 
-def _dataset_info(ckpt: dict[str, Any], num_classes: int) -> _Labels:
-    from msattn.engine.visualize import voc_palette
-
-    ds = ckpt.get("dataset") or {}
-    classes = [str(c) for c in ds.get("classes") or []] or [str(i) for i in range(num_classes)]
-    palette = ds.get("palette")
-    palette_arr = np.asarray(palette, dtype=np.uint8).reshape(-1, 3) if palette else voc_palette(num_classes)
-    mean = tuple(float(v) for v in ds.get("mean") or IMAGENET_MEAN)
-    std = tuple(float(v) for v in ds.get("std") or IMAGENET_STD)
-    return _Labels(classes, palette_arr, mean, std)
-
-
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     from msattn.io import atomic_write
 
@@ -270,10 +257,6 @@ def write_prediction(
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _crf_params_from_checkpoint(ckpt: dict[str, Any], source: Path) -> Any:
-    return _crf_params((ckpt.get("config") or {}).get("crf"), source)
 
 
 def _crf_params(section: dict[str, Any] | None, source: Any) -> Any:
