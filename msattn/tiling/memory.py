@@ -16,8 +16,9 @@ area ``A``), measured on CPU in fp32 with ``msattn bench``'s peak-RSS probe and 
 (``4 * (C + S)`` bytes per tile pixel), twice the stitcher's band (``4 * (C + S + 1)`` bytes
 per pixel of a tile-high strip of the image; moving the band copies its overlapping rows)
 and the image itself (3 bytes per pixel, plus 1 for the labels). Measured on CPU for a
-4000x3000 image in 1025-pixel tiles (width 0.25, 21 classes, 3 scales): 1073 MB, estimated
-1482 MB; whole: 3358 MB, estimated 4918 MB. :func:`choose_tile` takes the largest tile that fits.
+4000x3000 image, 21 classes, 3 scales with attention (``msattn bench --mode tiled``): width
+0.25 in 1025-pixel tiles 1098 MB (estimated 1369), whole 3380 MB (4918); width 1 in tiles
+1379 MB (1914), whole 6270 MB (8555). :func:`choose_tile` takes the largest tile that fits.
 
 **The budget** (``--max-memory``, e.g. ``4GB``, ``512MiB``): by default 80% of the free memory
 of the CUDA device, or 50% of the available RAM on CPU (``MemAvailable``).
