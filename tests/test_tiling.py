@@ -207,3 +207,27 @@ def test_estimate_grows_with_width_scales_and_classes() -> None:
     assert MemoryModel(1.0, 21, (2.0, 1.0)).bytes_per_pixel() > base.bytes_per_pixel()
     assert MemoryModel(0.0625, 21, (1.0,)).bytes_per_pixel() < base.bytes_per_pixel()
     assert MemoryModel(0.0625, 200, (1.0,)).bytes_per_pixel() > MemoryModel(0.0625, 21, (1.0,)).bytes_per_pixel()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("tile", 500, r"eval.tile must be 8k\+1 pixels"),
+        ("tile", 33, "eval.tile must be >= 65"),
+        ("overlap", -8, "eval.overlap must be >= 0"),
+        ("max_memory", "4XB", "eval.max_memory expected a size such as 4GB"),
+        ("max_memory", 4, "eval.max_memory must be a string"),
+        ("tiles", 513, "unknown key"),
+    ],
+)
+def test_recipe_eval_tiling_keys_are_checked(key, value, message) -> None:
+    from msattn.config import recipe_from_dict
+    from msattn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        recipe_from_dict({"data": {"root": "d"}, "eval": {key: value}}, source="r.toml")
+    recipe = recipe_from_dict({"data": {"root": "d"}, "eval": {"tile": 513, "overlap": 128, "max_memory": "4GB"}},
+                              source="r.toml")  # fmt: skip
+    assert (recipe.eval.tile, recipe.eval.overlap, recipe.eval.max_memory) == (513, 128, "4GB")
+    with pytest.raises(ConfigError, match="eval.overlap .* must leave room"):
+        recipe_from_dict({"data": {"root": "d"}, "eval": {"tile": 129, "overlap": 128}}, source="r.toml")
