@@ -184,6 +184,26 @@ def convert_weights(
 # ----------------------------------------------------------------------------- train / evaluate
 
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")]
+Tile = Annotated[
+    Optional[int],
+    typer.Option(help="Predict images larger than this in tiles of SIZE x SIZE pixels (8k+1, e.g. 513 or 1025); "
+                 "each tile runs the whole multi-scale model and the tiles are blended."),
+]
+Overlap = Annotated[
+    Optional[int], typer.Option(help="Pixels shared by neighbouring tiles (default: a quarter of the tile).")
+]
+MaxMemory = Annotated[
+    Optional[str],
+    typer.Option(help="Memory budget, e.g. 4GB: images whose whole-image prediction would need more are tiled "
+                 "(default: 80% of free GPU memory, or 50% of available RAM on CPU)."),
+]
+
+
+def _tiling(tile: Optional[int], overlap: Optional[int], max_memory: Optional[str]):  # noqa: ANN202
+    from msattn.tiling import TilingOptions, parse_memory
+
+    budget = parse_memory(max_memory) if max_memory is not None else None
+    return TilingOptions(tile=tile, overlap=overlap, max_memory=budget)
 
 
 @app.command(cls=_Command)
@@ -235,6 +255,9 @@ def evaluate(
     ] = None,
     compile_graphs: CompileGraphs = True,
     bucket: Bucket = None,
+    tile: Tile = None,
+    overlap: Overlap = None,
+    max_memory: MaxMemory = None,
     device: Device = None,
 ) -> None:
     """Score a checkpoint: mIoU, pixel accuracy and per-class IoU."""
@@ -256,6 +279,7 @@ def evaluate(
         pad_to=pad_to,
         compile_graphs=compile_graphs,
         bucket=bucket,
+        tiling=_tiling(tile, overlap, max_memory),
     )
 
 
@@ -273,8 +297,18 @@ def predict(
             show_default=False,
         ),
     ],
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.pt) written by msattn train.")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="Checkpoint (.pt) written by msattn train (the torch backend).")
+    ] = None,
+    model: Annotated[
+        Optional[Path], typer.Option(help="ONNX model written by msattn export (the onnxruntime backend).")
+    ] = None,
+    backend: Annotated[
+        Optional[str],
+        typer.Option(help="torch (runs --checkpoint) or onnxruntime (runs --model, needs msattn[export]); "
+                     "default: the one the given file needs."),
+    ] = None,
     save_probs: Annotated[bool, typer.Option(help="Also write <name>.npz with float16 probabilities.")] = False,
     save_attention: Annotated[bool, typer.Option(help="Write per-scale attention maps and a figure.")] = False,
     crf: Annotated[bool, typer.Option(help="Refine with the dense CRF.")] = False,
@@ -295,6 +329,9 @@ def predict(
     ] = None,
     compile_graphs: CompileGraphs = True,
     bucket: Bucket = None,
+    tile: Tile = None,
+    overlap: Overlap = None,
+    max_memory: MaxMemory = None,
     device: Device = None,
 ) -> None:
     """Predict label maps (and attention maps) for images.
@@ -321,6 +358,9 @@ def predict(
         images_dir=images_dir,
         compile_graphs=compile_graphs,
         bucket=bucket,
+        model=model,
+        backend=backend,
+        tiling=_tiling(tile, overlap, max_memory),
     )
 
 
@@ -362,6 +402,35 @@ def crf_refine(
     )
 
 
+# ----------------------------------------------------------------------------- export
+
+
+@app.command("export")
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.pt) written by msattn train.")],
+    out: Annotated[Path, typer.Option(help="Output ONNX file, e.g. model.onnx.")],
+    scales: Annotated[
+        Optional[list[float]], typer.Option("--scales", help="Scales built into the graph (default: the model's).")
+    ] = None,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (18 or newer; default: the exporter's).")] = None,
+    dynamic: Annotated[
+        bool, typer.Option("--dynamic/--static", help="Any batch, height and width (default), or one fixed --size.")
+    ] = True,
+    size: Annotated[str, typer.Option(help="HEIGHTxWIDTH of the input for --static.")] = "513x513",
+    argmax: Annotated[bool, typer.Option(help="Add a 'labels' output: the argmax, uint8 [N, H, W].")] = False,
+    verify: Annotated[
+        bool, typer.Option(help="Compare onnxruntime with PyTorch on random images after writing.")
+    ] = True,
+) -> None:
+    """Export the whole multi-scale model (resizing, backbone, merge, upsampling) as one ONNX graph."""
+    from msattn.export.onnx import export_checkpoint
+
+    export_checkpoint(
+        checkpoint=checkpoint, out=out, scales=scales, opset=opset, dynamic=dynamic, size=size, argmax=argmax,
+        verify=verify,
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- bench
 
 
@@ -377,7 +446,7 @@ def bench(
     iters: Annotated[int, typer.Option(min=1, help="Timed iterations per case.")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="Warm-up iterations per case.")] = 2,
     modes: Annotated[
-        Optional[list[str]], typer.Option("--mode", help="inference, train, data, train-e2e (repeatable).")
+        Optional[list[str]], typer.Option("--mode", help="inference, train, data, train-e2e, tiled, onnx (repeatable).")
     ] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the records as JSON here.")] = None,
     graph: Annotated[
@@ -389,6 +458,8 @@ def bench(
         typer.Option("--case", help="Only these cases: scales[:merge], e.g. 1 or 1,0.75,0.5:attention (repeatable)."),
     ] = None,
     workers: Annotated[str, typer.Option(help="train-e2e's loader workers: a number or auto.")] = "auto",
+    image: Annotated[str, typer.Option(help="HEIGHTxWIDTH of the large image of --mode tiled.")] = "3000x4000",
+    tile: Annotated[int, typer.Option(help="Tile side of --mode tiled (8k+1).")] = 1025,
 ) -> None:
     """Measure latency, throughput, memory and FLOPs across scale sets and merges (progress on stderr)."""
     from msattn.engine.bench import run_bench
@@ -408,6 +479,8 @@ def bench(
         graph=graph,
         cases=case,
         workers=workers,
+        image=image,
+        tile=tile,
     )
 
 

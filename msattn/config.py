@@ -120,6 +120,18 @@ def _grid_side(value: int) -> str | None:
 _scales_check = _all(_nonempty_distinct, _between(0, 4, lo_open=True))
 
 
+def _memory_size(value: str) -> str | None:
+    """A memory budget such as "4GB" or "512MiB" (msattn.tiling.memory.parse_memory)."""
+    from msattn.errors import UsageError
+    from msattn.tiling.memory import parse_memory
+
+    try:
+        parse_memory(value, what="")
+    except UsageError as exc:
+        return str(exc).removeprefix(": ")
+    return None
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -232,6 +244,15 @@ class EvalConfig:
     pad_to: int | None = _opt(
         None, _all(_between(9, 65537), _grid_side), "pad every image to this 8k+1 side (DeepLab: 513); none = the next 8k+1"
     )
+    tile: int | None = _opt(
+        None, _all(_between(65, 65537), _grid_side),
+        "msattn evaluate: predict images larger than this in tiles of this 8k+1 side; none = only over max_memory",
+    )  # fmt: skip
+    overlap: int | None = _opt(None, _between(0, 65536), "pixels shared by neighbouring tiles; none = a quarter of the tile")
+    max_memory: str | None = _opt(
+        None, _all(_not_blank, _memory_size),
+        'memory budget such as "4GB": images needing more are tiled; none = 80% of free GPU memory or 50% of RAM',
+    )  # fmt: skip
 
 
 @dataclass
@@ -420,6 +441,12 @@ def _cross_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
             f"{origin_of('data.select_split', 'data.val_split')}: data.select_split must be a held-out split, "
             f"not the scored data.val_split ({recipe.data.val_split!r}): choosing best.pt on the split it is "
             "scored on inflates the score"
+        )
+    tile, overlap = recipe.eval.tile, recipe.eval.overlap
+    if tile is not None and overlap is not None and overlap > tile - 1 - 8:
+        raise ConfigError(
+            f"{origin_of('eval.overlap', 'eval.tile')}: eval.overlap ({overlap}) must leave room between tiles of "
+            f"eval.tile ({tile}): at most {tile - 9}"
         )
     if (
         recipe.eval.scales is not None

@@ -259,4 +259,4 @@ def test_predict_resume_keeps_only_outputs_of_the_same_settings_and_inputs(tmp_p
     assert code == 0 and "predicted 1 image(s), skipped 0, 1 already done" in stdout, err
     tiny_checkpoint(tmp_path / "m.pt", scales=(1.0, 0.75))  # retrained into the same file
     code, stdout, err = run_cli(*args, "--pad-to", "65")
-    assert code == 0 and "predicted 2 image(s)" in stdout and "checkpoint_sha256" in err, err
+    assert code == 0 and "predicted 2 image(s)" in stdout and "model_sha256" in err, err

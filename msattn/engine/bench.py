@@ -46,7 +46,7 @@ from msattn.errors import UsageError
 from msattn.models import build_model, param_groups, segmentation_loss
 from msattn.models.scale import MERGES
 
-MODES = ("inference", "train", "data", "train-e2e")
+MODES = ("inference", "train", "data", "train-e2e", "tiled", "onnx")  # tiled, onnx: msattn.engine.bench_deploy
 SCALE_SETS: tuple[tuple[float, ...], ...] = ((1.0,), (1.0, 0.5), (1.0, 0.75, 0.5))
 NUM_CLASSES = 21  # PASCAL VOC: the paper's network has 20,505,429 parameters with 21 classes
 IGNORE_INDEX = 255
@@ -462,11 +462,15 @@ def run_bench(
     graph: bool | None = None,
     cases: Sequence[str] | None = None,
     workers: str = "auto",
+    image: str = "3000x4000",
+    tile: int = 1025,
 ) -> list[dict[str, Any]]:
     """Run the benchmark, print progress (stderr), the tables and the ratios, optionally write JSON.
 
     ``graph`` (None: on for CUDA) replays inference as CUDA graphs; ``cases`` (``--case``) picks
-    (scales, merge) pairs; ``workers`` (an integer or ``auto``) is train-e2e's loader.
+    (scales, merge) pairs; ``workers`` (an integer or ``auto``) is train-e2e's loader. ``image``
+    (HxW) and ``tile`` are the large image and tile side of the ``tiled`` mode
+    (:mod:`msattn.engine.bench_deploy`).
     """
     from rich.console import Console
 
@@ -493,20 +497,32 @@ def run_bench(
     settings = Settings(dev, batch, amp, compile_model, channels_last, width, iters, warmup, graph, selected,
                         ProgressLog(errors))
     context = _context(dev, settings)
+    from msattn.engine import bench_deploy
+
     records: list[dict[str, Any]] = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TF32.*")
         for size in sizes:
             for mode in dict.fromkeys(modes):
+                if mode == "tiled":
+                    continue  # one large image, not per --size: below
                 settings.say(f"{mode} at {size}x{size} on {context['device_name']}")
                 if mode == "data":
                     records += bench_data(size, settings, context)
                 elif mode == "train-e2e":
                     records += bench_train_e2e(size, settings, context, workers_value)
+                elif mode == "onnx":
+                    records += bench_deploy.bench_onnx(size, settings, context)
                 else:
                     records += bench_model(mode, size, settings, {**context, "graph": graph and mode == "inference"})
+        if "tiled" in modes:
+            settings.say(f"tiled on a {image} image on {context['device_name']}")
+            records += bench_deploy.bench_tiled(settings, context, image, tile)
     add_ratios(records)
-    print_report(records, context, console)
+    model_records = [r for r in records if r["mode"] not in bench_deploy.DEPLOY_MODES]
+    if model_records:
+        print_report(model_records, context, console)
+    bench_deploy.print_deploy_report(records, console)
     if json_path is not None:
         from msattn.io import write_json
 

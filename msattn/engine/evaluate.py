@@ -51,6 +51,7 @@ def evaluate_model(
     console: Console | None = None,
     pad_to: int | None = None,
     runner: Any = None,
+    tiling: Any = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``dataset`` (items ``{"image", "label", "id"}`` at full resolution).
 
@@ -65,7 +66,9 @@ def evaluate_model(
 
     ``runner`` (a :class:`msattn.engine.graphs.InferenceRunner` over ``model`` with the same
     scales, flip, amp and pad_to) runs the forward, e.g. as CUDA graphs over size buckets;
-    None: the eager :func:`msattn.engine.predict.predict_batch`, exactly.
+    None: the eager :func:`msattn.engine.predict.predict_batch`, exactly. ``tiling``
+    (:class:`msattn.tiling.TilingOptions`) predicts images over the tile or the memory budget
+    tile by tile (:mod:`msattn.tiling`); the others go through ``runner`` as usual.
     """
     from torch.utils.data import DataLoader, Subset
 
@@ -86,6 +89,8 @@ def evaluate_model(
         from msattn.engine.graphs import InferenceRunner
 
         runner = InferenceRunner(model, scales=scales, flip=flip, amp_dtype=amp_dtype, pad_to=pad_to)
+    if tiling is not None:  # whole or tiles, decided per image by the memory planner
+        runner = _PlannedRunner(runner, _planner(model, tiling, scales, device))
     matrix = ConfusionMatrix(num_classes, ignore_index, device)
     console = console or Console(highlight=False, soft_wrap=True)
     progress_bar = _eval_progress(console, enabled=progress and rank == 0)
@@ -119,6 +124,46 @@ def _same_size_groups(items: list[dict[str, Any]], key: Any) -> list[list[dict[s
         else:
             groups.append([item])
     return groups
+
+
+def _planner(model: torch.nn.Module, options: Any, scales: Sequence[float] | None, device: torch.device) -> Any:
+    """The tiling planner (--tile, --max-memory: whole or tiles per image) for ``model``."""
+    from msattn.tiling import Planner
+    from msattn.tiling.memory import memory_model_from_args
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    args = getattr(model, "model_args", None) or {"num_classes": model.num_classes, "scales": list(model.scales)}
+    return Planner(options, memory_model_from_args(args, scales, weights), str(device))
+
+
+class _PlannedRunner:
+    """A runner (:class:`msattn.engine.graphs.InferenceRunner`'s interface) that sends the images the
+    planner says are too large through tiles (:func:`msattn.tiling.predict_tiled`), the rest to ``runner``."""
+
+    def __init__(self, runner: Any, planner: Any) -> None:
+        self.runner, self.planner = runner, planner
+        self.group_key = runner.group_key
+
+    def predict(self, images: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        from msattn.tiling import run as tiling
+
+        images = list(images)  # [3, H, W] each
+        plans = [self.planner.plan(int(i.shape[-2]), int(i.shape[-1])) for i in images]
+        whole = [i for i, plan in zip(images, plans) if plan is None]
+        results = iter(self.runner.predict(whole) if whole else [])
+        out = []
+        for image, plan in zip(images, plans):
+            if plan is None:
+                out.append(next(results))
+                continue
+            r = self.runner
+            probs, attention = tiling.predict_tiled(r.model, image[None], r.scales, r.flip, r.amp_dtype, r.pad_to,
+                                                    tiling=plan)  # fmt: skip
+            out.append((probs[0], None if attention is None else attention[0]))
+        return out
+
+    def summary(self) -> str:
+        return self.runner.summary()
 
 
 def _score_group(
@@ -201,6 +246,7 @@ def evaluate_checkpoint(
     pad_to: int | None = None,
     compile_graphs: bool = True,
     bucket: int | None = None,
+    tiling: Any = None,
 ) -> dict[str, Any]:
     """``msattn evaluate``: score a checkpoint on a split of its dataset (or of ``data``).
 
@@ -215,14 +261,16 @@ def evaluate_checkpoint(
 
     On CUDA, ``compile_graphs`` (the default; ``--no-compile`` turns it off) pads images to
     size buckets of ``bucket`` pixels (default 64) and replays one CUDA graph per batch shape,
-    and ``batch_size`` defaults to at least 8 (:mod:`msattn.engine.graphs`).
+    and ``batch_size`` defaults to at least 8 (:mod:`msattn.engine.graphs`). ``tiling``
+    (:class:`msattn.tiling.TilingOptions`, from --tile/--overlap/--max-memory) overrides the
+    recipe's ``eval.tile``/``overlap``/``max_memory``.
     """
     from msattn.engine.distributed import process_group
 
     with process_group(device) as info:
         return _evaluate_checkpoint(
             info, checkpoint, data, split, scales, flip, crf, json_path, limit, amp, batch_size, workers, pad_to,
-            compile_graphs, bucket,
+            compile_graphs, bucket, tiling,
         )
 
 
@@ -242,6 +290,7 @@ def _evaluate_checkpoint(
     pad_to: int | None,
     compile_graphs: bool = True,
     bucket: int | None = None,
+    tiling: Any = None,
 ) -> dict[str, Any]:
     from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint, old_arch_warning
     from msattn.engine.graphs import InferenceRunner, graph_policy
@@ -271,6 +320,7 @@ def _evaluate_checkpoint(
     runner = InferenceRunner(model, scales=eval_scales, flip=flip, amp_dtype=settings["amp_dtype"],
                              pad_to=settings["pad_to"], policy=graph_policy(dev, compile_graphs, bucket))  # fmt: skip
     settings["batch_size"] = _batch_size(batch_size, config, runner)
+    tiling = _recipe_tiling(tiling, config)
     start = time.perf_counter()
     metrics = evaluate_model(
         model, dataset, num_classes=len(info.classes), class_names=list(info.classes),
@@ -278,7 +328,7 @@ def _evaluate_checkpoint(
         mean=mean, std=std, batch_size=settings["batch_size"], limit=limit, device=dev,
         amp_dtype=settings["amp_dtype"], rank=dist_info.rank, world_size=dist_info.world_size,
         workers=settings["workers"], progress=dist_info.is_main, console=console, pad_to=settings["pad_to"],
-        runner=runner,
+        runner=runner, tiling=tiling,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     for line in metrics["warnings"]:
@@ -297,6 +347,8 @@ def _evaluate_checkpoint(
         "crf": crf,
         "amp": "bf16" if settings["amp_dtype"] is not None else "off",
         "pad_to": settings["pad_to"],
+        "tile": tiling.tile,
+        "overlap": tiling.overlap,
         "arch_version": state.get("arch_version", 1),
         "batch_size": settings["batch_size"],
         "cuda_graphs": runner.policy.enabled,
@@ -381,6 +433,21 @@ def _run_settings(
         crf_params = config.crf if config is not None else CRFParams()
     return {"batch_size": batch_size, "workers": workers, "pad_to": pad_to, "crf_params": crf_params,
             "amp_dtype": amp_dtype_for(device, amp)}  # fmt: skip
+
+
+def _recipe_tiling(given: Any, config: Any) -> Any:
+    """--tile/--overlap/--max-memory, each defaulting to the recipe's eval.tile/overlap/max_memory."""
+    from msattn.tiling import TilingOptions, parse_memory
+
+    given = given or TilingOptions()
+    section = config.eval if config is not None else None
+    budget = getattr(section, "max_memory", None)
+    return TilingOptions(
+        tile=given.tile if given.tile is not None else getattr(section, "tile", None),
+        overlap=given.overlap if given.overlap is not None else getattr(section, "overlap", None),
+        max_memory=given.max_memory if given.max_memory is not None else (
+            parse_memory(budget, "eval.max_memory") if budget else None),
+    )  # fmt: skip
 
 
 def _checkpoint_recipe(state: dict[str, Any]) -> Any:

@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from msattn.data.transforms import normalize_image
 from msattn.engine.distributed import DistInfo
 from msattn.engine.inputs import collect_inputs, gather_inputs, unique_names  # collect_inputs, unique_names: re-exported
-from msattn.engine.predict_files import Outputs, _dataset_info, _Labels, attention_file, write_prediction
+from msattn.engine.predict_files import Outputs, _Labels, attention_file, write_prediction
 from msattn.errors import DataError, UsageError
 
 __all__ = [
@@ -125,17 +124,17 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _crf_params_from_checkpoint(ckpt: dict[str, Any], source: Path) -> Any:
+def _crf_params(section: dict[str, Any] | None, source: Any) -> Any:
+    """The recipe's [crf] settings (from a checkpoint or an exported model's metadata), else the defaults."""
     from msattn.crf import CRFParams, _import_densecrf, crf_params_from_dict
 
     _import_densecrf()  # fail before any work when pydensecrf is missing
-    section = (ckpt.get("config") or {}).get("crf")
     return crf_params_from_dict(section, f"{source} (config.crf)") if section else CRFParams()
 
 
 def predict_images(
     inputs: Sequence[Path],
-    checkpoint: Path,
+    checkpoint: Path | None,
     out: Path,
     save_probs: bool = False,
     save_attention: bool = False,
@@ -150,13 +149,19 @@ def predict_images(
     images_dir: Path | None = None,
     compile_graphs: bool = True,
     bucket: int | None = None,
+    model: Path | None = None,
+    backend: str | None = None,
+    tiling: Any = None,
 ) -> dict[str, int]:
     """``msattn predict``: write label maps, overlays and (optionally) probabilities and attention maps.
 
     ``overlay=False`` with neither probabilities nor attention writes the label PNGs alone (the
     format of the PASCAL VOC evaluation server). ``pad_to`` pads every image to that 8k+1 side.
     Inputs are files, folders and ``.txt`` lists (:mod:`msattn.engine.inputs`; ``images_dir``
-    resolves list entries and bare ids).
+    resolves list entries and bare ids). ``backend`` (:func:`msattn.backends.open_backend`):
+    ``torch`` runs ``checkpoint``, ``onnxruntime`` an exported ``model``. ``tiling``
+    (:class:`msattn.tiling.TilingOptions`: ``--tile``/``--overlap``/``--max-memory``): images over
+    the tile or the memory budget are predicted tile by tile (:mod:`msattn.tiling`).
 
     The output folder is locked (one writer) and never holds the inputs; a file there that
     predict did not write is never written over (refused before any work). Every output
@@ -175,8 +180,11 @@ def predict_images(
 
     with process_group(device) as dist_info:
         outputs = Outputs(save_probs=save_probs, save_attention=save_attention, overlay=overlay)
-        options = _Options(outputs, crf, scales, batch_size, amp, resume, pad_to, compile_graphs, bucket)
-        return _predict_images(dist_info, inputs, checkpoint, Path(out), options, images_dir)
+        from msattn.tiling import TilingOptions
+
+        options = _Options(outputs, crf, scales, batch_size, amp, resume, pad_to, compile_graphs, bucket,
+                           tiling or TilingOptions(), backend)  # fmt: skip
+        return _predict_images(dist_info, inputs, (checkpoint, model), Path(out), options, images_dir)
 
 
 @dataclass(frozen=True)
@@ -190,61 +198,64 @@ class _Options:
     pad_to: int | None
     compile_graphs: bool = True
     bucket: int | None = None
+    tiling: Any = None  # msattn.tiling.TilingOptions
+    backend: str | None = None  # torch / onnxruntime (None: the one the given file needs)
 
 
 @dataclass
 class _Run:
     """What one predict run computes with, decided before any file is written."""
 
-    model: torch.nn.Module
+    backend: Any  # msattn.backends: TorchBackend (eager or CUDA graphs) or OnnxBackend
     info: _Labels
     scales: tuple[float, ...]
     merge: str
     crf_params: Any
     settings: dict[str, Any]  # everything that changes the numbers (the outputs' mark)
     notes: list[str]
-    runner: Any  # msattn.engine.graphs.InferenceRunner: eager, or CUDA graphs over size buckets
     batch_size: int
+    planner: Any  # msattn.tiling.Planner: whole or tiles, per image
 
 
-def _prepare_run(checkpoint: Path, options: _Options, device: torch.device) -> _Run:
-    """Load the checkpoint and settle the scales, labels, CRF and the settings every output records."""
+def _prepare_run(files: tuple[Path | None, Path | None], options: _Options, device: torch.device) -> _Run:
+    """Open the backend and settle the scales, labels, CRF and the settings every output records."""
     from msattn import __version__
-    from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from msattn.engine.scales import resolve_scales
-    from msattn.outputs import file_sha256
+    from msattn.backends import memory_model, open_backend
+    from msattn.engine.graphs import inference_batch_size
+    from msattn.tiling import Planner
 
     if options.pad_to is not None and (options.pad_to < 9 or (options.pad_to - 1) % 8):
         raise UsageError(f"--pad-to: must be a side of 8k+1 pixels (e.g. 321, 513), got {options.pad_to}")
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, checkpoint).to(device, memory_format=torch.channels_last)
-    scales, note = resolve_scales(options.scales, model)
-    if model.num_classes > 255:
-        raise UsageError(f"{checkpoint}: {model.num_classes} classes do not fit an 8-bit label PNG")
-    info = _dataset_info(ckpt, model.num_classes, checkpoint)
-    crf_params = _crf_params_from_checkpoint(ckpt, checkpoint) if options.crf else None
+    checkpoint, model = files
+    backend = open_backend(options.backend, checkpoint, model, device, options.scales, options.amp, options.pad_to,
+                           options.compile_graphs, options.bucket)  # fmt: skip
+    if backend.num_classes > 255:
+        raise UsageError(f"{backend.source}: {backend.num_classes} classes do not fit an 8-bit label PNG")
+    info = _Labels(list(backend.classes), backend.palette, backend.mean, backend.std)
+    crf_params = _crf_params(backend.crf_section, backend.source) if options.crf else None
+    tiling = options.tiling
     settings = {
-        "checkpoint_sha256": file_sha256(checkpoint),
-        "scales": list(scales),
+        "model_sha256": backend.sha256,
+        "backend": backend.name,
+        "scales": list(backend.scales),
         "crf": crf_params.to_dict() if crf_params is not None else None,
         "pad_to": options.pad_to,
-        "amp": "bf16" if amp_dtype_for(device, options.amp) is not None else "off",
+        "amp": "bf16" if getattr(backend, "amp_dtype", None) is not None else "off",
+        "tile": tiling.tile, "overlap": tiling.overlap, "max_memory": tiling.max_memory,
         "msattn_version": __version__,
-    }
-    notes = [note] if note else []
-    if options.outputs.save_attention and len(scales) == 1:
+    }  # fmt: skip
+    notes = [backend.note] if backend.note else []
+    if options.outputs.save_attention and len(backend.scales) == 1:
         notes.append("the model runs on one scale: there are no attention maps to save")
-    merge = getattr(model, "merge", "attention")
-    from msattn.engine.graphs import InferenceRunner, graph_policy, inference_batch_size
-
-    runner = InferenceRunner(model, scales=scales, amp_dtype=amp_dtype_for(device, options.amp), pad_to=options.pad_to,
-                             policy=graph_policy(device, options.compile_graphs, options.bucket))  # fmt: skip
-    batch_size = inference_batch_size(options.batch_size, 1, runner.policy)
-    return _Run(model, info, scales, merge, crf_params, settings, notes, runner, batch_size)
+    policy = getattr(getattr(backend, "runner", None), "policy", None)
+    batch_size = inference_batch_size(options.batch_size, 1, policy) if policy is not None else options.batch_size or 1
+    planner = Planner(tiling, memory_model(backend), str(device))
+    return _Run(backend, info, tuple(backend.scales), backend.merge, crf_params, settings, notes, batch_size, planner)
 
 
 def _predict_images(
-    dist_info: DistInfo, inputs: Sequence[Path], checkpoint: Path, out: Path, options: _Options, images_dir: Path | None
+    dist_info: DistInfo, inputs: Sequence[Path], files: tuple[Path | None, Path | None], out: Path, options: _Options,
+    images_dir: Path | None,
 ) -> dict[str, int]:
     from rich.console import Console
 
@@ -262,7 +273,7 @@ def _predict_images(
     if not paths:
         raise DataError(f"no images found in {', '.join(str(p) for p in inputs)}")
     refuse_inputs_in_out(out, {f"input images ({d})": d for d in dict.fromkeys(p.parent for p in paths)})
-    run = _prepare_run(checkpoint, options, dist_info.device)
+    run = _prepare_run(files, options, dist_info.device)
     outputs, key = options.outputs, settings_key(run.settings)
     names, renames = unique_names(paths, lambda n: outputs.files(n, run.scales))
     items = [Item(tuple(outputs.files(n, run.scales)), Mark("predict", key, inputs_key([p]))) for p, n in zip(paths, names)]
@@ -281,17 +292,19 @@ def _predict_images(
         finally:
             if dist_info.is_main and tally.written:  # what made the files, for later runs' messages
                 _record_settings(out, key, run.settings)
-        written, failed, done = tally.written, tally.failed, len(plan.done)
+        written, failed, done, tiled = tally.written, tally.failed, len(plan.done), tally.tiled
         if dist_info.distributed:
-            written, failed = all_reduce_sum([written, failed], dist_info)
+            written, failed, tiled = all_reduce_sum([written, failed, tiled], dist_info)
             if dist_info.is_main and written and not tally.written:
                 _record_settings(out, key, run.settings)
         hint = _hint(out, [names[i] for i in plan.done + plan.todo], outputs, run.scales) if dist_info.is_main else None
         seconds = time.perf_counter() - started
         speed = f" ({written / seconds:.1f} img/s, batch {run.batch_size})" if written and seconds > 0 else ""
+        in_tiles = f" ({tiled} in tiles)" if tiled else ""
+        summary = run.backend.summary()
         Console(highlight=False, soft_wrap=True, quiet=not dist_info.is_main).print(
-            f"predicted {written} image(s), skipped {failed}{f', {done} already done' if done else ''} -> {out}"
-            + speed + (f"\n{run.runner.summary()}" if run.runner.summary() else "") + (f"\nopen {hint}" if hint else ""),
+            f"predicted {written} image(s){in_tiles}, skipped {failed}{f', {done} already done' if done else ''} -> "
+            f"{out}" + speed + (f"\n{summary}" if summary else "") + (f"\nopen {hint}" if hint else ""),
             markup=False,
         )
         if written == 0 and done == 0:
@@ -304,6 +317,7 @@ def _predict_images(
 class _Tally:
     written: int = 0
     failed: int = 0
+    tiled: int = 0
     first_problem: str = ""
 
 
@@ -340,10 +354,13 @@ def _predict_loop(
                     tally.first_problem = tally.first_problem or str(exc)
                     tally.failed += 1
                     progress.advance(bar)
-            for group in _same_size_groups(loaded, run.runner.group_key):
-                results = _predict_group(run.runner, [(n, im) for n, im, _ in group], run.info, dist_info.device,
-                                         torch.channels_last)  # fmt: skip
-                for (name, image, mark), (p, att) in zip(group, results):
+            for group in _same_size_groups(loaded, run.backend.group_key):
+                whole = [g for g in group if run.planner.plan(*g[1].shape[:2]) is None]
+                for name, image, mark in (g for g in group if run.planner.plan(*g[1].shape[:2]) is not None):
+                    _predict_tiled(run, name, image, mark, out, options.outputs, progress, tally)  # too large whole
+                    progress.advance(bar)
+                results = _predict_group(run.backend, [(n, im) for n, im, _ in whole]) if whole else []
+                for (name, image, mark), (p, att) in zip(whole, results):
                     refined = _crf(image, p, run.crf_params) if run.crf_params is not None else p
                     labels = refined.argmax(axis=0).astype(np.uint8)
                     problem = _write_all_or_nothing(out, name, image, p, att, labels, run, options.outputs, mark)
@@ -413,15 +430,45 @@ def _shared_plan(
     return plan
 
 
-def _predict_group(
-    runner: Any,
-    group: list[tuple[str, np.ndarray]],
-    info: _Labels,
-    device: torch.device,
-    memory_format: torch.memory_format,
-) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Run images of one size (or one size bucket, with CUDA graphs) as one batch through ``runner``
-    (an :class:`msattn.engine.graphs.InferenceRunner`) -> [(probs [C,H,W], attention [S,H,W] or None)] as numpy.
+def _predict_tiled(
+    run: _Run, name: str, image: np.ndarray, mark: Any, out: Path, outputs: Outputs, progress: Any, tally: _Tally
+) -> None:
+    """Predict one image tile by tile (a progress bar of its own) and write its files (all or none)."""
+    from msattn.tiling.images import predict_image_tiled
+    from msattn.tiling.layout import count_tiles
+    from msattn.tiling.stitch import Scratch
+
+    height, width = image.shape[:2]
+    plan = run.planner.plan(height, width)
+    task = progress.add_task(f"  {name}: {plan.tile}px tiles", total=count_tiles(height, width, plan))
+    scratch = Scratch(out)  # memory-mapped stores for the largest images, removed below
+    try:
+        result = predict_image_tiled(
+            run.backend, image, plan, run.planner, scratch,
+            keep_probs=outputs.save_probs or run.crf_params is not None, keep_attention=outputs.save_attention,
+            exact_probs=run.crf_params is not None, on_tile=lambda: progress.advance(task),
+        )  # fmt: skip
+        labels = result.labels
+        if run.crf_params is not None:
+            labels = _crf(image, np.asarray(result.probs, dtype=np.float32), run.crf_params).argmax(axis=0)
+            labels = labels.astype(np.uint8)
+        probs = result.probs if outputs.save_probs else None
+        problem = _write_all_or_nothing(out, name, image, probs, result.attention, labels, run, outputs, mark)
+    finally:
+        scratch.close()
+        progress.remove_task(task)
+    if problem:
+        progress.console.print(f"skipped {problem}", markup=False)
+        tally.first_problem = tally.first_problem or problem
+        tally.failed += 1
+    else:
+        tally.written += 1
+        tally.tiled += 1
+
+
+def _predict_group(backend: Any, group: list[tuple[str, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Run images of one size (or one size bucket, with CUDA graphs) as one batch through ``backend``
+    (:mod:`msattn.backends`) -> [(probs [C,H,W], attention [S,H,W] or None)] as numpy.
 
     Out of GPU memory on a batch, the images are retried one by one; out of memory on one
     image stops with a :class:`ResourceError` that says what to turn down.
@@ -429,28 +476,22 @@ def _predict_group(
     from msattn.errors import ResourceError
 
     try:
-        if runner.policy.enabled:  # one size bucket: sizes may differ, the runner pads to the bucket
-            images: Any = [normalize_image(img, info.mean, info.std).to(device) for _, img in group]
-        else:  # one size: one batch [N,3,H,W]
-            images = torch.stack([normalize_image(img, info.mean, info.std) for _, img in group])
-            images = images.to(device, memory_format=memory_format)
-        results = runner.predict(images)
-        results_np = [(p.cpu().numpy(), None if a is None else a.cpu().numpy()) for p, a in results]
+        results = backend.predict_group([img for _, img in group])
     except torch.cuda.OutOfMemoryError:
-        results_np = None  # handled below, outside the except block, so the failed tensors are freed
-    if results_np is not None:
-        return results_np
-    if device.type == "cuda":
+        results = None  # handled below, outside the except block, so the failed tensors are freed
+    if results is not None:
+        return results
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if len(group) > 1:
-        return [r for item in group for r in _predict_group(runner, [item], info, device, memory_format)]
+        return [r for item in group for r in _predict_group(backend, [item])]
     name, image = group[0]
     h, w = image.shape[:2]
-    amp = runner.amp_dtype is not None
+    amp = getattr(backend, "amp_dtype", None) is not None
     raise ResourceError(
-        f"out of GPU memory on {name} ({w}x{h}, scales {list(runner.scales or [])}) even alone: give smaller "
-        f"--scales, keep --amp on{'' if amp else ' (it is off)'}, downscale the image, use --no-compile, "
-        "or use --device cpu"
+        f"out of GPU memory on {name} ({w}x{h}, scales {list(backend.scales)}) even alone: give smaller --scales, "
+        f"keep --amp on{'' if amp else ' (it is off)'}, predict in tiles (--tile 1025, or a lower --max-memory), "
+        "use --no-compile, or use --device cpu"
     )
 
 

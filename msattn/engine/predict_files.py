@@ -89,33 +89,41 @@ def write_prediction(
 ) -> None:
     """Write one image's files (all atomically): labels PNG, overlay, optional npz and attention maps.
 
-    ``mark`` (:class:`msattn.outputs.Mark`) is embedded in every file: what made it.
+    ``mark`` (:class:`msattn.outputs.Mark`) is embedded in every file: what made it. The label PNG
+    and npz are full size; the overlay and attention pictures of huge images are downscaled
+    (:mod:`msattn.tiling.preview`). ``probs``/``attention`` may be float16 or memory-mapped.
     """
-    from msattn.engine.visualize import attention_figure, attention_heatmap, label_image, overlay, scale_title
+    from msattn.engine.visualize import attention_figure, attention_heatmap, label_image, scale_title
     from msattn.io import save_image
     from msattn.outputs import mark_params
+    from msattn.tiling.preview import overlay_bands, picture_views
 
     def save(img: Any, file: str, **params: Any) -> None:
         path = out / file
         save_image(img, path, **params, **(mark_params(path, mark) if mark is not None else {}))
 
     save(label_image(labels, info.palette), f"{name}.png")
+    views = picture_views(image, labels, attention if outputs.save_attention else None, merge)  # smaller when huge
     if outputs.overlay:
-        save(_fit_jpeg(overlay(image, labels, info.palette)), f"{name}_overlay.jpg", quality=90)
+        picture = overlay_bands(views.overlay_image, views.overlay_labels, info.palette)
+        save(_fit_jpeg(picture), f"{name}_overlay.jpg", quality=90)
     if outputs.save_probs:
         arrays = {
-            "probs": probs.astype(np.float16),
+            "probs": np.asarray(probs, dtype=np.float16),  # no copy of a float16 (memory-mapped) store
             "scales": np.asarray(scales, dtype=np.float32),
             "classes": np.asarray(info.classes, dtype=str),
             "palette": info.palette,
         }
         if attention is not None:
-            arrays["attention"] = attention.astype(np.float16)
+            arrays["attention"] = np.asarray(attention, dtype=np.float16)
         _write_npz(out / f"{name}.npz", arrays, mark)
-    if outputs.save_attention and attention is not None:
-        for weights, scale in zip(attention, scales):
-            save(attention_heatmap(image, weights, title=scale_title(scale, merge)), attention_file(name, scale))
-        figure = attention_figure(image, labels, attention, scales, info.palette, info.classes, merge)
+    if outputs.save_attention and views.figure_weights is not None:
+        for weights, scale in zip(views.figure_weights, scales):
+            heat = attention_heatmap(views.figure_image, weights, title=scale_title(scale, merge))
+            save(heat, attention_file(name, scale))
+        figure = attention_figure(
+            views.figure_image, views.figure_labels, views.figure_weights, scales, info.palette, info.classes, merge
+        )
         save(figure, f"{name}_attention.png")
 
 
