@@ -302,6 +302,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, info: DistInfo) -> Path:
         dropout=recipe.model.dropout,
         attention_hidden=recipe.model.attention_hidden,
         attention_dropout=recipe.model.attention_dropout,
+        **recipe.model.extra_model_args(),  # issue 15: attention head options, fc6 dilation
     )
     if initial is not None:
         apply_initial_weights(model, initial, console)
