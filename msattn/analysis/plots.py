@@ -67,10 +67,11 @@ def weights_by_size(report: dict[str, Any]) -> bytes | None:
     keys = [m["key"] for m in report["methods"] if m["merge"] == "scale"] + [report["model"]]
     keys += [m["key"] for m in report["methods"] if m["merge"] == "oracle"]
     for j, key in enumerate(dict.fromkeys(keys)):
-        style = "o-" if key.startswith("scale:") else ("s--" if key.startswith("oracle") else "D-")
-        colour = scale_colour(scales.index(float(key.split(":")[1]))) if key.startswith("scale:") else (
+        single = key.startswith("scale:")
+        style = "o-" if single else ("s:" if key.startswith("oracle") else "D--")  # dashed: a branch below stays visible
+        colour = scale_colour(scales.index(float(key.split(":")[1]))) if single else (
             "black" if key == report["model"] else "grey")
-        ax.plot(x, [100 * b["accuracy"][key] for b in rows], style, color=colour, label=key, lw=1.6)
+        ax.plot(x, [100 * b["accuracy"][key] for b in rows], style, color=colour, label=key, lw=2.4 if single else 1.3)
     ax.set_ylabel("pixel accuracy on the objects (%)")
     ax.set_title("accuracy by object size")
     ax.set_xticks(x, labels, fontsize=8)
