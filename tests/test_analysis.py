@@ -173,3 +173,24 @@ def test_max_and_avg_models(tmp_path, merge) -> None:
     assert rep["model"] == f"{merge}:2+1"
     assert "attention:2+1" not in [m["key"] for m in rep["methods"]]
     assert rep["attention_entropy"] is not None if merge == "max" else True
+
+
+def test_latency_comes_from_the_matching_bench_record(tmp_path) -> None:
+    from msattn.analysis.costs import method_costs
+
+    methods = build_methods((1.0, 0.5), "attention")
+    records = [
+        {"mode": "inference", "scales": [1.0], "merge": None, "size": 321, "width": 0.0625, "latency_ms": 10.0},
+        {"mode": "inference", "scales": [1.0], "merge": None, "size": 513, "width": 0.0625, "latency_ms": 30.0},
+        {"mode": "inference", "scales": [1.0, 0.5], "merge": "attention", "size": 321, "width": 0.0625,
+         "latency_ms": 14.0},
+        {"mode": "train", "scales": [1.0, 0.5], "merge": "max", "size": 321, "width": 0.0625, "latency_ms": 99.0},
+        {"mode": "inference", "scales": [1.0, 0.5], "merge": "avg", "size": 321, "width": 1.0, "latency_ms": 99.0},
+    ]
+    args = dict(STUB_MODEL_ARGS, scales=[1.0, 0.5])
+    costs = method_costs(args, methods, {"337x337": 2}, records)
+    assert costs["scale:1"]["latency_ms"] == 10.0  # the size nearest the images'
+    assert costs["attention:1+0.5"]["latency_ms"] == 14.0
+    assert "latency_ms" not in costs["max:1+0.5"] and "latency_ms" not in costs["avg:1+0.5"]  # train mode, other width
+    assert "latency_ms" not in costs["scale:0.5"] and "oracle:1+0.5" not in costs
+    assert costs["scale:0.5"]["gflops"] < costs["scale:1"]["gflops"] < costs["attention:1+0.5"]["gflops"]
