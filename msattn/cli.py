@@ -283,6 +283,51 @@ def evaluate(
     )
 
 
+# ----------------------------------------------------------------------------- analyze
+
+
+@app.command()
+def analyze(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.pt) written by msattn train.")],
+    split: Annotated[str, typer.Option(help="Split list in the dataset folder.")] = "val",
+    data: Annotated[Optional[Path], typer.Option(help="Dataset folder (default: the checkpoint's).")] = None,
+    scales: Annotated[
+        Optional[list[float]],
+        typer.Option("--scales", help="Scales of the pass (default: the trained ones; attention models need those)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Report folder (index.html, report.json, the resumable state).")] = Path(
+        "report"
+    ),
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write report.json here.")] = None,
+    max_images: Annotated[Optional[int], typer.Option(min=1, help="Analyze only the first N images.")] = None,
+    bins: Annotated[
+        Optional[list[float]],
+        typer.Option("--bins", help="Object size bin edges, area shares of the image (default 0.005 0.02 0.08 0.32)."),
+    ] = None,
+    gallery: Annotated[int, typer.Option(min=0, help="Images where merging gained (and lost) most, shown each.")] = 4,
+    bench: Annotated[
+        Optional[Path], typer.Option(help="msattn bench --json file: measured latency next to the FLOPs.")
+    ] = None,
+    include_background: Annotated[
+        bool, typer.Option(help="Count background regions as objects in the size bins.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass (same-size images).")] = 4,
+    workers: Annotated[int, typer.Option(min=0, help="Image-loading processes.")] = 0,
+    amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA (--no-amp: fp32).")] = True,
+    pad_to: Annotated[Optional[int], typer.Option(help="Pad every image to this 8k+1 side (default: the recipe's).")] = None,
+    device: Device = None,
+) -> None:
+    """Per scale, class, object size and scale subset: what each scale contributes (report.json + index.html)."""
+    from msattn.analysis import Settings, analyze_checkpoint
+    from msattn.analysis.objects import DEFAULT_BINS
+
+    settings = Settings(split=split, scales=tuple(scales) if scales else None, max_images=max_images,
+                        bins=tuple(bins) if bins else DEFAULT_BINS, include_background=include_background, amp=amp,
+                        pad_to=pad_to, gallery=gallery, batch_size=batch_size, workers=workers,
+                        bench=str(bench) if bench is not None else None)
+    analyze_checkpoint(checkpoint=checkpoint, out=out, data=data, json_path=json_path, settings=settings, device=device)
+
+
 # ----------------------------------------------------------------------------- predict / crf
 
 

@@ -183,6 +183,16 @@ class ModelConfig:
     attention_dropout: float = _opt(0.5, _between(0, 1, hi_open=True), "dropout after the attention head's first layer")
     attention_hidden: int = _opt(512, _between(1, 65536), "hidden channels of the attention head (before width)")
     pool5a: bool = _opt(True, None, "DeepLab-LargeFOV's 3x3/1 average pool before fc6 (false: ablations, tiny inputs)")
+    attention_init: str = _opt(
+        "normal", _one_of("normal", "zero"), "attention score layer init: normal (std 0.01, the paper) or zero (uniform start)"
+    )
+    attention_temperature: float = _opt(
+        1.0, _between(0, 1000, lo_open=True), "divides the attention scores before the softmax (1: the paper)"
+    )
+    attention_norm: str = _opt(
+        "none", _one_of("none", "l2"), "normalise each scale's fc7 features to unit RMS before the attention head"
+    )
+    fc6_dilation: int = _opt(12, _between(1, 64), "fc6 dilation (DeepLab-LargeFOV: 12; lower for small images)")
     pretrained: str | None = _opt(
         None,
         _not_blank,
@@ -195,6 +205,16 @@ class ModelConfig:
     input_norm: str = _opt(
         "auto", _one_of("auto", "torchvision", "caffe"), "input normalisation; auto = what the initial weights expect"
     )
+
+
+    def extra_model_args(self) -> dict[str, Any]:
+        """build_model arguments beyond the paper's (attention head options, fc6 dilation)."""
+        return {
+            "attention_init": self.attention_init,
+            "attention_temperature": self.attention_temperature,
+            "attention_norm": self.attention_norm,
+            "fc6_dilation": self.fc6_dilation,
+        }
 
 
 @dataclass

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from msattn.models import build_model, cross_entropy, param_groups, segmentation_loss, upsample_logits
+from msattn.models.loss import STAT_TERMS
 from msattn.models.backbone import LargeFOV, output_size
 from msattn.geometry import scaled_size
 from msattn.models.convert import (
@@ -177,10 +178,12 @@ def test_loss_counts_one_plus_s_terms() -> None:
     out = tiny((1.0, 0.75, 0.5)).eval()(torch.randn(2, 3, 24, 24))
     labels = torch.randint(0, 5, (2, 24, 24))
     total, terms = segmentation_loss(out, labels)
-    assert list(terms) == ["merged", "scale_1", "scale_0.75", "scale_0.5"]
-    torch.testing.assert_close(total, sum(terms.values()))
+    losses = {k: v for k, v in terms.items() if k not in STAT_TERMS}  # statistics are logged, not summed
+    assert list(losses) == ["merged", "scale_1", "scale_0.75", "scale_0.5"]
+    assert set(terms) - set(losses) == set(STAT_TERMS)
+    torch.testing.assert_close(total, sum(losses.values()))
     _, terms = segmentation_loss(out, labels, extra_supervision=False)
-    assert list(terms) == ["merged"]
+    assert [k for k in terms if k not in STAT_TERMS] == ["merged"]
 
 
 def test_single_scale_loss_has_one_term() -> None:

@@ -116,7 +116,7 @@ def test_a_training_step_with_accumulation_never_syncs(optimizer_name: str) -> N
         for _ in range(2):
             terms = run_step(model, optimizer, guard, segmentation_loss, micro_batches())
     assert rec.ops == []
-    assert set(terms) == {"loss", "merged", "scale_1", "scale_0.5"} and torch.isfinite(terms["loss"])
+    assert set(terms) == {"loss", "merged", "scale_1", "scale_0.5", "attention_entropy", "attention_score_gap"} and torch.isfinite(terms["loss"])
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # it did learn
     assert guard.first_bad() is None
 

@@ -339,34 +339,29 @@ def _evaluate_checkpoint(
             f"{info.ignore_index} (ignore): there is nothing to score (binary 0/255 masks? see the warnings above)"
         )
     result = {
-        "checkpoint": str(checkpoint),
-        "data": str(info.root),
-        "split": split,
-        "scales": list(eval_scales),
-        "flip": flip,
-        "crf": crf,
-        "amp": "bf16" if settings["amp_dtype"] is not None else "off",
-        "pad_to": settings["pad_to"],
-        "tile": tiling.tile,
-        "overlap": tiling.overlap,
-        "arch_version": state.get("arch_version", 1),
-        "batch_size": settings["batch_size"],
-        "cuda_graphs": runner.policy.enabled,
-        "bucket": runner.policy.bucket if runner.policy.enabled else None,
+        "checkpoint": str(checkpoint), "data": str(info.root), "split": split, "scales": list(eval_scales),
+        "flip": flip, "crf": crf, "amp": "bf16" if settings["amp_dtype"] is not None else "off",
+        "pad_to": settings["pad_to"], "tile": tiling.tile, "overlap": tiling.overlap,
+        "arch_version": state.get("arch_version", 1), "batch_size": settings["batch_size"],
+        "cuda_graphs": runner.policy.enabled, "bucket": runner.policy.bucket if runner.policy.enabled else None,
         **metrics,
-        "seconds": seconds,
-        "images_per_s": metrics["num_images"] / max(seconds, 1e-9),
-    }
-    print_metrics_table(metrics, title=f"{info.name} {split}: {checkpoint}", console=console)
-    console.print(f"mIoU {format_miou(metrics['miou'])} on {metrics['num_images']} images", markup=False)
-    console.print(f"{metrics['num_images']} images in {seconds:.1f} s: {result['images_per_s']:.1f} img/s "
-                  f"(batch {settings['batch_size']}, {dev})", markup=False)  # fmt: skip
-    if runner.summary():
-        console.print(runner.summary(), markup=False)
+        "seconds": seconds, "images_per_s": metrics["num_images"] / max(seconds, 1e-9),
+    }  # fmt: skip
+    _report(result, f"{info.name} {split}: {checkpoint}", runner.summary(), dev, console)
     if json_path is not None and dist_info.is_main:
         write_json(json_path, json_safe(result))
         console.print(f"metrics written to {json_path}", markup=False)
     return result
+
+
+def _report(result: dict[str, Any], title: str, runner_summary: str, device: torch.device, console: Console) -> None:
+    """The per-class table, the mIoU and the speed of an evaluation."""
+    print_metrics_table(result, title=title, console=console)
+    console.print(f"mIoU {format_miou(result['miou'])} on {result['num_images']} images", markup=False)
+    console.print(f"{result['num_images']} images in {result['seconds']:.1f} s: {result['images_per_s']:.1f} img/s "
+                  f"(batch {result['batch_size']}, {device})", markup=False)  # fmt: skip
+    if runner_summary:
+        console.print(runner_summary, markup=False)
 
 
 def _batch_size(given: int | None, config: Any, runner: Any) -> int:

@@ -241,7 +241,7 @@ def build_training(recipe: Recipe, num_classes: int, initial: Any, info: DistInf
         num_classes, scales=recipe.model.scales, merge=recipe.model.merge,
         extra_supervision=recipe.model.extra_supervision, width=recipe.model.width, dropout=recipe.model.dropout,
         attention_hidden=recipe.model.attention_hidden, attention_dropout=recipe.model.attention_dropout,
-        pool5a=recipe.model.pool5a,
+        pool5a=recipe.model.pool5a, **recipe.model.extra_model_args(),  # attention head options, fc6 dilation
     )  # fmt: skip
     if initial is not None:
         apply_initial_weights(model, initial, console)

@@ -32,10 +32,24 @@ def scaled(channels: int, width: float) -> int:
 
 
 class LargeFOV(nn.Module):
-    """VGG-16 DeepLab-LargeFOV. ``forward`` returns ``(fc7 features, fc8 logits)``."""
+    """VGG-16 DeepLab-LargeFOV. ``forward`` returns ``(fc7 features, fc8 logits)``.
 
-    def __init__(self, num_classes: int, width: float = 1.0, dropout: float = 0.5, pool5a: bool = True) -> None:
+    ``fc6_dilation`` (12 in DeepLab-LargeFOV: a field of view of 12 output cells = 96 pixels either
+    side) can be lowered for images much smaller than DeepLab's 321-513 pixels, where the
+    dilated taps would fall outside the output grid (see ``recipes/demo.toml``).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        width: float = 1.0,
+        dropout: float = 0.5,
+        pool5a: bool = True,
+        fc6_dilation: int = FC6_DILATION,
+    ) -> None:
         super().__init__()
+        if fc6_dilation < 1:
+            raise ValueError(f"fc6_dilation must be >= 1, got {fc6_dilation}")
         layers: dict[str, nn.Module] = {}
         in_ch = 3
         for name, n_convs, out_ch, dilation, stride in VGG16_BLOCKS:
@@ -51,7 +65,7 @@ class LargeFOV(nn.Module):
         for key, layer in layers.items():
             self.features.add_module(key, layer)
         fc_ch = scaled(FC_CHANNELS, width)
-        self.fc6 = nn.Conv2d(in_ch, fc_ch, 3, padding=FC6_DILATION, dilation=FC6_DILATION)
+        self.fc6 = nn.Conv2d(in_ch, fc_ch, 3, padding=fc6_dilation, dilation=fc6_dilation)
         self.fc7 = nn.Conv2d(fc_ch, fc_ch, 1)
         self.drop6 = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.drop7 = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from msattn.geometry import shrink_labels, upsample_logits
 
 LABEL_MODES = ("downsample", "upsample")
+#: terms segmentation_loss reports beside the losses: logged by training, not part of the total
+STAT_TERMS = ("attention_entropy", "attention_score_gap")
 
 
 def downsample_labels(labels: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
@@ -47,7 +51,9 @@ def segmentation_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss = CE(merged) + sum_s CE(f^s) (weight 1 each; the per-scale terms only with extra
     supervision and more than one scale). Returns the total and the detached terms by name
-    (``"merged"``, ``"scale_1"``, ``"scale_0.75"``, ...).
+    (``"merged"``, ``"scale_1"``, ``"scale_0.75"``, ...), plus, with several scales, two statistics
+    of the merge weights that are not part of the total (see :func:`attention_stats`):
+    ``"attention_entropy"`` and ``"attention_score_gap"``.
     """
     shrunk: dict[tuple[int, ...], torch.Tensor] = {}  # labels on each output grid, read once per size
 
@@ -64,4 +70,31 @@ def segmentation_loss(
         for scale, logits in zip(outputs["scales"], per_scale):
             terms[f"scale_{scale:g}"] = term(logits)
     total = torch.stack(list(terms.values())).sum()
-    return total, {name: value.detach() for name, value in terms.items()}
+    logged = {name: value.detach() for name, value in terms.items()}
+    weights = outputs.get("attention")
+    if weights is not None and weights.shape[1] > 1:
+        grid = shrunk.get(tuple(weights.shape[-2:]))  # the merged term's labels: on the same grid
+        logged.update(attention_stats(weights.detach(), labels, ignore_index, grid))
+    return total, logged
+
+
+def attention_stats(
+    weights: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, grid_labels: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Statistics of merge weights [N, S, h, w] over the grid positions whose label is not ignored.
+
+    ``attention_entropy``: mean entropy of the weights over scales divided by log S (1: uniform,
+    0: one scale takes all; 0 for max merging, 1 for average merging); ``attention_score_gap``:
+    mean spread of the pre-softmax scores (max - min over scales, from the log weights; float32
+    saturates near 87), large when the softmax is saturated. No host-device sync. ``grid_labels``:
+    ``labels`` already read on the weights' grid (else they are shrunk here).
+    """
+    w = weights.float()
+    if grid_labels is None:
+        grid_labels = downsample_labels(labels, w.shape[-2:])
+    valid = (grid_labels != ignore_index).float()  # [N, h, w]
+    count = valid.sum().clamp(min=1)
+    entropy = -(w * torch.log(w.clamp_min(1e-12))).sum(1) / math.log(w.shape[1])
+    logw = torch.log(w.clamp_min(torch.finfo(torch.float32).tiny))
+    gap = logw.amax(1) - logw.amin(1)
+    return {"attention_entropy": (entropy * valid).sum() / count, "attention_score_gap": (gap * valid).sum() / count}

@@ -8,31 +8,68 @@ import torch
 from torch import nn
 
 from msattn.geometry import resize_bilinear, scaled_size, upsample_logits
-from msattn.models.backbone import LargeFOV, scaled
+from msattn.models.backbone import FC6_DILATION, LargeFOV, scaled
 
 MERGES = ("max", "avg", "attention")
 #: 1: no pool5a, align_corners=False resizing (msattn <= 0.1 checkpoints); 2: DeepLab-exact
 ARCH_VERSION = 2
 
-__all__ = ["ARCH_VERSION", "MERGES", "AttentionHead", "ScaleNet", "build_model", "scaled_size", "upsample_logits"]
+__all__ = ["ARCH_VERSION", "ATTENTION_INITS", "ATTENTION_NORMS", "MERGES", "AttentionHead", "ScaleNet", "build_model", "scaled_size", "upsample_logits"]
+
+
+ATTENTION_INITS = ("normal", "zero")
+ATTENTION_NORMS = ("none", "l2")
 
 
 class AttentionHead(nn.Module):
-    """The paper's attention model: 3x3 conv (hidden) + ReLU (+ dropout), 1x1 conv to S, softmax over S."""
+    """The paper's attention model: 3x3 conv (hidden) + ReLU (+ dropout), 1x1 conv to S, softmax over S.
 
-    def __init__(self, feature_channels: int, num_scales: int, hidden: int = 512, dropout: float = 0.5) -> None:
+    Options beyond the paper (defaults = the paper): ``init="zero"`` starts the score layer at
+    zero (uniform weights at the start); ``temperature`` divides the scores before the
+    softmax; ``norm="l2"`` scales every scale's fc7 feature vector to unit RMS per position
+    before the head, so the scores cannot grow with the features' magnitude.
+    """
+
+    def __init__(
+        self,
+        feature_channels: int,
+        num_scales: int,
+        hidden: int = 512,
+        dropout: float = 0.5,
+        init: str = "normal",
+        temperature: float = 1.0,
+        norm: str = "none",
+    ) -> None:
         super().__init__()
+        if init not in ATTENTION_INITS:
+            raise ValueError(f"attention init must be one of {ATTENTION_INITS}, got {init!r}")
+        if norm not in ATTENTION_NORMS:
+            raise ValueError(f"attention norm must be one of {ATTENTION_NORMS}, got {norm!r}")
+        if not temperature > 0:
+            raise ValueError(f"attention temperature must be > 0, got {temperature}")
+        self.num_scales, self.temperature, self.norm = num_scales, float(temperature), norm
         self.conv1 = nn.Conv2d(feature_channels * num_scales, hidden, 3, padding=1)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(hidden, num_scales, 1)
         for conv in (self.conv1, self.conv2):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
+        if init == "zero":
+            nn.init.zeros_(self.conv2.weight)
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """feats [N, S*F, h, w] -> pre-softmax scores [N, S, h, w] (divided by the temperature)."""
+        if self.norm == "l2":
+            n, sf, h, w = feats.shape
+            per_scale = feats.reshape(n, self.num_scales, sf // self.num_scales, h, w)
+            rms = per_scale.pow(2).mean(dim=2, keepdim=True).add(1e-6).sqrt()
+            feats = (per_scale / rms).reshape(n, sf, h, w)
+        scores = self.conv2(self.drop(torch.relu(self.conv1(feats))))
+        return scores / self.temperature if self.temperature != 1.0 else scores
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """feats [N, S*F, h, w] -> weights [N, S, h, w] (softmax over the scale axis)."""
-        scores = self.conv2(self.drop(torch.relu(self.conv1(feats))))
-        return torch.softmax(scores, dim=1)
+        return torch.softmax(self.scores(feats), dim=1)
 
 
 class ScaleNet(nn.Module):
@@ -58,6 +95,10 @@ class ScaleNet(nn.Module):
         attention_hidden: int = 512,
         attention_dropout: float | None = None,
         pool5a: bool = True,
+        attention_init: str = "normal",
+        attention_temperature: float = 1.0,
+        attention_norm: str = "none",
+        fc6_dilation: int = FC6_DILATION,
     ) -> None:
         super().__init__()
         scales = tuple(float(s) for s in scales)
@@ -81,12 +122,20 @@ class ScaleNet(nn.Module):
             "attention_dropout": dropout if attention_dropout is None else attention_dropout,
             "pool5a": pool5a,
         }
-        self.backbone = LargeFOV(num_classes, width=width, dropout=dropout, pool5a=pool5a)
+        # beyond the paper: stored only when set, so checkpoints of the paper's head stay as they were
+        for key, value, default in (("attention_init", attention_init, "normal"),
+                                    ("attention_temperature", float(attention_temperature), 1.0),
+                                    ("attention_norm", attention_norm, "none"),
+                                    ("fc6_dilation", int(fc6_dilation), FC6_DILATION)):
+            if value != default:
+                self.model_args[key] = value
+        self.backbone = LargeFOV(num_classes, width=width, dropout=dropout, pool5a=pool5a, fc6_dilation=fc6_dilation)
         self.head: AttentionHead | None = None
         if merge == "attention" and len(scales) > 1:
             hidden = scaled(attention_hidden, width)
             self.head = AttentionHead(
-                self.backbone.feature_channels, len(scales), hidden, self.model_args["attention_dropout"]
+                self.backbone.feature_channels, len(scales), hidden, self.model_args["attention_dropout"],
+                init=attention_init, temperature=attention_temperature, norm=attention_norm,
             )
 
     def forward(self, images: torch.Tensor, scales: Sequence[float] | None = None) -> dict:
@@ -151,13 +200,20 @@ def build_model(
     attention_hidden: int = 512,
     attention_dropout: float | None = None,
     pool5a: bool = True,
+    attention_init: str = "normal",
+    attention_temperature: float = 1.0,
+    attention_norm: str = "none",
+    fc6_dilation: int = FC6_DILATION,
 ) -> ScaleNet:
     """Build DeepLab-LargeFOV (one scale) or the share-net with max/avg/attention merging.
 
     ``width`` scales every channel count (1 = the paper's network); tiny widths make
     test and demo models. ``dropout`` follows fc6 and fc7; ``attention_dropout`` follows the
     attention head's first layer (None: the same as ``dropout``). ``pool5a=False`` rebuilds
-    the network of msattn checkpoints older than architecture version 2.
+    the network of msattn checkpoints older than architecture version 2. ``attention_init``,
+    ``attention_temperature`` and ``attention_norm`` are the attention head's options beyond the
+    paper (see :class:`AttentionHead`); ``fc6_dilation`` (DeepLab-LargeFOV: 12) scales the field
+    of view down for small images.
     """
     return ScaleNet(
         num_classes,
@@ -169,4 +225,8 @@ def build_model(
         attention_hidden=attention_hidden,
         attention_dropout=attention_dropout,
         pool5a=pool5a,
+        attention_init=attention_init,
+        attention_temperature=attention_temperature,
+        attention_norm=attention_norm,
+        fc6_dilation=fc6_dilation,
     )

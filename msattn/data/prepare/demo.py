@@ -24,6 +24,10 @@ HEAD, TORSO, ARMS, LEGS = 1, 2, 3, 4
 #: figure height as a fraction of the image side: 0.11 .. 0.95 (ratio 8.6)
 HEIGHT_RANGE = (0.11, 0.95)
 JPEG_QUALITY = 92
+#: arms are the shirt colour times this (1.0: arms and torso alike, told apart by shape only)
+ARM_SHADE = 0.7
+#: share of distractors drawn in a shirt-like (saturated) colour
+SHIRT_DISTRACTORS = 0.0
 
 _SKIN = np.array([[224, 172, 138], [198, 134, 95], [141, 85, 56], [241, 194, 160], [170, 110, 75]], dtype=float)
 _TROUSERS = np.array([[35, 45, 90], [45, 45, 50], [80, 55, 35], [20, 20, 25], [60, 70, 110]], dtype=float)
@@ -98,17 +102,21 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
             mask = (np.abs(xx - centre[0]) < radius) & (np.abs(yy - centre[1]) < radius * rng.uniform(0.3, 1.5))
         else:
             mask = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 < radius**2
-        image[mask] = rng.uniform(30, 225, 3)
+        colour = rng.uniform(30, 225, 3)
+        if SHIRT_DISTRACTORS > 0 and rng.random() < SHIRT_DISTRACTORS:
+            colour[rng.integers(0, 3)] = rng.uniform(0, 60)  # saturated, like a shirt
+        image[mask] = colour
 
     figures = []
     low, high = np.log(HEIGHT_RANGE[0] * size), np.log(HEIGHT_RANGE[1] * size)
     for _ in range(int(rng.integers(1, 5))):
         height = float(np.exp(rng.uniform(low, high)))
         x = float(rng.uniform(0.12, 0.88) * size)
-        top = float(rng.uniform(-0.05 * height, size - 0.9 * height))
+        lo, hi = -0.05 * height, size - 0.9 * height  # figures taller than ~1.2 images: cut at the border
+        top = float(rng.uniform(min(lo, hi), max(lo, hi)))
         shirt = rng.uniform(40, 230, 3)
         shirt[rng.integers(0, 3)] = rng.uniform(0, 60)  # saturated
-        colours = {HEAD: _SKIN[rng.integers(len(_SKIN))], TORSO: shirt, ARMS: shirt * 0.7,
+        colours = {HEAD: _SKIN[rng.integers(len(_SKIN))], TORSO: shirt, ARMS: shirt * ARM_SHADE,
                    LEGS: _TROUSERS[rng.integers(len(_TROUSERS))]}  # fmt: skip
         for class_index, kind, geometry in _figure_parts(rng, x, top, height):
             if kind == "circle":
