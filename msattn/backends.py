@@ -48,7 +48,7 @@ class TorchBackend:
         from msattn.engine.predict import amp_dtype_for
         from msattn.engine.predict_files import _dataset_info
         from msattn.engine.scales import resolve_scales
-        from msattn.outputs import file_sha256
+        from msattn.io import file_sha256
 
         state = load_checkpoint(checkpoint)
         self.memory_format = torch.channels_last  # faster on CUDA and CPU (benchmarks/README.md)

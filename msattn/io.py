@@ -9,6 +9,7 @@ truncated one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -266,3 +267,12 @@ def save_image(img: Any, path: str | os.PathLike[str], **params: Any) -> None:
         raise ValueError(f"unsupported image suffix: {path}")
     with atomic_write(path, "wb") as handle:
         img.save(handle, format=fmt, **params)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks: the identity of a checkpoint, model or annotation file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -81,15 +81,6 @@ def inputs_key(paths: Sequence[Path]) -> str:
     return settings_key({"inputs": parts})
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file (read in 1 MiB blocks): the identity of a checkpoint."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def mark_params(path: Path, mark: Mark) -> dict[str, Any]:
     """Keyword arguments for :func:`msattn.io.save_image` that embed ``mark`` in a PNG or JPEG."""
     if path.suffix.lower() == ".png":

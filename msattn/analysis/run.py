@@ -24,9 +24,16 @@ from rich.console import Console
 
 from msattn import __version__
 from msattn.analysis.accumulate import Accumulator, as_numpy, calibration_keys
-from msattn.analysis.methods import Method, build_methods, forward_maps, model_merge, own_method
+from msattn.analysis.methods import (
+    Method,
+    build_methods,
+    forward_maps,
+    model_merge,
+    own_method,
+)
 from msattn.analysis.objects import DEFAULT_BINS, check_bins
 from msattn.errors import DataError, DependencyError, UsageError
+from msattn.io import file_sha256
 
 STATE_NAME = "analysis_state.pt"
 REPORT_NAME = "report.json"
@@ -173,14 +180,6 @@ def _is_our_state(path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- resolving the inputs
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def prepare_job(checkpoint: Path, data: Path | None, settings: Settings, device: str | None) -> Job:
@@ -372,7 +371,13 @@ def run_pass(job: Job, out: Path, console: Console) -> dict[str, Any]:
 
 
 def _progress(console: Console) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=console, transient=True)

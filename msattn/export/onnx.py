@@ -24,13 +24,13 @@ reference), ``msattn.outputs``, ``msattn.dynamic``, ``msattn.opset``, ``msattn.c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from msattn.errors import DependencyError, UsageError
+from msattn.io import file_sha256
 
 FORMAT = "msattn-onnx-1"
 INSTALL_HINT = "pip install 'msattn[export]'  (onnx, onnxscript and onnxruntime)"
@@ -47,15 +47,6 @@ def require(*modules: str, what: str = "msattn export") -> None:
             importlib.import_module(name)
         except ImportError:
             raise DependencyError(f"{what} needs the '{name}' package: {INSTALL_HINT}") from None
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def parse_size(text: str) -> tuple[int, int]:

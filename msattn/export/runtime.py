@@ -83,7 +83,7 @@ class OnnxBackend:
         self.crf_section = self.session.json("crf", None)
         self.model_args = args
         self.weight_bytes = Path(path).stat().st_size
-        from msattn.outputs import file_sha256
+        from msattn.io import file_sha256
 
         self.sha256 = file_sha256(Path(path))
         self.note = None

@@ -27,7 +27,6 @@ the Caffe mean / 255, ``data.std`` = 1/255), and every checkpoint carries it on.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,7 +259,9 @@ def convert_caffemodel(path: str | Path) -> dict[str, Any]:
         if weight.size == weight.shape[0] * fc:  # a LargeFOV classifier (e.g. fc8_voc12); ImageNet's fc8 is not
             state["fc8.weight"], state["fc8.bias"] = _tensor(weight, (weight.shape[0], fc, 1, 1)), _tensor(bias)
             mapped.append(classifier)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    from msattn.io import file_sha256
+
+    digest = file_sha256(path)
     return {
         "format": FORMAT,
         "format_version": 1,

@@ -14,7 +14,6 @@ so a smaller object lying on a larger one stays visible. Crowd regions (``iscrow
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from collections import defaultdict
@@ -27,18 +26,11 @@ import numpy as np
 from msattn.data.prepare import common
 from msattn.data.prepare.common import MISSING, WRITTEN, PrepareSummary, Result, Task
 from msattn.errors import DataError, UsageError
-from msattn.io import check_id
+from msattn.io import check_id, file_sha256
 
 SPLIT_SOURCES = {"train": "train2014", "val": "val2014"}
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_instances(path: Path) -> dict[str, Any]:
@@ -185,7 +177,7 @@ def prepare_coco(
         if not folders[split].is_dir():
             raise DataError(f"{folders[split]}: folder not found (--coco must hold train2014/ and val2014/)")
 
-    hashes = {split: sha256_file(paths[split]) for split in common.SPLITS}
+    hashes = {split: file_sha256(paths[split]) for split in common.SPLITS}
     data = {split: load_instances(paths[split]) for split in common.SPLITS}
     tables = {split: category_table(data[split], paths[split]) for split in common.SPLITS}
     if tables["train"] != tables["val"]:

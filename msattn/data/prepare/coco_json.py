@@ -26,9 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from msattn.data.prepare import common, importing
-from msattn.data.prepare.coco import coco_label, load_instances, sha256_file
-from msattn.data.prepare.common import ERROR, MISSING, WRITTEN, PrepareSummary, Result, Task
+from msattn.data.prepare.coco import coco_label, load_instances
+from msattn.data.prepare.common import (
+    ERROR,
+    MISSING,
+    WRITTEN,
+    PrepareSummary,
+    Result,
+    Task,
+)
 from msattn.errors import DataError, UsageError
+from msattn.io import file_sha256
 
 CROWD_MODES = ("ignore", "class")
 OVERLAP_RULE = "instances painted by decreasing area (ties: annotation id), smaller on top"
@@ -182,7 +190,7 @@ def prepare_coco_json(
     tasks, bad, warnings = _tasks(sources, data, cat_map, crowd, val_fraction, seed)
     del data
 
-    hashes = {split: sha256_file(path) for split, (path, _) in sources.items()}
+    hashes = {split: file_sha256(path) for split, (path, _) in sources.items()}
     split_rule = "the files given" if val_annotations else importing.fraction_rule(val_fraction, seed)
     params = {"sha256": hashes, "crowd": crowd, "split": split_rule,
               "images": {split: str(folder.resolve()) for split, (_, folder) in sources.items()}}  # fmt: skip
