@@ -158,7 +158,9 @@ PredictInputs = Annotated[
 PredictCheckpoint = Annotated[
     Optional[Path], typer.Option(help="Checkpoint (.pt) written by msattn train (the torch backend).")
 ]
-PredictModel = Annotated[Optional[Path], typer.Option(help="ONNX model written by msattn export (the onnxruntime backend).")]
+PredictModel = Annotated[
+    Optional[Path], typer.Option(help="ONNX model written by msattn export (the onnxruntime backend).")
+]
 Backend = Annotated[
     Optional[str],
     typer.Option(help="torch (runs --checkpoint) or onnxruntime (runs --model, needs msattn[export]); "
