@@ -1,4 +1,5 @@
-"""Commands for users' own data: ``prepare-data coco-json|labelme|cvat|cityscapes|masks`` and ``check-data``.
+"""Data commands: ``prepare-data person-part|voc|coco|demo`` (the paper's datasets and the demo),
+``prepare-data coco-json|labelme|cvat|cityscapes|masks`` (users' own data) and ``check-data``.
 
 Thin Typer commands registered on the app of :mod:`msattn.cli` by :func:`register`; each calls one
 plain function. Heavy imports stay inside the command bodies so that ``msattn --help`` is instant.
@@ -11,12 +12,70 @@ from typing import Annotated, Optional
 
 import typer
 
+from msattn.cli_common import PlainHelpCommand, Workers
+
 Out = Annotated[Path, typer.Option(help="Output dataset folder (outside the inputs).")]
-Workers = Annotated[int, typer.Option("--workers", "-j", min=0, help="Parallel worker processes (0: in-process).")]
 ValFraction = Annotated[
     float, typer.Option(help="Share of images drawn for val when the source gives no split (0 < F < 1).")
 ]
 Seed = Annotated[int, typer.Option(help="Seed of the train/val draw.")]
+
+
+# ----------------------------------------------------------------------------- the paper's datasets and the demo
+
+
+def prepare_person_part(
+    source: Annotated[Path, typer.Option(help="Folder with Annotations_Part/*.mat and JPEGImages/ (VOC 2010).")],
+    out: Annotated[Path, typer.Option(help="Output dataset folder.")],
+    workers: Workers = 2,
+) -> None:
+    """PASCAL-Person-Part (6 parts + background) from the Pascal-Part annotations."""
+    from msattn.data.prepare.person_part import prepare_person_part as run
+
+    run(source=source, out=out, workers=workers)
+
+
+def prepare_voc(
+    voc: Annotated[Path, typer.Option(help="VOC2012 folder (JPEGImages/, SegmentationClass/).")],
+    out: Annotated[Path, typer.Option(help="Output dataset folder.")],
+    sbd: Annotated[Optional[Path], typer.Option(help="SBD folder (cls/*.mat); omit for VOC train only.")] = None,
+    workers: Workers = 2,
+) -> None:
+    """PASCAL VOC 2012 + SBD: train_aug (10,582) and val (1,449)."""
+    from msattn.data.prepare.voc import prepare_voc as run
+
+    run(voc=voc, sbd=sbd, out=out, workers=workers)
+
+
+def prepare_coco(
+    coco: Annotated[Path, typer.Option(help="COCO 2014 folder (annotations/, train2014/, val2014/).")],
+    out: Annotated[Path, typer.Option(help="Output dataset folder.")],
+    train_size: Annotated[int, typer.Option(min=1, help="Training images drawn from train2014.")] = 10000,
+    val_size: Annotated[int, typer.Option(min=1, help="Validation images drawn from val2014.")] = 1500,
+    seed: Annotated[int, typer.Option(help="Seed of the subset draw.")] = 0,
+    workers: Workers = 2,
+) -> None:
+    """A seeded subset of COCO 2014 (80 classes + background)."""
+    from msattn.data.prepare.coco import prepare_coco as run
+
+    run(coco=coco, out=out, train_size=train_size, val_size=val_size, seed=seed, workers=workers)
+
+
+def prepare_demo(
+    out: Annotated[Path, typer.Option(help="Output dataset folder.")],
+    num_train: Annotated[int, typer.Option(min=1, help="Training images.")] = 240,
+    num_val: Annotated[int, typer.Option(min=1, help="Validation images.")] = 60,
+    image_size: Annotated[int, typer.Option(min=32, help="Side of the square images.")] = 96,
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    workers: Workers = 2,
+) -> None:
+    """A synthetic dataset where scale matters (figures with parts at sizes spanning 8x)."""
+    from msattn.data.prepare.demo import prepare_demo as run
+
+    run(out=out, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed, workers=workers)
+
+
+# ----------------------------------------------------------------------------- users' own data
 
 
 def prepare_coco_json(
@@ -124,6 +183,10 @@ def check_data(
 
 def register(app: typer.Typer, prepare_app: typer.Typer) -> None:
     """Add these commands to the ``msattn`` app and its ``prepare-data`` group."""
+    prepare_app.command(cls=PlainHelpCommand, name="person-part")(prepare_person_part)
+    prepare_app.command(cls=PlainHelpCommand, name="voc")(prepare_voc)
+    prepare_app.command(cls=PlainHelpCommand, name="coco")(prepare_coco)
+    prepare_app.command(cls=PlainHelpCommand, name="demo")(prepare_demo)
     prepare_app.command("coco-json")(prepare_coco_json)
     prepare_app.command("labelme")(prepare_labelme)
     prepare_app.command("cvat")(prepare_cvat)

@@ -12,7 +12,9 @@ weighs on all cases alike and the multi-scale / single-scale ratios stay meaning
 On CUDA, ``inference`` replays each case's forward as a captured CUDA graph (``--no-graph``:
 eager; with ``--compile`` the inductor-compiled forward is captured); the capture, a
 one-time cost, is in the records as ``capture_s``. Progress goes to stderr as it runs; the
-tables (:mod:`msattn.engine.bench_report`) fit 100 columns.
+tables (:mod:`msattn.engine.bench_report`) fit 100 columns. The options are checked, the device
+resolved and the run described by :mod:`msattn.engine.bench_setup`; timing, memory and FLOPs are
+measured by :mod:`msattn.engine.bench_measure`.
 
 Reported per case: median latency per image over ``iters`` timed rounds after ``warmup``
 rounds, FLOPs per image (``torch.utils.flop_counter``, convolutions and matmuls), achieved
@@ -28,29 +30,51 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import platform
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from msattn.engine.bench_measure import LoadMonitor, MemoryProbe
+from msattn.engine.bench_measure import (  # timing, memory, FLOPs (re-exported: see __all__)
+    MB,
+    LoadMonitor,
+    MemoryProbe,
+    count_flops,
+    matmul_case,
+    probe_case,
+    run_interleaved,
+    synchronize,
+    timed,
+)
+from msattn.engine.bench_setup import (  # options, device, context (re-exported: see __all__)
+    MODES,
+    check_json,
+    check_options,
+    device_name,
+    resolve_device,
+    run_context,
+    workers_option,
+)
 from msattn.errors import UsageError
 from msattn.models import build_model, param_groups, segmentation_loss
 from msattn.models.scale import MERGES
 
-MODES = ("inference", "train", "data", "train-e2e", "tiled", "onnx")  # tiled, onnx: msattn.engine.bench_deploy
+__all__ = [
+    "IGNORE_INDEX", "MB", "MODES", "NUM_CLASSES", "SCALE_SETS", "Case", "LoadMonitor", "MemoryProbe", "Settings",
+    "add_ratios", "area_ratio", "bench_model", "build_cases", "case_name", "count_flops", "device_name", "matmul_case",
+    "parse_case", "probe_case", "resolve_device", "run_bench", "run_interleaved", "scale_merge_pairs",
+    "selected_pairs", "synchronize", "timed",
+]  # fmt: skip
+
 SCALE_SETS: tuple[tuple[float, ...], ...] = ((1.0,), (1.0, 0.5), (1.0, 0.75, 0.5))
 NUM_CLASSES = 21  # PASCAL VOC: the paper's network has 20,505,429 parameters with 21 classes
 IGNORE_INDEX = 255
-MB = 2**20
 
 
 # ----------------------------------------------------------------------------- cases
@@ -246,98 +270,6 @@ def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
     return count
 
 
-# ----------------------------------------------------------------------------- timing, memory, FLOPs
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    """Wall seconds of ``fn()``, with the device synchronised on both sides."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def run_interleaved(cases: Sequence[Case], settings: Settings, label: str = "") -> None:
-    """``warmup`` untimed rounds then ``iters`` timed rounds; each round runs every case once."""
-    rounds = settings.warmup + settings.iters
-    for round_ in range(rounds):
-        kind = "warm-up" if round_ < settings.warmup else "timed"
-        settings.say(f"{label}round {round_ + 1}/{rounds} ({kind})", force=round_ in (0, rounds - 1))
-        for case in cases:
-            seconds = timed(case.step, settings.device)
-            if round_ >= settings.warmup:
-                case.times.append(seconds)
-
-
-def count_flops(fn: Callable[[], None]) -> int:
-    """FLOPs of one call of ``fn`` (convolutions, matmuls, ... as counted by FlopCounterMode)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-def probe_case(case: Case, settings: Settings) -> dict[str, Any]:
-    """One extra untimed call for memory (and FLOPs, counted on the eager model).
-
-    A CUDA graph allocates nothing when replayed (its pool is reserved at capture): its memory
-    is measured on the eager forward, which needs about what the graph's pool holds.
-    """
-    memory = MemoryProbe(settings.device)
-    if case.capture_s is not None:
-        flops = count_flops(case.eager_step)
-        with memory.measure():
-            case.eager_step()
-    elif settings.compile_model:  # FLOPs on the eager model, memory on the compiled one
-        flops = count_flops(case.eager_step)
-        with memory.measure():
-            case.step()
-    else:
-        with memory.measure():
-            flops = count_flops(case.step)
-    state = case.state_bytes()
-    return {
-        "flops": flops,
-        "peak_mem_mb": None if memory.peak_bytes is None else (memory.peak_bytes + state) / MB,
-        "peak_rss_mb": None if memory.peak_rss_bytes is None else memory.peak_rss_bytes / MB,
-        "state_mb": state / MB,
-        "peak_mem_kind": memory.kind,
-    }
-
-
-def matmul_case(settings: Settings) -> tuple[Callable[[], None], int, str]:
-    """A large square matmul in the dtype the convolutions run in: (step, FLOPs, description).
-
-    It is timed in the same interleaved rounds as the cases, so the achieved fraction of its
-    GFLOP/s compares like with like even on a busy machine.
-    """
-    dev = settings.device
-    n = 8192 if dev.type == "cuda" else (2048 if settings.width >= 0.5 else 512)
-    dtype = torch.bfloat16 if settings.amp else torch.float32
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
-    # fp32 convolutions use TF32 on CUDA by default (cudnn.allow_tf32): let the matmul do the same
-    tf32 = dev.type == "cuda" and not settings.amp and torch.backends.cudnn.allow_tf32
-
-    def step() -> None:
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            torch.mm(a, b)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
-
-    dtype_name = "bf16" if settings.amp else ("tf32" if tf32 else "fp32")
-    return step, 2 * n**3, f"{n}x{n} {dtype_name} matmul"
-
-
 # ----------------------------------------------------------------------------- modes
 
 
@@ -417,35 +349,6 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N``; a clear error when CUDA is asked for but absent."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {name}: not a device (use cpu, cuda or cuda:N)") from exc
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: bench runs on cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA GPU is available to this PyTorch ({torch.__version__})")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        elif device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def run_bench(
     *,
     device: str = "cpu",
@@ -474,15 +377,30 @@ def run_bench(
     """
     from rich.console import Console
 
-    from msattn.engine.bench_data import bench_data, bench_train_e2e
-    from msattn.engine.bench_report import REPORT_WIDTH, ProgressLog, print_report
+    from msattn.engine.bench_report import REPORT_WIDTH
 
     console, errors = Console(highlight=False), Console(stderr=True, highlight=False)
     if not console.is_terminal:  # a log file or pipe: the tables are made for 100 columns
         console = Console(width=REPORT_WIDTH, highlight=False)
-    _check_options(modes, sizes, width, batch, iters, warmup)
+    check_options(modes, sizes, width, batch, iters, warmup)
     if json_path is not None:
-        _check_json(Path(json_path))  # a folder or an unwritable place fails now, not after minutes of timing
+        check_json(Path(json_path))  # a folder or an unwritable place fails now, not after minutes of timing
+    settings, workers_value = _settings(errors, device, batch, amp, compile_model, channels_last, width, iters, warmup,
+                                        graph, cases, workers)  # fmt: skip
+    context = run_context(settings.device, settings)
+    records = _run_modes(settings, context, sizes, modes, workers_value, image, tile)
+    _report(records, context, console, json_path)
+    return records
+
+
+def _settings(
+    errors: Any, device: str, batch: int, amp: bool, compile_model: bool, channels_last: bool, width: float,
+    iters: int, warmup: int, graph: bool | None, cases: Sequence[str] | None, workers: str,
+) -> tuple[Settings, int | str]:
+    """The run's :class:`Settings` (device resolved, --amp and --graph dropped on CPU with a warning on
+    ``errors``) and train-e2e's loader workers (an integer or ``auto``)."""
+    from msattn.engine.bench_report import ProgressLog
+
     dev = resolve_device(device)
     if amp and dev.type != "cuda":
         errors.print("msattn: warning: --amp ignored on CPU (bf16 is ~100x slower there); measuring fp32")
@@ -490,14 +408,22 @@ def run_bench(
     if graph and dev.type != "cuda":
         errors.print("msattn: warning: --graph ignored on CPU (CUDA graphs need a CUDA device)")
     graph = dev.type == "cuda" and graph is not False
-    workers_value = _workers_option(workers)
+    workers_value = workers_option(workers)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     selected = tuple(parse_case(c) for c in cases) if cases else None
     settings = Settings(dev, batch, amp, compile_model, channels_last, width, iters, warmup, graph, selected,
                         ProgressLog(errors))
-    context = _context(dev, settings)
+    return settings, workers_value
+
+
+def _run_modes(
+    settings: Settings, context: dict[str, Any], sizes: Sequence[int], modes: Sequence[str], workers: int | str,
+    image: str, tile: int,
+) -> list[dict[str, Any]]:
+    """Every mode at every size (``tiled``: once, on one large image); the records in run order."""
     from msattn.engine import bench_deploy
+    from msattn.engine.bench_data import bench_data, bench_train_e2e
 
     records: list[dict[str, Any]] = []
     with warnings.catch_warnings():
@@ -510,14 +436,23 @@ def run_bench(
                 if mode == "data":
                     records += bench_data(size, settings, context)
                 elif mode == "train-e2e":
-                    records += bench_train_e2e(size, settings, context, workers_value)
+                    records += bench_train_e2e(size, settings, context, workers)
                 elif mode == "onnx":
                     records += bench_deploy.bench_onnx(size, settings, context)
                 else:
-                    records += bench_model(mode, size, settings, {**context, "graph": graph and mode == "inference"})
+                    graph = settings.graph and mode == "inference"
+                    records += bench_model(mode, size, settings, {**context, "graph": graph})
         if "tiled" in modes:
             settings.say(f"tiled on a {image} image on {context['device_name']}")
             records += bench_deploy.bench_tiled(settings, context, image, tile)
+    return records
+
+
+def _report(records: list[dict[str, Any]], context: dict[str, Any], console: Any, json_path: Path | None) -> None:
+    """The ratios added to the records, the tables printed, the records written to ``json_path``."""
+    from msattn.engine import bench_deploy
+    from msattn.engine.bench_report import print_report
+
     add_ratios(records)
     model_records = [r for r in records if r["mode"] not in bench_deploy.DEPLOY_MODES]
     if model_records:
@@ -528,58 +463,3 @@ def run_bench(
 
         write_json(json_path, records)
         console.print(f"wrote {len(records)} records to {json_path}", markup=False)
-    return records
-
-
-def _check_options(
-    modes: Sequence[str], sizes: Sequence[int], width: float, batch: int, iters: int, warmup: int
-) -> None:
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise UsageError(f"--mode {unknown[0]}: unknown mode (choose from {', '.join(MODES)})")
-    if any(s < 8 for s in sizes):
-        raise UsageError(f"--size {min(sizes)}: the input side must be at least 8 pixels")
-    if not 0 < width <= 4 or batch < 1 or iters < 1 or warmup < 0:
-        raise UsageError("need 0 < --width <= 4, --batch >= 1, --iters >= 1, --warmup >= 0")
-
-
-def _check_json(path: Path) -> None:
-    """``--json`` is a writable file name, and not a file that bench did not write (a list of records)."""
-    import json
-
-    from msattn.outputs import check_output_file
-
-    def ours(existing: Path) -> bool:
-        try:
-            data = json.loads(existing.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        return isinstance(data, list) and all(isinstance(r, dict) and "mode" in r and "scales" in r for r in data)
-
-    check_output_file(path, "--json", ours=ours)
-
-
-def _workers_option(text: str) -> int | str:
-    if text == "auto":
-        return text
-    if not text.isdigit():
-        raise UsageError(f"--workers {text}: an integer >= 0 or auto")
-    return int(text)
-
-
-def _context(dev: torch.device, settings: Settings) -> dict[str, Any]:
-    """What every record of the run carries: the machine, the settings, the versions, the date."""
-    return {
-        "device": dev.type,
-        "device_name": device_name(dev),
-        "batch": settings.batch,
-        "amp": settings.amp,
-        "channels_last": settings.channels_last,
-        "compile": settings.compile_model,
-        "width": settings.width,
-        "iters": settings.iters,
-        "warmup": settings.warmup,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }

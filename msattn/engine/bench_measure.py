@@ -1,4 +1,5 @@
-"""Measuring for ``msattn bench``: peak memory of one call (CUDA or CPU RSS) and the load of other processes."""
+"""Measuring for ``msattn bench``: peak memory of one call (CUDA or CPU RSS), the load of other processes,
+timing (interleaved rounds), FLOPs, and the large matmul the cases' GFLOP/s are compared with."""
 
 from __future__ import annotations
 
@@ -6,10 +7,16 @@ import contextlib
 import gc
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from msattn.engine.bench import Case, Settings
+
+MB = 2**20
 
 
 def _proc_status_kb(key: str) -> int | None:
@@ -53,11 +60,11 @@ class MemoryProbe:
     @contextlib.contextmanager
     def measure(self) -> Iterator[None]:
         if self.device.type == "cuda":
-            _synchronize(self.device)
+            synchronize(self.device)
             before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             yield
-            _synchronize(self.device)
+            synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - before
             self.kind = "cuda max_memory_allocated during the call - allocated before + case state"
             return
@@ -101,9 +108,99 @@ class LoadMonitor:
         return max(0.0, (busy1 - busy0 - own) / (wall * (os.cpu_count() or 1)))
 
 
-def _synchronize(device: torch.device) -> None:
+# ----------------------------------------------------------------------------- timing, memory, FLOPs
+
+
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-__all__ = ["LoadMonitor", "MemoryProbe"]
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    """Wall seconds of ``fn()``, with the device synchronised on both sides."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def run_interleaved(cases: Sequence[Case], settings: Settings, label: str = "") -> None:
+    """``warmup`` untimed rounds then ``iters`` timed rounds; each round runs every case once."""
+    rounds = settings.warmup + settings.iters
+    for round_ in range(rounds):
+        kind = "warm-up" if round_ < settings.warmup else "timed"
+        settings.say(f"{label}round {round_ + 1}/{rounds} ({kind})", force=round_ in (0, rounds - 1))
+        for case in cases:
+            seconds = timed(case.step, settings.device)
+            if round_ >= settings.warmup:
+                case.times.append(seconds)
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """FLOPs of one call of ``fn`` (convolutions, matmuls, ... as counted by FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def probe_case(case: Case, settings: Settings) -> dict[str, Any]:
+    """One extra untimed call for memory (and FLOPs, counted on the eager model).
+
+    A CUDA graph allocates nothing when replayed (its pool is reserved at capture): its memory
+    is measured on the eager forward, which needs about what the graph's pool holds.
+    """
+    memory = MemoryProbe(settings.device)
+    if case.capture_s is not None:
+        flops = count_flops(case.eager_step)
+        with memory.measure():
+            case.eager_step()
+    elif settings.compile_model:  # FLOPs on the eager model, memory on the compiled one
+        flops = count_flops(case.eager_step)
+        with memory.measure():
+            case.step()
+    else:
+        with memory.measure():
+            flops = count_flops(case.step)
+    state = case.state_bytes()
+    return {
+        "flops": flops,
+        "peak_mem_mb": None if memory.peak_bytes is None else (memory.peak_bytes + state) / MB,
+        "peak_rss_mb": None if memory.peak_rss_bytes is None else memory.peak_rss_bytes / MB,
+        "state_mb": state / MB,
+        "peak_mem_kind": memory.kind,
+    }
+
+
+def matmul_case(settings: Settings) -> tuple[Callable[[], None], int, str]:
+    """A large square matmul in the dtype the convolutions run in: (step, FLOPs, description).
+
+    It is timed in the same interleaved rounds as the cases, so the achieved fraction of its
+    GFLOP/s compares like with like even on a busy machine.
+    """
+    dev = settings.device
+    n = 8192 if dev.type == "cuda" else (2048 if settings.width >= 0.5 else 512)
+    dtype = torch.bfloat16 if settings.amp else torch.float32
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    # fp32 convolutions use TF32 on CUDA by default (cudnn.allow_tf32): let the matmul do the same
+    tf32 = dev.type == "cuda" and not settings.amp and torch.backends.cudnn.allow_tf32
+
+    def step() -> None:
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            torch.mm(a, b)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+
+    dtype_name = "bf16" if settings.amp else ("tf32" if tf32 else "fp32")
+    return step, 2 * n**3, f"{n}x{n} {dtype_name} matmul"
+
+
+__all__ = [
+    "MB", "LoadMonitor", "MemoryProbe", "count_flops", "matmul_case", "probe_case", "run_interleaved", "synchronize",
+    "timed",
+]  # fmt: skip

@@ -20,7 +20,7 @@ from rich.table import Table
 from msattn.data.labels import WarningLog
 from msattn.engine.distributed import DistInfo
 from msattn.engine.metrics import ConfusionMatrix, format_miou, json_safe
-from msattn.engine.predict import amp_dtype_for
+from msattn.engine.forward import amp_dtype_for
 from msattn.errors import DataError, UsageError
 
 
@@ -70,41 +70,17 @@ def evaluate_model(
     (:class:`msattn.tiling.TilingOptions`) predicts images over the tile or the memory budget
     tile by tile (:mod:`msattn.tiling`); the others go through ``runner`` as usual.
     """
-    from torch.utils.data import DataLoader, Subset
-
     device = torch.device(device)
     total = len(dataset) if limit is None else min(limit, len(dataset))
     indices = list(range(rank, total, world_size))
-    loader = DataLoader(
-        Subset(dataset, indices),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate_list,
-        pin_memory=device.type == "cuda",
-    )
+    loader = _loader(dataset, indices, batch_size, workers, device)
     was_training = model.training
     model.eval()
-    if runner is None:  # the eager forward (graphs and buckets: msattn.engine.graphs)
-        from msattn.engine.graphs import InferenceRunner
-
-        runner = InferenceRunner(model, scales=scales, flip=flip, amp_dtype=amp_dtype, pad_to=pad_to)
-    if tiling is not None:  # whole or tiles, decided per image by the memory planner
-        runner = _PlannedRunner(runner, _planner(model, tiling, scales, device))
+    runner = _eval_runner(model, runner, tiling, scales, flip, amp_dtype, pad_to, device)
     matrix = ConfusionMatrix(num_classes, ignore_index, device)
-    console = console or Console(highlight=False, soft_wrap=True)
-    progress_bar = _eval_progress(console, enabled=progress and rank == 0)
-    log = WarningLog()
+    progress_bar = _eval_progress(console or Console(highlight=False, soft_wrap=True), enabled=progress and rank == 0)
     try:
-        with progress_bar:
-            task = progress_bar.add_task("evaluate", total=len(indices))
-            for items in loader:
-                for item in items:
-                    for file, message in item.get("warnings", ()):
-                        log.add(file, message)
-                for group in _same_size_groups(items, runner.group_key):
-                    _score_group(runner, group, matrix, device, crf_params, mean, std)
-                progress_bar.update(task, advance=len(items))
+        log = _score_all(loader, len(indices), runner, matrix, device, crf_params, mean, std, progress_bar)
     finally:
         model.train(was_training)
     matrix.reduce()
@@ -113,6 +89,53 @@ def evaluate_model(
     metrics["scored_pixels"] = int(matrix.mat.sum().item())  # 0: every pixel was ignore_index
     metrics["warnings"] = log.lines()  # this rank's (rank 0's under DDP)
     return metrics
+
+
+def _loader(dataset: Any, indices: list[int], batch_size: int, workers: int, device: torch.device) -> Any:
+    """A DataLoader over this rank's ``indices`` of ``dataset``, in order, as lists of items."""
+    from torch.utils.data import DataLoader, Subset
+
+    return DataLoader(
+        Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate_list,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _eval_runner(
+    model: torch.nn.Module, runner: Any, tiling: Any, scales: Sequence[float] | None, flip: bool,
+    amp_dtype: torch.dtype | None, pad_to: int | None, device: torch.device,
+) -> Any:
+    """``runner``, else the eager forward; with ``tiling``, images too large for it go through tiles."""
+    if runner is None:  # the eager forward (graphs and buckets: msattn.engine.graphs)
+        from msattn.engine.graphs import InferenceRunner
+
+        runner = InferenceRunner(model, scales=scales, flip=flip, amp_dtype=amp_dtype, pad_to=pad_to)
+    if tiling is not None:  # whole or tiles, decided per image by the memory planner
+        runner = _PlannedRunner(runner, _planner(model, tiling, scales, device))
+    return runner
+
+
+def _score_all(
+    loader: Any, count: int, runner: Any, matrix: ConfusionMatrix, device: torch.device, crf_params: Any, mean: Any,
+    std: Any, progress_bar: Any,
+) -> WarningLog:
+    """Predict and count every image of ``loader`` into ``matrix`` (``count`` images, a progress bar);
+    returns the images' warnings."""
+    log = WarningLog()
+    with progress_bar:
+        task = progress_bar.add_task("evaluate", total=count)
+        for items in loader:
+            for item in items:
+                for file, message in item.get("warnings", ()):
+                    log.add(file, message)
+            for group in _same_size_groups(items, runner.group_key):
+                _score_group(runner, group, matrix, device, crf_params, mean, std)
+            progress_bar.update(task, advance=len(items))
+    return log
 
 
 def _same_size_groups(items: list[dict[str, Any]], key: Any) -> list[list[dict[str, Any]]]:
@@ -292,9 +315,7 @@ def _evaluate_checkpoint(
     bucket: int | None = None,
     tiling: Any = None,
 ) -> dict[str, Any]:
-    from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint, old_arch_warning
     from msattn.engine.graphs import InferenceRunner, graph_policy
-    from msattn.engine.scales import resolve_scales
     from msattn.io import write_json
 
     console = Console(highlight=False, soft_wrap=True, quiet=not dist_info.is_main)
@@ -302,16 +323,7 @@ def _evaluate_checkpoint(
     if json_path is not None:
         _check_json(json_path, checkpoint)
     dev = dist_info.device
-    state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state, checkpoint).to(dev, memory_format=torch.channels_last)
-    warning = old_arch_warning(state, checkpoint)
-    if warning:
-        errors.print(f"warning: {warning}", markup=False)
-    config = _checkpoint_recipe(state)
-    option = "--scales" if scales else "eval.scales (the checkpoint's recipe)"
-    eval_scales, note = resolve_scales(scales or (config.eval.scales if config else None), model, option)
-    if note:
-        errors.print(f"note: {note}", markup=False)
+    state, model, config, eval_scales = _load_model(checkpoint, scales, dev, errors)
     dataset, info, mean, std = _open_split(state, checkpoint, data, split, config)
     for line in dataset.warnings:
         errors.print(f"warning: {line}", markup=False)
@@ -331,13 +343,7 @@ def _evaluate_checkpoint(
         runner=runner, tiling=tiling,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    for line in metrics["warnings"]:
-        errors.print(f"warning: {line}", markup=False)
-    if metrics["scored_pixels"] == 0:
-        raise DataError(
-            f"{info.root / (split + '.txt')}: every label pixel of the {metrics['num_images']} image(s) is "
-            f"{info.ignore_index} (ignore): there is nothing to score (binary 0/255 masks? see the warnings above)"
-        )
+    _check_scored(metrics, info, split, errors)
     result = {
         "checkpoint": str(checkpoint), "data": str(info.root), "split": split, "scales": list(eval_scales),
         "flip": flip, "crf": crf, "amp": "bf16" if settings["amp_dtype"] is not None else "off",
@@ -352,6 +358,38 @@ def _evaluate_checkpoint(
         write_json(json_path, json_safe(result))
         console.print(f"metrics written to {json_path}", markup=False)
     return result
+
+
+def _load_model(
+    checkpoint: Path, scales: list[float] | None, device: torch.device, errors: Console
+) -> tuple[dict[str, Any], torch.nn.Module, Any, Sequence[float]]:
+    """The checkpoint's state, its model on ``device``, its recipe (or None) and the scales to evaluate at;
+    warnings and notes about them go to ``errors``."""
+    from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint, old_arch_warning
+    from msattn.engine.scales import resolve_scales
+
+    state = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(state, checkpoint).to(device, memory_format=torch.channels_last)
+    warning = old_arch_warning(state, checkpoint)
+    if warning:
+        errors.print(f"warning: {warning}", markup=False)
+    config = _checkpoint_recipe(state)
+    option = "--scales" if scales else "eval.scales (the checkpoint's recipe)"
+    eval_scales, note = resolve_scales(scales or (config.eval.scales if config else None), model, option)
+    if note:
+        errors.print(f"note: {note}", markup=False)
+    return state, model, config, eval_scales
+
+
+def _check_scored(metrics: dict[str, Any], info: Any, split: str, errors: Console) -> None:
+    """Print the images' warnings; a DataError when not one label pixel could be scored."""
+    for line in metrics["warnings"]:
+        errors.print(f"warning: {line}", markup=False)
+    if metrics["scored_pixels"] == 0:
+        raise DataError(
+            f"{info.root / (split + '.txt')}: every label pixel of the {metrics['num_images']} image(s) is "
+            f"{info.ignore_index} (ignore): there is nothing to score (binary 0/255 masks? see the warnings above)"
+        )
 
 
 def _report(result: dict[str, Any], title: str, runner_summary: str, device: torch.device, console: Console) -> None:
