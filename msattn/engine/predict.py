@@ -234,6 +234,16 @@ class _Tally:
     tiled: int = 0
     first_problem: str = ""
 
+    def count(self, problem: str | None, console: Any, tiled: bool = False) -> None:
+        """One image done: written, or skipped with ``problem`` (printed, the first one kept)."""
+        if problem:
+            console.print(f"skipped {problem}", markup=False)
+            self.first_problem = self.first_problem or problem
+            self.failed += 1
+        else:
+            self.written += 1
+            self.tiled += tiled
+
 
 def _hint(out: Path, names: Sequence[str], outputs: Outputs, scales: Sequence[float]) -> Path | None:
     """The one file to open first: the first image's attention figure, else its overlay, else its labels."""
@@ -264,9 +274,7 @@ def _predict_loop(
                 try:
                     loaded.append((name, np.array(open_image(path, "RGB")), mark))
                 except DataError as exc:
-                    progress.console.print(f"skipped {exc}", markup=False)
-                    tally.first_problem = tally.first_problem or str(exc)
-                    tally.failed += 1
+                    tally.count(str(exc), progress.console)
                     progress.advance(bar)
             for group in _same_size_groups(loaded, run.backend.group_key):
                 whole = [g for g in group if run.planner.plan(*g[1].shape[:2]) is None]
@@ -278,12 +286,7 @@ def _predict_loop(
                     refined = _crf(image, p, run.crf_params) if run.crf_params is not None else p
                     labels = refined.argmax(axis=0).astype(np.uint8)
                     problem = _write_all_or_nothing(out, name, image, p, att, labels, run, options.outputs, mark)
-                    if problem:
-                        progress.console.print(f"skipped {problem}", markup=False)
-                        tally.first_problem = tally.first_problem or problem
-                        tally.failed += 1
-                    else:
-                        tally.written += 1
+                    tally.count(problem, progress.console)
                     progress.advance(bar)
 
 
@@ -371,13 +374,7 @@ def _predict_tiled(
     finally:
         scratch.close()
         progress.remove_task(task)
-    if problem:
-        progress.console.print(f"skipped {problem}", markup=False)
-        tally.first_problem = tally.first_problem or problem
-        tally.failed += 1
-    else:
-        tally.written += 1
-        tally.tiled += 1
+    tally.count(problem, progress.console, tiled=True)
 
 
 def _predict_group(backend: Any, group: list[tuple[str, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
