@@ -75,12 +75,10 @@ def image_candidates(folder: Path, file_name: str) -> list[str]:
 
 def _process(task: Task, out: Path) -> Result:
     candidates, size, annotations, source, crowd_as_class, file_name = task.payload
-    found = next((Path(c) for c in candidates if Path(c).is_file()), None)
-    if found is None:
-        return Result(task.split, task.id, MISSING, f"no image {file_name!r} in {Path(candidates[-1]).parent}")
-    img, linkable = importing.load_image(found, found)
-    if size is not None:
-        importing.check_size(size, img.size, f"{source} (image {file_name!r})", found)
+    loaded = importing.load_listed_image(candidates, size, source, file_name)
+    if isinstance(loaded, str):
+        return Result(task.split, task.id, MISSING, loaded)
+    img, linkable, found = loaded
     width, height = img.size
     label = coco_label(annotations, height, width, source, crowd_as_class=crowd_as_class)
     common.save_label(label, common.label_path(out, task.id))

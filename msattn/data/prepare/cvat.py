@@ -77,12 +77,10 @@ def shape_mask(kind: str, element: ET.Element, height: int, width: int) -> np.nd
 
 def _process_xml(task: Task, out: Path, palette: Any = None) -> Result:
     candidates, size, shapes, xml_path, name = task.payload
-    found = next((Path(c) for c in candidates if Path(c).is_file()), None)
-    if found is None:
-        return Result(task.split, task.id, MISSING, f"no image {name!r} in {Path(candidates[-1]).parent}")
-    img, linkable = importing.load_image(found, found)
-    if size is not None:
-        importing.check_size(size, img.size, f"{xml_path} (image {name!r})", found)
+    loaded = importing.load_listed_image(candidates, size, xml_path, name)
+    if isinstance(loaded, str):
+        return Result(task.split, task.id, MISSING, loaded)
+    img, linkable, found = loaded
     width, height = img.size
     label = np.zeros((height, width), dtype=np.uint8)
     for order, class_index, kind, text in shapes:

@@ -190,6 +190,20 @@ def write_image(img: Any, linkable: bool, source: Path | bytes, dst: Path) -> No
         save_image(img, dst, quality=JPEG_QUALITY)
 
 
+def load_listed_image(
+    candidates: Sequence[str], size: tuple[int, int] | None, annotation: Any, name: str
+) -> tuple[Any, bool, Path] | str:
+    """The first existing file of ``candidates`` decoded by :func:`load_image` and checked against the
+    annotation's (W, H) ``size`` (when given): (image, linkable, path), or the reason it is missing."""
+    found = next((Path(c) for c in candidates if Path(c).is_file()), None)
+    if found is None:
+        return f"no image {name!r} in {Path(candidates[-1]).parent}"
+    img, linkable = load_image(found, found)
+    if size is not None:
+        check_size(size, img.size, f"{annotation} (image {name!r})", found)
+    return img, linkable, found
+
+
 def check_size(label_size: tuple[int, int], image_size: tuple[int, int], label_source: Any, image_source: Any) -> None:
     """Raise :class:`DataError` naming both files when the annotation's (W, H) differs from the image's."""
     if tuple(label_size) != tuple(image_size):
