@@ -149,3 +149,12 @@ def coco_images(split: str, ids: list[int], height: int = 20, width: int = 24) -
     return [
         {"id": i, "file_name": f"COCO_{split}2014_{i:012d}.jpg", "height": height, "width": width} for i in ids
     ]
+
+
+def photo(path: Path, height: int = 24, width: int = 32, seed: int = 0, **save: Any) -> Path:
+    """A small patterned RGB image saved at ``path`` (format from the suffix; ``save``: PIL options)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pattern_image(height, width, seed)).save(path, **save)
+    return path

@@ -63,3 +63,20 @@ def write_recipe(path: Path, data_root: Path, **sections: dict) -> Path:
             lines.append(f"{key} = {json.dumps(value)}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def save_tiny_checkpoint(path: Path, data_root: Path | str = "", scales: tuple = (1.0, 0.5), merge: str = "attention",
+                         **dataset: object) -> Path:
+    """An untrained width-1/16 checkpoint of the tiny dataset's classes (seeded), written to ``path``."""
+    import torch
+
+    from msattn.engine.checkpoint import make_checkpoint, save_checkpoint
+    from msattn.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(len(CLASSES), scales=scales, merge=merge, width=0.0625)
+    meta = {"name": "tiny", "classes": CLASSES, "palette": PALETTE, "ignore_index": 255, "root": str(data_root),
+            **dataset}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, make_checkpoint(model, meta, config={}, iteration=0))
+    return path

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import CLASSES, make_tiny_dataset, save_tiny_checkpoint
 from torch import nn
 
-from engine_helpers import CLASSES, make_tiny_dataset
 from msattn.data import SegmentationFolder
 from msattn.engine.checkpoint import make_checkpoint, save_checkpoint
 from msattn.engine.evaluate import evaluate_model
@@ -24,13 +24,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = build_model(3, scales=(1.0, 0.5), merge="attention", width=0.0625)
-    meta = {"name": "tiny", "classes": CLASSES, "palette": [[0, 0, 0], [128, 0, 0], [0, 128, 0]],
-            "ignore_index": 255, "root": str(tiny_data), "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, make_checkpoint(model, meta, config={}, iteration=0))
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", tiny_data,
+                                mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])  # fmt: skip
 
 
 class ColourModel(nn.Module):

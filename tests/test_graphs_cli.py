@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 import torch
 from _graph_helpers import static_capture
+from engine_helpers import make_tiny_dataset, save_tiny_checkpoint
 from PIL import Image
 
 import msattn.engine.graphs as graphs_module
-from engine_helpers import CLASSES, make_tiny_dataset
-from msattn.engine.checkpoint import make_checkpoint, save_checkpoint
-from msattn.models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +26,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = build_model(3, scales=(1.0, 0.5), merge="attention", width=0.0625)
-    meta = {"name": "tiny", "classes": CLASSES, "palette": [[0, 0, 0], [128, 0, 0], [0, 128, 0]],
-            "ignore_index": 255, "root": str(tiny_data), "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, make_checkpoint(model, meta, config={}, iteration=0))
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", tiny_data,
+                                mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])  # fmt: skip
 
 
 @pytest.fixture

@@ -18,29 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from _data_helpers import pattern_image, photo, write_jpeg
+from engine_helpers import make_tiny_dataset, save_tiny_checkpoint
 from PIL import Image
-
-from _data_helpers import pattern_image, write_jpeg
-from engine_helpers import CLASSES, PALETTE, make_tiny_dataset
-from msattn.engine.checkpoint import make_checkpoint, save_checkpoint
-from msattn.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_checkpoint(path: Path, scales=(1.0, 0.5), merge: str = "attention", root: str = "", **dataset) -> Path:
-    torch.manual_seed(0)
-    model = build_model(len(CLASSES), scales=scales, merge=merge, width=0.0625)
-    meta = {"name": "tiny", "classes": CLASSES, "palette": PALETTE, "ignore_index": 255, "root": root, **dataset}
-    save_checkpoint(path, make_checkpoint(model, meta, config={}))
-    return path
-
-
-def photo(path: Path, height: int = 24, width: int = 32, seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pattern_image(height, width, seed)).save(path)
-    return path
+    return save_tiny_checkpoint(path, root, scales, merge, **dataset)
 
 
 def listing(folder: Path) -> dict[str, bytes]:
