@@ -83,7 +83,7 @@ def matrix_rows() -> list[list[str]]:
     """The `--set` overrides of every table row in recipes/README.md."""
     rows = []
     text = (ROOT / "recipes" / "README.md").read_text()
-    section = text.split("## Tables 1, 3 and 6", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## Tables 1, 3, 5, 6 and 7", 1)[1].split("\n## ", 1)[0]
     for line in section.splitlines():
         if line.startswith("| ") and ("`model." in line or "(none)" in line):
             rows.append(re.findall(r"`([a-z_]+\.[a-z_]+=[^`]*)`", line))
@@ -95,11 +95,33 @@ def test_readme_matrix_covers_the_paper_rows_and_every_row_loads() -> None:
     assert len(rows) == 13  # baseline + 2 scale sets x 3 merges x (with, without E-Supv)
     seen = set()
     for overrides in rows:
-        for name in ("voc", "person_part", "coco"):
+        for name in ("voc", "person_part", "coco", "voc-from-coco"):
             r = load_recipe(ROOT / "recipes" / f"{name}.toml", overrides)
             seen.add((r.model.scales, r.model.merge if len(r.model.scales) > 1 else "-", r.model.extra_supervision
                       if len(r.model.scales) > 1 else "-"))
     assert len(seen) == 13
+
+
+def test_readme_matrix_gives_the_paper_number_of_every_column() -> None:
+    text = (ROOT / "recipes" / "README.md").read_text()
+    section = text.split("## Tables 1, 3, 5, 6 and 7", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and ("`model." in line or "(none)" in line)]
+    for line in rows:
+        cells = [c.strip(" *") for c in line.strip("|").split("|")][2:]
+        assert len(cells) == 5 and all(re.fullmatch(r"\d\d\.\d\d", c) for c in cells), line
+
+
+def test_readme_table4_rows_load_on_the_test_recipe() -> None:
+    text = (ROOT / "recipes" / "README.md").read_text()
+    section = text.split("**Table 4 (VOC 2012 test).**", 1)[1].split("\n\n", 2)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| DeepLab")]
+    assert len(rows) == 5
+    seen = set()
+    for line in rows:
+        overrides = [o.replace("<COCO-pretrained run>", "runs/coco") for o in re.findall(r"--set ([^ `]+)", line)]
+        r = load_recipe(ROOT / "recipes" / "voc-test.toml", overrides)
+        seen.add((r.model.merge, r.data.scale_range, r.model.init_from))
+    assert len(seen) == 5
 
 
 def test_overrides_parse_as_toml_or_bare_strings(tmp_path: Path) -> None:
