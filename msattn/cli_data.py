@@ -68,11 +68,16 @@ def prepare_demo(
     image_size: Annotated[int, typer.Option(min=32, help="Side of the square images.")] = 96,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
     workers: Workers = 2,
+    style: Annotated[
+        str,
+        typer.Option(help="figures: coloured parts, heights 11-95% of the image; silhouettes: one colour per "
+                     "figure, heights up to 3x the image (where attention picks the coarser input for large figures)."),
+    ] = "figures",
 ) -> None:
     """A synthetic dataset where scale matters (figures with parts at sizes spanning 8x)."""
     from msattn.data.prepare.demo import prepare_demo as run
 
-    run(out=out, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed, workers=workers)
+    run(out=out, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed, workers=workers, style=style)
 
 
 # ----------------------------------------------------------------------------- users' own data

@@ -93,7 +93,10 @@ class DataConfig:
     max_pixels: int | None = _opt(
         None, _count, "refuse images with more pixels (0: no limit; none: msattn --max-pixels or 100M)"
     )
-    auto_prepare: str | None = _opt(None, _one_of("demo"), '"demo": build the synthetic set at root if missing')
+    auto_prepare: str | None = _opt(
+        None, _one_of("demo", "demo-silhouettes"),
+        '"demo" / "demo-silhouettes": build the synthetic set (that style) at root if missing',
+    )
     check: str = _opt(
         "sample", _one_of("sample", "full", "off"), "dataset check before training: a sample of each split, all, none"
     )
@@ -107,6 +110,9 @@ class ModelConfig:
     scales: tuple[float, ...] = _opt((1.0, 0.75, 0.5), _scales_check, "input scales of the share-net")
     merge: str = _opt("attention", _one_of("attention", "max", "avg"), "how per-scale scores are merged")
     extra_supervision: bool = _opt(True, None, "add a loss on every scale's output")
+    extra_supervision_weight: float = _opt(
+        1.0, _between(0, 100), "weight of the per-scale losses against the merged one (1 in the paper)"
+    )
     width: float = _opt(1.0, _between(0, 4, lo_open=True), "channel width multiplier (1 = VGG-16)")
     dropout: float = _opt(0.5, _between(0, 1, hi_open=True), "dropout after fc6 and fc7")
     attention_dropout: float = _opt(0.5, _between(0, 1, hi_open=True), "dropout after the attention head's first layer")

@@ -119,3 +119,66 @@ def test_other_settings_into_the_same_folder(tmp_path: Path, capsys: pytest.Capt
                               "--image-size", "32", "--seed", "1")  # fmt: skip
     assert code == 2
     assert stderr.strip() == f"msattn: error: {out}: was prepared with other settings (seed: 0 -> 1); choose another --out or delete the folder"
+
+
+def test_silhouette_style_draws_each_figure_in_one_colour_and_larger() -> None:
+    from msattn.data.prepare.demo import STYLES
+
+    style, size = STYLES["silhouettes"], 96
+    heights, spreads, coloured = [], [], []
+    for index in range(40):
+        image, label, figures = render_scene(scene_rng(0, "train", index), size, style)
+        plain, _, _ = render_scene(scene_rng(0, "train", index), size)
+        heights += [f["height"] for f in figures]
+        # a single figure: its parts' mean colours agree in the silhouette, not in the default style
+        if len(figures) == 1:
+            for picture, out in ((image, spreads), (plain, coloured)):
+                means = [picture[label == c].mean(axis=0) for c in (1, 2, 4) if (label == c).sum() > 30]
+                if len(means) >= 2:
+                    out.append(np.ptp(np.array(means), axis=0).max())
+    assert max(heights) > 1.5 * size and min(heights) < 0.15 * size
+    assert spreads and max(spreads) < 25  # JPEG-free render: only the per-shape jitter (sd 6) and noise
+    assert coloured and np.median(coloured) > 40
+
+
+def test_style_is_recorded_and_default_folders_keep_their_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sil"
+    code, _, stderr = run_cli(capsys, "prepare-data", "demo", "--out", out, "--num-train", "2", "--num-val", "1",
+                              "--image-size", "32", "--workers", "0", "--style", "silhouettes")  # fmt: skip
+    assert code == 0, stderr
+    sources = json.loads((out / "dataset.json").read_text())["sources"]
+    assert sources["style"] == "silhouettes" and sources["height_range"] == [0.11, 3.0]
+    assert sources["drawing"]["silhouette"] == 1.0
+    plain = tmp_path / "plain"
+    prepare_demo(plain, num_train=2, num_val=1, image_size=32, seed=0, workers=0)
+    assert "style" not in json.loads((plain / "dataset.json").read_text())["sources"]
+    assert tree_bytes(out / "labels") != tree_bytes(plain / "labels")
+    code, _, stderr = run_cli(capsys, "prepare-data", "demo", "--out", plain, "--num-train", "2", "--num-val", "1",
+                              "--image-size", "32", "--style", "silhouettes")  # fmt: skip
+    assert code == 2 and "was prepared with other settings" in stderr
+    code, _, stderr = run_cli(capsys, "prepare-data", "demo", "--out", tmp_path / "x", "--style", "cartoon")
+    assert code == 2 and stderr.strip() == "msattn: error: --style must be one of figures, silhouettes, got 'cartoon'"
+
+
+def test_workers_draw_the_style_they_are_given(tmp_path: Path) -> None:
+    """The style travels with each task, so worker processes draw it too (not the module default)."""
+    prepare_demo(tmp_path / "serial", num_train=6, num_val=2, image_size=40, seed=3, workers=0, style="silhouettes")
+    prepare_demo(tmp_path / "pool", num_train=6, num_val=2, image_size=40, seed=3, workers=2, style="silhouettes")
+    assert tree_bytes(tmp_path / "serial") == tree_bytes(tmp_path / "pool")
+
+
+def test_the_scale_demo_recipe_prepares_silhouettes_and_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """recipes/demo-scales.toml: data.auto_prepare = "demo-silhouettes" builds that style, then trains."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo-scales.toml"
+    root = tmp_path / "sil"
+    code, _, stderr = run_cli(capsys, "train", recipe, "--out", tmp_path / "run", "--set", f"data.root={root}",
+                              "--set", "train.iterations=1", "--set", "train.eval_at_end=false",
+                              "--set", "data.check=off")  # fmt: skip
+    assert code == 0, stderr
+    sources = json.loads((root / "dataset.json").read_text())["sources"]
+    assert sources["style"] == "silhouettes" and sources["num_train"] == 240
+    assert (tmp_path / "run" / "last.pt").is_file()

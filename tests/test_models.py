@@ -186,6 +186,18 @@ def test_loss_counts_one_plus_s_terms() -> None:
     assert [k for k in terms if k not in STAT_TERMS] == ["merged"]
 
 
+def test_extra_supervision_weight_scales_the_per_scale_terms_only() -> None:
+    out = tiny((1.0, 0.5)).eval()(torch.randn(2, 3, 24, 24))
+    labels = torch.randint(0, 5, (2, 24, 24))
+    total, terms = segmentation_loss(out, labels, extra_supervision_weight=0.25)
+    torch.testing.assert_close(total, terms["merged"] + 0.25 * (terms["scale_1"] + terms["scale_0.5"]))
+    full, full_terms = segmentation_loss(out, labels)
+    assert full_terms["scale_0.5"] == terms["scale_0.5"]  # logged unweighted
+    assert full > total
+    zero, _ = segmentation_loss(out, labels, extra_supervision_weight=0.0)
+    torch.testing.assert_close(zero, terms["merged"])
+
+
 def test_single_scale_loss_has_one_term() -> None:
     out = tiny((1.0,)).eval()(torch.randn(1, 3, 24, 24))
     _, terms = segmentation_loss(out, torch.zeros(1, 24, 24, dtype=torch.long))

@@ -316,6 +316,15 @@ def test_pool5a_can_be_switched_off_for_ablations(tiny_data: Path, tmp_path: Pat
     assert load_recipe(write_recipe(tmp_path / "d.toml", tiny_data)).model.pool5a is True
 
 
+def test_extra_supervision_weight_reaches_the_training_loss(tiny_data: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 2, "batch_size": 2, "log_every": 1},
+                          model={"scales": [1.0, 0.5], "extra_supervision_weight": 0.0})
+    train(load_recipe(recipe), tmp_path / "run", device="cpu")
+    logged = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(logged) == 2 and all(r["scale_0.5"] > 0 for r in logged)
+    assert all(r["loss"] == pytest.approx(r["merged"]) for r in logged)  # per-scale terms logged, not added
+
+
 def test_a_sample_of_every_split_is_checked_before_the_first_step(tmp_path: Path, run_cli) -> None:
     from PIL import Image
 

@@ -140,6 +140,7 @@ def run_loop(s: TrainSetup, policy: CheckpointPolicy, log: MetricsLog) -> None:
         train_step, s.train_model, optimizer=s.optimizer, scaler=s.scaler, device=info.device, amp_dtype=s.amp_dtype,
         channels_last=cfg.channels_last, loss_fn=segmentation_loss,
         loss_options={"extra_supervision": recipe.model.extra_supervision, "label_mode": cfg.label_mode,
+                      "extra_supervision_weight": recipe.model.extra_supervision_weight,
                       "ignore_index": s.dataset_info.ignore_index},
         scales=tuple(recipe.model.scales), info=info,
     )  # fmt: skip

@@ -220,14 +220,15 @@ def maybe_prepare(recipe: Recipe, console: Console) -> None:
     root = Path(recipe.data.root)
     if (root / "dataset.json").is_file() or recipe.data.auto_prepare is None:
         return
-    if recipe.data.auto_prepare == "demo":
+    if recipe.data.auto_prepare in ("demo", "demo-silhouettes"):
         from msattn.data.prepare.demo import prepare_demo
 
-        console.print(f"preparing the synthetic demo dataset in {root}", markup=False)
+        style = "silhouettes" if recipe.data.auto_prepare == "demo-silhouettes" else "figures"
+        console.print(f"preparing the synthetic demo dataset ({style}) in {root}", markup=False)
         from msattn.engine.loader import resolve_workers
 
         workers = resolve_workers(recipe.data.workers, torch.device("cpu")).count  # "auto" -> a number
-        prepare_demo(out=root, num_train=240, num_val=60, image_size=96, seed=0, workers=workers)
+        prepare_demo(out=root, num_train=240, num_val=60, image_size=96, seed=0, workers=workers, style=style)
 
 
 def build_training(recipe: Recipe, num_classes: int, initial: Any, info: DistInfo, console: Console) -> tuple:

@@ -48,9 +48,11 @@ def segmentation_loss(
     extra_supervision: bool = True,
     label_mode: str = "downsample",
     ignore_index: int = 255,
+    extra_supervision_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss = CE(merged) + sum_s CE(f^s) (weight 1 each; the per-scale terms only with extra
-    supervision and more than one scale). Returns the total and the detached terms by name
+    """Loss = CE(merged) + lambda * sum_s CE(f^s) (lambda = ``extra_supervision_weight``, 1 in the
+    paper; the per-scale terms only with extra supervision and more than one scale).
+    Returns the total and the detached (unweighted) terms by name
     (``"merged"``, ``"scale_1"``, ``"scale_0.75"``, ...), plus, with several scales, two statistics
     of the merge weights that are not part of the total (see :func:`attention_stats`):
     ``"attention_entropy"`` and ``"attention_score_gap"``.
@@ -70,6 +72,8 @@ def segmentation_loss(
         for scale, logits in zip(outputs["scales"], per_scale):
             terms[f"scale_{scale:g}"] = term(logits)
     total = torch.stack(list(terms.values())).sum()
+    if len(terms) > 1 and extra_supervision_weight != 1.0:
+        total = terms["merged"] + extra_supervision_weight * (total - terms["merged"])
     logged = {name: value.detach() for name, value in terms.items()}
     weights = outputs.get("attention")
     if weights is not None and weights.shape[1] > 1:

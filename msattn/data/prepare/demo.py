@@ -4,12 +4,18 @@ Each image shows 1-4 figures on a textured background with a few plain distracto
 has a skin-coloured round head, a shirt-coloured torso, arms in a darker shade of the shirt colour
 and legs in dark trouser colours; pose, colours and position vary. Figure heights are drawn
 log-uniformly between 11% and 95% of the image side, so a part is a few pixels in one image and
-tens of pixels in another. Image ``i`` of a split depends only on ``(seed, split, i, image_size)``
-(``numpy.random.default_rng([seed, 0 train | 1 val, i])``), whatever the number of workers.
+tens of pixels in another. Image ``i`` of a split depends only on ``(seed, split, i, image_size,
+style)`` (``numpy.random.default_rng([seed, 0 train | 1 val, i])``), whatever the number of workers.
+
+Styles (:data:`STYLES`): ``figures`` (the above, the default) and ``silhouettes``, where every
+figure is drawn in one colour (parts told apart by shape and layout alone) and heights reach 3x
+the image side (close-ups cut at the border): the variant on which attention learns to prefer the
+coarser input for large figures (docs/attention-collapse.md).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +27,29 @@ from msattn.errors import UsageError
 
 CLASSES = ("background", "head", "torso", "arms", "legs")
 HEAD, TORSO, ARMS, LEGS = 1, 2, 3, 4
-#: figure height as a fraction of the image side: 0.11 .. 0.95 (ratio 8.6)
-HEIGHT_RANGE = (0.11, 0.95)
 JPEG_QUALITY = 92
-#: arms are the shirt colour times this (1.0: arms and torso alike, told apart by shape only)
-ARM_SHADE = 0.7
-#: share of distractors drawn in a shirt-like (saturated) colour
-SHIRT_DISTRACTORS = 0.0
+
+
+@dataclass(frozen=True)
+class DemoStyle:
+    """How the scenes are drawn (recorded in ``dataset.json``)."""
+
+    #: figure height as a fraction of the image side (log-uniform); above ~1.2 the figure is cut
+    height_range: tuple[float, float] = (0.11, 0.95)
+    #: share of figures drawn in one colour (parts told apart by shape and layout only)
+    silhouette: float = 0.0
+    #: arms are the shirt colour times this (1.0: arms and torso alike)
+    arm_shade: float = 0.7
+    #: share of distractors drawn in a shirt-like (saturated) colour
+    shirt_distractors: float = 0.0
+
+
+STYLES = {
+    "figures": DemoStyle(),
+    "silhouettes": DemoStyle(height_range=(0.11, 3.0), silhouette=1.0),
+}
+#: the default style's height range: 0.11 .. 0.95 (ratio 8.6)
+HEIGHT_RANGE = STYLES["figures"].height_range
 
 _SKIN = np.array([[224, 172, 138], [198, 134, 95], [141, 85, 56], [241, 194, 160], [170, 110, 75]], dtype=float)
 _TROUSERS = np.array([[35, 45, 90], [45, 45, 50], [80, 55, 35], [20, 20, 25], [60, 70, 110]], dtype=float)
@@ -90,7 +112,9 @@ def _figure_parts(rng: np.random.Generator, x: float, top: float, height: float)
     return shapes
 
 
-def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
+def render_scene(
+    rng: np.random.Generator, size: int, style: DemoStyle = STYLES["figures"]
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
     """One image ``uint8[S, S, 3]``, its label ``uint8[S, S]`` and the figures drawn (``x``, ``top``, ``height``)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(float)
     image = _background(rng, size)
@@ -103,12 +127,12 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
         else:
             mask = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 < radius**2
         colour = rng.uniform(30, 225, 3)
-        if SHIRT_DISTRACTORS > 0 and rng.random() < SHIRT_DISTRACTORS:
+        if style.shirt_distractors > 0 and rng.random() < style.shirt_distractors:
             colour[rng.integers(0, 3)] = rng.uniform(0, 60)  # saturated, like a shirt
         image[mask] = colour
 
     figures = []
-    low, high = np.log(HEIGHT_RANGE[0] * size), np.log(HEIGHT_RANGE[1] * size)
+    low, high = np.log(style.height_range[0] * size), np.log(style.height_range[1] * size)
     for _ in range(int(rng.integers(1, 5))):
         height = float(np.exp(rng.uniform(low, high)))
         x = float(rng.uniform(0.12, 0.88) * size)
@@ -116,8 +140,10 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
         top = float(rng.uniform(min(lo, hi), max(lo, hi)))
         shirt = rng.uniform(40, 230, 3)
         shirt[rng.integers(0, 3)] = rng.uniform(0, 60)  # saturated
-        colours = {HEAD: _SKIN[rng.integers(len(_SKIN))], TORSO: shirt, ARMS: shirt * ARM_SHADE,
+        colours = {HEAD: _SKIN[rng.integers(len(_SKIN))], TORSO: shirt, ARMS: shirt * style.arm_shade,
                    LEGS: _TROUSERS[rng.integers(len(_TROUSERS))]}  # fmt: skip
+        if style.silhouette > 0 and rng.random() < style.silhouette:
+            colours = dict.fromkeys(colours, rng.uniform(20, 235, 3))
         for class_index, kind, geometry in _figure_parts(rng, x, top, height):
             if kind == "circle":
                 centre, radius = geometry
@@ -143,8 +169,8 @@ def _process(task: Task, out: Path) -> Result:
 
     from msattn.io import save_image
 
-    seed, index, size = task.payload
-    image, label, _ = render_scene(scene_rng(seed, task.split, index), size)
+    seed, index, size, style = task.payload
+    image, label, _ = render_scene(scene_rng(seed, task.split, index), size, style)
     common.save_label(label, common.label_path(out, task.id))
     save_image(Image.fromarray(image), common.image_path(out, task.id), quality=JPEG_QUALITY)
     return Result(task.split, task.id, WRITTEN)
@@ -152,7 +178,13 @@ def _process(task: Task, out: Path) -> Result:
 
 @common.locked_output()
 def prepare_demo(
-    out: Path, num_train: int = 240, num_val: int = 60, image_size: int = 96, seed: int = 0, workers: int = 2
+    out: Path,
+    num_train: int = 240,
+    num_val: int = 60,
+    image_size: int = 96,
+    seed: int = 0,
+    workers: int = 2,
+    style: str = "figures",
 ) -> PrepareSummary:
     """Generate the demo dataset into ``out``: ``train_00000.jpg``..., ``val_00000.jpg``..., 5 classes."""
     out = Path(out)
@@ -160,11 +192,16 @@ def prepare_demo(
         raise UsageError(f"--seed must be >= 0, got {seed}")
     if min(num_train, num_val) < 1 or image_size < 16:
         raise UsageError("need num_train >= 1, num_val >= 1 and image_size >= 16")
-    params = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
+    if style not in STYLES:
+        raise UsageError(f"--style must be one of {', '.join(STYLES)}, got {style!r}")
+    drawing = STYLES[style]
+    params: dict[str, Any] = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
+    if style != "figures":  # the default style leaves the settings (and so old folders) as they were
+        params["style"] = style
     common.prepare_output(out, "demo", params)
     counts = {"train": num_train, "val": num_val}
     tasks = [
-        Task(split, f"{split}_{index:05d}", (seed, index, image_size))
+        Task(split, f"{split}_{index:05d}", (seed, index, image_size, drawing))
         for split in common.SPLITS
         for index in range(counts[split])
     ]
@@ -175,5 +212,6 @@ def prepare_demo(
         source=out,
         classes=CLASSES,
         results=results,
-        sources={"generator": "msattn.data.prepare.demo", **params, "height_range": list(HEIGHT_RANGE)},
+        sources={"generator": "msattn.data.prepare.demo", **params, "height_range": list(drawing.height_range),
+                 **({"style": style, "drawing": asdict(drawing)} if style != "figures" else {})},
     )
