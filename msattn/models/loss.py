@@ -72,8 +72,9 @@ def segmentation_loss(
         for scale, logits in zip(outputs["scales"], per_scale):
             terms[f"scale_{scale:g}"] = term(logits)
     total = torch.stack(list(terms.values())).sum()
-    if len(terms) > 1 and extra_supervision_weight != 1.0:
-        total = terms["merged"] + extra_supervision_weight * (total - terms["merged"])
+    if len(terms) > 1 and extra_supervision_weight != 1.0:  # weight 1 keeps the sum above, bit for bit
+        extra = torch.stack([value for name, value in terms.items() if name != "merged"]).sum()
+        total = terms["merged"] + extra_supervision_weight * extra
     logged = {name: value.detach() for name, value in terms.items()}
     weights = outputs.get("attention")
     if weights is not None and weights.shape[1] > 1:
