@@ -142,16 +142,6 @@ class ModelConfig:
     )
 
 
-    def extra_model_args(self) -> dict[str, Any]:
-        """build_model arguments beyond the paper's (attention head options, fc6 dilation)."""
-        return {
-            "attention_init": self.attention_init,
-            "attention_temperature": self.attention_temperature,
-            "attention_norm": self.attention_norm,
-            "fc6_dilation": self.fc6_dilation,
-        }
-
-
 @dataclass
 class OptimConfig:
     """SGD with momentum (or AdamW); iteration-based step or poly schedule; DeepLab parameter groups."""

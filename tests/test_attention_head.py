@@ -9,6 +9,7 @@ import torch
 
 from msattn.config import recipe_from_dict
 from msattn.engine.checkpoint import make_checkpoint, model_from_checkpoint
+from msattn.engine.train_setup import model_spec
 from msattn.models import build_model, segmentation_loss
 from msattn.models.loss import attention_stats
 from msattn.models.scale import AttentionHead
@@ -57,10 +58,10 @@ def test_options_travel_with_the_checkpoint() -> None:
 def test_recipe_keys() -> None:
     recipe = recipe_from_dict({"data": {"root": "d"}, "model": {"attention_init": "zero", "fc6_dilation": 4,
                                                                  "attention_norm": "l2", "attention_temperature": 2.0}})
-    assert recipe.model.extra_model_args() == {"attention_init": "zero", "attention_temperature": 2.0,
-                                               "attention_norm": "l2", "fc6_dilation": 4}
-    default = recipe_from_dict({"data": {"root": "d"}}).model.extra_model_args()
-    assert build_model(3, (1.0, 0.5), width=TINY, **default).model_args == build_model(3, (1.0, 0.5), width=TINY).model_args
+    spec = model_spec(recipe.model, 3)
+    assert (spec.attention_init, spec.attention_temperature, spec.attention_norm, spec.fc6_dilation) == ("zero", 2.0, "l2", 4)
+    default = model_spec(recipe_from_dict({"data": {"root": "d"}, "model": {"scales": [1.0, 0.5], "width": TINY}}).model, 3)
+    assert build_model(default).model_args == build_model(3, (1.0, 0.5), width=TINY).model_args
 
 
 def test_loss_logs_attention_entropy_and_score_gap_outside_the_total() -> None:

@@ -7,8 +7,8 @@ import torch
 
 from msattn.models import build_model, cross_entropy, param_groups, segmentation_loss, upsample_logits
 from msattn.models.loss import STAT_TERMS
-from msattn.models.backbone import LargeFOV, output_size
-from msattn.geometry import scaled_size
+from msattn.models.backbone import LargeFOV
+from msattn.geometry import output_side, scaled_size
 from msattn.models.convert import (
     FC6_TAPS,
     TORCHVISION_CONV_INDICES,
@@ -57,7 +57,7 @@ def test_largefov_layout_matches_deeplab() -> None:
     assert net.features.conv5_1.dilation == (2, 2) and net.features.conv4_1.dilation == (1, 1)
     assert net.features.pool4.stride == 1 and net.features.pool5.stride == 1
     assert net.features.pool3.stride == 2 and net.features.pool4.kernel_size == 3
-    assert output_size(321) == 41 and output_size(513) == 65
+    assert output_side(321) == 41 and output_side(513) == 65
 
 
 @pytest.mark.parametrize(
@@ -68,11 +68,11 @@ def test_largefov_layout_matches_deeplab() -> None:
 def test_output_shapes_for_scale_sets(scales: tuple[float, ...], merge: str) -> None:
     model = tiny(scales, merge).eval()
     out = model(torch.randn(2, 3, 37, 50))
-    h, w = output_size(37), output_size(50)
+    h, w = output_side(37), output_side(50)
     assert out["out"].shape == (2, 5, h, w)
     assert len(out["per_scale"]) == len(scales)
     for s, logits in zip(scales, out["per_scale"]):
-        assert logits.shape[-2:] == tuple(output_size(side) for side in scaled_size((37, 50), s))
+        assert logits.shape[-2:] == tuple(output_side(side) for side in scaled_size((37, 50), s))
     if len(scales) == 1:
         assert out["attention"] is None
     else:
@@ -82,13 +82,13 @@ def test_output_shapes_for_scale_sets(scales: tuple[float, ...], merge: str) -> 
 def test_finest_scale_is_the_reference_when_scales_are_larger_than_one() -> None:
     out = tiny((1.0, 1.5), "avg").eval()(torch.randn(1, 3, 33, 33))
     assert scaled_size((33, 33), 1.5) == (49, 49)  # a grid side: (33 - 1) * 1.5 = 48 = 8 * 6
-    assert out["out"].shape[-2:] == (output_size(49), output_size(49))
+    assert out["out"].shape[-2:] == (output_side(49), output_side(49))
 
 
 @pytest.mark.parametrize("size", [(1, 1), (9, 17), (65, 31)])
 def test_odd_and_tiny_inputs(size: tuple[int, int]) -> None:
     out = tiny((1.0, 0.75, 0.5)).eval()(torch.randn(1, 3, *size))
-    assert out["out"].shape[-2:] == (output_size(size[0]), output_size(size[1]))
+    assert out["out"].shape[-2:] == (output_side(size[0]), output_side(size[1]))
     assert torch.isfinite(out["out"]).all()
 
 

@@ -16,19 +16,15 @@ import torch
 
 from msattn.analysis.methods import ORACLE, SINGLE, Method
 from msattn.errors import DataError
+from msattn.models.scale import build_model
+from msattn.models.spec import ModelSpec
 
 
 def _meta_model(model_args: dict[str, Any], method: Method) -> torch.nn.Module:
-    from msattn.models import build_model
-
-    args = dict(model_args)
-    args["scales"] = list(method.scales)
-    if method.merge in ("max", "avg"):
-        args["merge"] = method.merge
-    elif method.merge == SINGLE:
-        args["merge"] = "avg"
+    spec = ModelSpec.from_args(model_args)
+    merge = method.merge if method.merge in ("max", "avg") else "avg" if method.merge == SINGLE else spec.merge
     with torch.device("meta"):
-        return build_model(**args).eval()
+        return build_model(spec.replace(scales=tuple(method.scales), merge=merge)).eval()
 
 
 def method_flops(model_args: dict[str, Any] | None, methods: Sequence[Method], sizes: dict[str, int]) -> dict[str, float]:

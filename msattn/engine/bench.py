@@ -63,7 +63,7 @@ from msattn.engine.bench_setup import (  # options, device, context (re-exported
 )
 from msattn.errors import UsageError
 from msattn.models import build_model, param_groups, segmentation_loss
-from msattn.models.scale import MERGES
+from msattn.models.spec import MERGES
 
 __all__ = [
     "IGNORE_INDEX", "MB", "MODES", "NUM_CLASSES", "SCALE_SETS", "Case", "LoadMonitor", "MemoryProbe", "Settings",

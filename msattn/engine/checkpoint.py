@@ -15,6 +15,8 @@ import torch
 from msattn import __version__
 from msattn.errors import CheckpointError
 from msattn.io import atomic_write
+from msattn.models.scale import ARCH_VERSION, build_model
+from msattn.models.spec import ModelSpec
 
 FORMAT = "msattn-checkpoint"
 FORMAT_VERSION = 1
@@ -29,8 +31,6 @@ def make_checkpoint(
     **extra: Any,
 ) -> dict[str, Any]:
     """Assemble a checkpoint dict; ``extra`` holds optimizer/scheduler/scaler/rng/best_miou/metrics."""
-    from msattn.models.scale import ARCH_VERSION
-
     model = getattr(model, "module", model)  # unwrap DDP
     return {
         "format": FORMAT,
@@ -102,8 +102,6 @@ def model_from_checkpoint(state: dict[str, Any], source: str | Path = "checkpoin
     Checkpoints of architecture version 1 (no pool5a) are rebuilt without pool5a; callers
     show :func:`old_arch_warning`.
     """
-    from msattn.models import build_model
-
     args = state.get("model_args")
     if not isinstance(args, dict):
         raise CheckpointError(f"{source}: malformed checkpoint (model_args is not a table)")
@@ -111,7 +109,7 @@ def model_from_checkpoint(state: dict[str, Any], source: str | Path = "checkpoin
     if arch_version(state) < 2:
         args.setdefault("pool5a", False)
     try:
-        model = build_model(**args)
+        model = build_model(ModelSpec.from_args(args))
         model.load_state_dict(state["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

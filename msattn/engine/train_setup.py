@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from msattn.config import Recipe, TrainConfig, format_recipe, recipe_to_dict
+from msattn.config import ModelConfig, Recipe, TrainConfig, format_recipe, recipe_to_dict
 from msattn.engine.distributed import DistInfo, barrier
 from msattn.engine.run_folder import RUN_FILES, check_inputs_apart, check_run_folder, on_rank0, refuse_reuse
 from msattn.engine.step import lr_factor, make_optimizer
 from msattn.engine.train_resume import load_resume_state, restore_training_state, resume_input_norm
 from msattn.engine.train_stream import backend_record, seed_everything
 from msattn.errors import ConfigError, DataError, UsageError
+from msattn.models.spec import ModelSpec
 
 
 @dataclasses.dataclass
@@ -231,6 +232,16 @@ def maybe_prepare(recipe: Recipe, console: Console) -> None:
         prepare_demo(out=root, num_train=240, num_val=60, image_size=96, seed=0, workers=workers, style=style)
 
 
+def model_spec(cfg: ModelConfig, num_classes: int) -> ModelSpec:
+    """The model a recipe's ``[model]`` describes, for ``num_classes`` classes."""
+    return ModelSpec(
+        num_classes, scales=cfg.scales, merge=cfg.merge, extra_supervision=cfg.extra_supervision, width=cfg.width,
+        dropout=cfg.dropout, attention_hidden=cfg.attention_hidden, attention_dropout=cfg.attention_dropout,
+        pool5a=cfg.pool5a, attention_init=cfg.attention_init, attention_temperature=cfg.attention_temperature,
+        attention_norm=cfg.attention_norm, fc6_dilation=cfg.fc6_dilation,
+    )  # fmt: skip
+
+
 def build_training(recipe: Recipe, num_classes: int, initial: Any, info: DistInfo, console: Console) -> tuple:
     """Model (initial weights applied, on the device), optimizer, LambdaLR schedule, GradScaler, AMP dtype."""
     from msattn.engine.weights import apply_initial_weights
@@ -238,12 +249,7 @@ def build_training(recipe: Recipe, num_classes: int, initial: Any, info: DistInf
 
     cfg, dev = recipe.train, info.device
     seed_everything(cfg.seed)
-    model = build_model(
-        num_classes, scales=recipe.model.scales, merge=recipe.model.merge,
-        extra_supervision=recipe.model.extra_supervision, width=recipe.model.width, dropout=recipe.model.dropout,
-        attention_hidden=recipe.model.attention_hidden, attention_dropout=recipe.model.attention_dropout,
-        pool5a=recipe.model.pool5a, **recipe.model.extra_model_args(),  # attention head options, fc6 dilation
-    )  # fmt: skip
+    model = build_model(model_spec(recipe.model, num_classes))
     if initial is not None:
         apply_initial_weights(model, initial, console)
     model.to(dev)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from msattn.models.spec import FC6_DILATION
+
 #: (block name, number of 3x3 convs, output channels, dilation, pool stride)
 VGG16_BLOCKS: tuple[tuple[str, int, int, int, int], ...] = (
     ("conv1", 2, 64, 1, 2),
@@ -23,7 +25,6 @@ VGG16_BLOCKS: tuple[tuple[str, int, int, int, int], ...] = (
     ("conv5", 3, 512, 2, 1),
 )
 FC_CHANNELS = 1024
-FC6_DILATION = 12
 
 
 def scaled(channels: int, width: float) -> int:
@@ -87,9 +88,3 @@ class LargeFOV(nn.Module):
         feats = self.drop7(torch.relu(self.fc7(x)))  # [N, 1024w, H/8, W/8]
         return feats, self.fc8(feats)  # logits [N, C, H/8, W/8]
 
-
-def output_size(size: int) -> int:
-    """Spatial size of the LargeFOV output for an input side ``size`` (see :func:`msattn.geometry.output_side`)."""
-    from msattn.geometry import output_side
-
-    return output_side(size)

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from msattn.geometry import resize_bilinear, scaled_size, upsample_logits
-from msattn.models.backbone import FC6_DILATION, LargeFOV, scaled
+from msattn.geometry import resize_bilinear, scaled_size
+from msattn.models.backbone import LargeFOV, scaled
+from msattn.models.spec import ATTENTION_INITS, ATTENTION_NORMS, ModelSpec, check_scales
 
-MERGES = ("max", "avg", "attention")
 #: 1: no pool5a, align_corners=False resizing (msattn <= 0.1 checkpoints); 2: DeepLab-exact
 ARCH_VERSION = 2
-
-__all__ = ["ARCH_VERSION", "ATTENTION_INITS", "ATTENTION_NORMS", "MERGES", "AttentionHead", "ScaleNet", "build_model", "scaled_size", "upsample_logits"]
-
-
-ATTENTION_INITS = ("normal", "zero")
-ATTENTION_NORMS = ("none", "l2")
 
 
 class AttentionHead(nn.Module):
@@ -84,64 +79,33 @@ class ScaleNet(nn.Module):
     :mod:`msattn.geometry` (corner-aligned; give inputs of 8k+1 pixels per side for an exact grid).
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        scales: Sequence[float] = (1.0,),
-        merge: str = "attention",
-        extra_supervision: bool = True,
-        width: float = 1.0,
-        dropout: float = 0.5,
-        attention_hidden: int = 512,
-        attention_dropout: float | None = None,
-        pool5a: bool = True,
-        attention_init: str = "normal",
-        attention_temperature: float = 1.0,
-        attention_norm: str = "none",
-        fc6_dilation: int = FC6_DILATION,
-    ) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        scales = tuple(float(s) for s in scales)
-        _check_scales(scales)
-        if merge not in MERGES:
-            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes = num_classes
-        self.scales = scales
-        self.merge = merge
-        self.extra_supervision = extra_supervision
-        self.model_args = {
-            "num_classes": num_classes,
-            "scales": list(scales),
-            "merge": merge,
-            "extra_supervision": extra_supervision,
-            "width": width,
-            "dropout": dropout,
-            "attention_hidden": attention_hidden,
-            "attention_dropout": dropout if attention_dropout is None else attention_dropout,
-            "pool5a": pool5a,
-        }
-        # beyond the paper: stored only when set, so checkpoints of the paper's head stay as they were
-        for key, value, default in (("attention_init", attention_init, "normal"),
-                                    ("attention_temperature", float(attention_temperature), 1.0),
-                                    ("attention_norm", attention_norm, "none"),
-                                    ("fc6_dilation", int(fc6_dilation), FC6_DILATION)):
-            if value != default:
-                self.model_args[key] = value
-        self.backbone = LargeFOV(num_classes, width=width, dropout=dropout, pool5a=pool5a, fc6_dilation=fc6_dilation)
+        self.spec = spec
+        self.num_classes = spec.num_classes
+        self.scales = spec.scales
+        self.merge = spec.merge
+        self.extra_supervision = spec.extra_supervision
+        self.backbone = LargeFOV(
+            spec.num_classes, width=spec.width, dropout=spec.dropout, pool5a=spec.pool5a, fc6_dilation=spec.fc6_dilation
+        )
         self.head: AttentionHead | None = None
-        if merge == "attention" and len(scales) > 1:
-            hidden = scaled(attention_hidden, width)
+        if spec.has_attention_head:
             self.head = AttentionHead(
-                self.backbone.feature_channels, len(scales), hidden, self.model_args["attention_dropout"],
-                init=attention_init, temperature=attention_temperature, norm=attention_norm,
-            )
+                self.backbone.feature_channels, len(spec.scales), scaled(spec.attention_hidden, spec.width),
+                spec.attention_dropout, init=spec.attention_init, temperature=spec.attention_temperature,
+                norm=spec.attention_norm,
+            )  # fmt: skip
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """The flat table checkpoints store (:meth:`ModelSpec.to_args`)."""
+        return self.spec.to_args()
 
     def forward(self, images: torch.Tensor, scales: Sequence[float] | None = None) -> dict:
         """images [N, 3, H, W] -> {"out", "per_scale", "attention", "scales"}."""
         scales = self.scales if scales is None else tuple(float(s) for s in scales)
-        _check_scales(scales)
+        check_scales(scales)
         if self.head is not None:
             if len(scales) != len(self.scales):
                 raise ValueError(f"an attention model trained on {len(self.scales)} scales needs as many, got {scales}")
@@ -181,52 +145,15 @@ class ScaleNet(nn.Module):
         return (stacked * weights.unsqueeze(2)).sum(dim=1), weights
 
 
-def _check_scales(scales: tuple[float, ...]) -> None:
-    if not scales:
-        raise ValueError("at least one scale is needed")
-    if any(not (s > 0) for s in scales):
-        raise ValueError(f"scales must be positive, got {scales}")
-    if len(set(scales)) != len(scales):
-        raise ValueError(f"scales must be distinct, got {scales}")
-
-
-def build_model(
-    num_classes: int,
-    scales: Sequence[float] = (1.0,),
-    merge: str = "attention",
-    extra_supervision: bool = True,
-    width: float = 1.0,
-    dropout: float = 0.5,
-    attention_hidden: int = 512,
-    attention_dropout: float | None = None,
-    pool5a: bool = True,
-    attention_init: str = "normal",
-    attention_temperature: float = 1.0,
-    attention_norm: str = "none",
-    fc6_dilation: int = FC6_DILATION,
-) -> ScaleNet:
+def build_model(spec: ModelSpec | int | None = None, /, *args: Any, **kwargs: Any) -> ScaleNet:
     """Build DeepLab-LargeFOV (one scale) or the share-net with max/avg/attention merging.
 
-    ``width`` scales every channel count (1 = the paper's network); tiny widths make
-    test and demo models. ``dropout`` follows fc6 and fc7; ``attention_dropout`` follows the
-    attention head's first layer (None: the same as ``dropout``). ``pool5a=False`` rebuilds
-    the network of msattn checkpoints older than architecture version 2. ``attention_init``,
-    ``attention_temperature`` and ``attention_norm`` are the attention head's options beyond the
-    paper (see :class:`AttentionHead`); ``fc6_dilation`` (DeepLab-LargeFOV: 12) scales the field
-    of view down for small images.
+    ``build_model(spec)`` takes a :class:`ModelSpec`; ``build_model(num_classes, scales, merge,
+    **options)`` (or all by keyword, as a checkpoint's ``model_args``) builds the spec from :class:`ModelSpec`'s fields first (``build_model(21)`` is the
+    paper's single-scale DeepLab-LargeFOV).
     """
-    return ScaleNet(
-        num_classes,
-        scales=scales,
-        merge=merge,
-        extra_supervision=extra_supervision,
-        width=width,
-        dropout=dropout,
-        attention_hidden=attention_hidden,
-        attention_dropout=attention_dropout,
-        pool5a=pool5a,
-        attention_init=attention_init,
-        attention_temperature=attention_temperature,
-        attention_norm=attention_norm,
-        fc6_dilation=fc6_dilation,
-    )
+    if isinstance(spec, ModelSpec):
+        if args or kwargs:
+            raise TypeError("build_model(spec) takes no other arguments")
+        return ScaleNet(spec)
+    return ScaleNet(ModelSpec(*(() if spec is None else (spec,)), *args, **kwargs))
