@@ -69,7 +69,7 @@ def environment(dev: torch.device) -> dict[str, Any]:
 
 def check_normalize(dev: torch.device) -> dict[str, Any]:
     from msattn.data.transforms import CAFFE_MEAN, CAFFE_STD, IMAGENET_MEAN, IMAGENET_STD, normalize_image
-    from msattn.engine.loader import DeviceBatches
+    from msattn.runtime.loader import DeviceBatches
 
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 37, 41), dtype=torch.uint8, generator=gen)
@@ -101,8 +101,8 @@ def voc_like(dev: torch.device, n: int, pad_to: int, mixed: bool = True) -> list
 
 
 def check_graph_vs_eager(model: torch.nn.Module, dev: torch.device, pad_to: int) -> dict[str, Any]:
-    from msattn.engine.graphs import GraphPolicy, InferenceRunner, cudnn_benchmark
-    from msattn.engine.predict import amp_dtype_for, predict_batch
+    from msattn.infer.graphs import GraphPolicy, InferenceRunner, cudnn_benchmark
+    from msattn.infer.predict import amp_dtype_for, predict_batch
 
     amp = amp_dtype_for(dev, True)
     runner = InferenceRunner(model, amp_dtype=amp, pad_to=pad_to, policy=GraphPolicy(enabled=True))
@@ -134,8 +134,8 @@ def check_graph_vs_eager(model: torch.nn.Module, dev: torch.device, pad_to: int)
 
 def runner_speed(model: torch.nn.Module, dev: torch.device, iters: int, pad_to: int) -> dict[str, Any]:
     """The evaluate path on one image size (VOC val padded to 513 is one shape), eager and graphed."""
-    from msattn.engine.graphs import GraphPolicy, InferenceRunner
-    from msattn.engine.predict import amp_dtype_for
+    from msattn.infer.graphs import GraphPolicy, InferenceRunner
+    from msattn.infer.predict import amp_dtype_for
 
     amp = amp_dtype_for(dev, True)
     out: dict[str, Any] = {}

@@ -3,7 +3,7 @@
     python benchmarks/profile_train_step.py --out DIR [--device cuda] [--size 321] [--batch 30]
         [--scales 1 0.75 0.5] [--merge attention] [--width 1] [--steps 3]
 
-Runs ``msattn.engine.train.train_step`` (bf16 autocast and channels_last on CUDA, fused
+Runs ``msattn.train.loop.train_step`` (bf16 autocast and channels_last on CUDA, fused
 SGD, the 3-scale attention model by default) for a few warm-up steps, then profiles
 ``--steps`` steps. Writes ``DIR/profile-train-<size>.json`` (device time per step, the
 share of convolution kernels, the ops and kernels that take the most device time) and
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_step(args: argparse.Namespace) -> tuple[Any, torch.device]:
     """The engine's step on a fixed random batch (what ``msattn bench --mode train`` times)."""
-    from msattn.engine.distributed import DistInfo
-    from msattn.engine.train import NonFiniteGuard, make_optimizer, train_step
+    from msattn.runtime.distributed import DistInfo
+    from msattn.train.loop import NonFiniteGuard, make_optimizer, train_step
     from msattn.models import build_model, param_groups, segmentation_loss
 
     dev = torch.device(args.device)

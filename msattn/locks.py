@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from msattn.errors import UsageError
 
 LOCK_NAME = ".msattn.lock"
@@ -49,8 +51,6 @@ def folder_lock(folder: str | os.PathLike[str], command: str, enabled: bool = Tr
     A second holder gets :class:`FolderBusyError` at once, naming the folder and the first
     holder. ``enabled=False`` (e.g. DDP ranks other than 0) does nothing.
     """
-    from filelock import FileLock, Timeout
-
     folder = Path(folder)
     if not enabled:
         yield folder

@@ -24,7 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image, PngImagePlugin
+
 from msattn.errors import UsageError
+from msattn.io import write_json
 
 MARK_KEY = "msattn"  # PNG text chunk key; the .npz entry is "msattn_mark"
 NPZ_MARK = "msattn_mark"
@@ -84,8 +88,6 @@ def inputs_key(paths: Sequence[Path]) -> str:
 def mark_params(path: Path, mark: Mark) -> dict[str, Any]:
     """Keyword arguments for :func:`msattn.io.save_image` that embed ``mark`` in a PNG or JPEG."""
     if path.suffix.lower() == ".png":
-        from PIL import PngImagePlugin
-
         info = PngImagePlugin.PngInfo()
         info.add_text(MARK_KEY, mark.text())
         return {"pnginfo": info}
@@ -96,12 +98,8 @@ def read_mark(path: Path) -> Mark | None:
     """The mark of an existing output file, or None (not written by msattn, or unreadable)."""
     try:
         if path.suffix.lower() == ".npz":
-            import numpy as np
-
             with np.load(path, allow_pickle=False) as npz:
                 return Mark.parse(str(npz[NPZ_MARK])) if NPZ_MARK in npz.files else None
-        from PIL import Image
-
         with Image.open(path) as img:
             return Mark.parse(img.info.get(MARK_KEY) or img.info.get("comment"))
     except Exception:  # noqa: BLE001 - any unreadable file is simply not ours
@@ -127,8 +125,6 @@ def read_settings(out: Path, command: str) -> dict[str, Any]:
 
 def write_settings(out: Path, command: str, key: str, settings: Mapping[str, Any]) -> None:
     """Add ``key -> settings`` to ``.msattn-<command>.json`` (atomically; older keys are kept)."""
-    from msattn.io import write_json
-
     table = read_settings(out, command)
     table[key] = dict(settings)
     write_json(record_path(out, command), {"format": "msattn-outputs", "command": f"msattn {command}",

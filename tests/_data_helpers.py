@@ -35,8 +35,8 @@ def fixtures_dir(root: Path | None = None) -> Path:
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Run ``msattn.cli.main(args)``; return ``(exit_code, stdout, stderr)``."""
-    from msattn.cli import main
+    """Run ``msattn.cli.app.main(args)``; return ``(exit_code, stdout, stderr)``."""
+    from msattn.cli.app import main
 
     capsys.readouterr()
     try:

@@ -70,8 +70,8 @@ def save_tiny_checkpoint(path: Path, data_root: Path | str = "", scales: tuple =
     """An untrained width-1/16 checkpoint of the tiny dataset's classes (seeded), written to ``path``."""
     import torch
 
-    from msattn.engine.checkpoint import make_checkpoint, save_checkpoint
-    from msattn.models import build_model
+    from msattn.models.scale import build_model
+    from msattn.runtime.checkpoint import make_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     model = build_model(len(CLASSES), scales=scales, merge=merge, width=0.0625)

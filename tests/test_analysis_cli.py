@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from engine_helpers import make_tiny_dataset, write_recipe
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -17,7 +16,7 @@ ODD_CLASS = "<b>red</b> [bold]x"  # must reach the page escaped and the terminal
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from msattn.engine.train import train_from_recipe
+    from msattn.train.loop import train_from_recipe
 
     root = tmp_path_factory.mktemp("analyze")
     data = make_tiny_dataset(root / "tiny", num_train=4, num_val=3, size=40)

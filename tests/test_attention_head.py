@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 
-from msattn.config import recipe_from_dict
-from msattn.engine.checkpoint import make_checkpoint, model_from_checkpoint
-from msattn.engine.train_setup import model_spec
-from msattn.models import build_model, segmentation_loss
-from msattn.models.loss import attention_stats
-from msattn.models.scale import AttentionHead
+from msattn.config.recipe import recipe_from_dict
+from msattn.models.loss import attention_stats, segmentation_loss
+from msattn.models.scale import AttentionHead, build_model
+from msattn.runtime.checkpoint import make_checkpoint, model_from_checkpoint
+from msattn.train.setup import model_spec
 
 TINY = 0.0625
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from msattn.engine.bench import MemoryProbe, add_ratios, area_ratio, scale_merge_pairs
+from msattn.bench.cases import area_ratio, scale_merge_pairs
+from msattn.bench.measure import MemoryProbe
+from msattn.bench.model import add_ratios
 
 TINY = ["--width", "0.0625", "--iters", "1", "--warmup", "0"]
 REQUIRED = ("mode", "scales", "merge", "size", "device", "latency_ms", "images_per_s", "gflops", "peak_mem_mb")
@@ -185,8 +187,9 @@ def test_case_filter_and_bad_cases_or_workers(run_cli, tmp_path: Path) -> None:
 
 def test_inference_cases_are_replayed_from_a_capture(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA-graph path of the bench, with a CPU stand-in for the capture."""
-    import msattn.engine.bench as bench
-    import msattn.engine.graphs as graphs
+    import msattn.bench.model as bench_model
+    from msattn.bench.cases import Settings
+    from msattn.bench.measure import probe_case
 
     captured = []
 
@@ -195,11 +198,11 @@ def test_inference_cases_are_replayed_from_a_capture(monkeypatch: pytest.MonkeyP
         static = example.clone()
         return lambda x: fn(static.copy_(x))
 
-    monkeypatch.setattr(graphs, "capture_cuda_graph", fake_capture)
-    settings = bench.Settings(torch.device("cpu"), 1, False, False, True, 0.0625, 1, 0, graph=True,
+    monkeypatch.setattr(bench_model, "capture_cuda_graph", fake_capture)
+    settings = Settings(torch.device("cpu"), 1, False, False, True, 0.0625, 1, 0, graph=True,
                               cases=((((1.0, 0.5)), "attention"),))
-    (case,) = bench.build_cases("inference", 33, settings)
+    (case,) = bench_model.build_cases("inference", 33, settings)
     assert captured == [(1, 3, 33, 33)] and case.capture_s is not None and case.step is not case.eager_step
     case.step()
-    probe = bench.probe_case(case, settings)
+    probe = probe_case(case, settings)
     assert probe["flops"] > 0

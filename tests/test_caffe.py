@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from engine_helpers import make_tiny_dataset, write_recipe
-from msattn.config import load_recipe
+
+from msattn.config.recipe import load_recipe
 from msattn.data.transforms import CAFFE_MEAN, CAFFE_STD, normalize_image
-from msattn.engine.checkpoint import load_checkpoint
-from msattn.engine.train import train
 from msattn.errors import CheckpointError
-from msattn.models import build_model
 from msattn.models.caffe import convert_caffemodel, read_caffemodel
 from msattn.models.convert import LARGEFOV_CONV_NAMES, init_from_largefov
+from msattn.models.scale import build_model
+from msattn.runtime.checkpoint import load_checkpoint
+from msattn.train.loop import train
 
 WIDTH = 1 / 32  # conv1 2, conv2 4, conv3 8, conv4/5 16 channels, fc6/fc7 32
 

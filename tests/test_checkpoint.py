@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from msattn.engine.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from msattn.errors import CheckpointError
-from msattn.models import build_model
+from msattn.models.scale import build_model
+from msattn.runtime.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 
 DATASET = {"name": "toy", "classes": ["bg", "a", "b"], "palette": [[0, 0, 0], [128, 0, 0], [0, 128, 0]],
            "ignore_index": 255, "mean": [0.5] * 3, "std": [0.25] * 3}  # fmt: skip

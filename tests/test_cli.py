@@ -22,7 +22,7 @@ def test_help_lists_every_command(run_cli) -> None:
 
 def test_help_does_not_import_heavy_modules() -> None:
     code = (
-        "import sys; from msattn.cli import main\n"
+        "import sys; from msattn.cli.app import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = sorted(m for m in ('torch', 'numpy', 'PIL', 'scipy', 'pycocotools') if m in sys.modules)\n"
         "print('HEAVY', heavy)"

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from msattn.config import (
+from msattn.config.crf import CRFParams
+from msattn.config.recipe import (
     Recipe,
     apply_overrides,
     format_recipe,
@@ -19,7 +20,6 @@ from msattn.config import (
     recipe_from_dict,
     recipe_to_dict,
 )
-from msattn.crf import CRFParams
 from msattn.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msattn.crf import (
-    CRFParams,
-    confusion_matrix,
-    crf_params_from_dict,
-    dense_crf,
-    load_crf_params,
-    mean_iou,
-    resolve_params,
-)
+from msattn.config.crf import CRFParams, crf_params_from_dict
+from msattn.crf.dense import dense_crf
+from msattn.crf.files import confusion_matrix, load_crf_params, mean_iou, resolve_params
 from msattn.errors import ConfigError
 
 H, W = 40, 56

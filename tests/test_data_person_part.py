@@ -11,8 +11,13 @@ import pytest
 from _data_helpers import box, fixtures_dir, run_cli, tree_bytes, write_pascal_part_mat
 from PIL import Image
 
-from msattn.data.prepare.person_part import CLASSES, PART_TO_CLASS, load_pascal_part, person_part_label
-from msattn.data.prepare.person_part import prepare_person_part
+from msattn.data.prepare.person_part import (
+    CLASSES,
+    PART_TO_CLASS,
+    load_pascal_part,
+    person_part_label,
+    prepare_person_part,
+)
 from msattn.errors import DataError
 
 PERSON_IDS = ["2008_000652", "2008_000700", "2008_000726", "2008_000939",

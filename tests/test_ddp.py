@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from engine_helpers import make_tiny_dataset, write_recipe
-from msattn.config import load_recipe
-from msattn.engine.checkpoint import load_checkpoint
-from msattn.engine.train import train
+
+from msattn.config.recipe import load_recipe
 from msattn.locks import LOCK_NAME, OWNER_NAME, FolderBusyError, folder_lock
+from msattn.runtime.checkpoint import load_checkpoint
+from msattn.train.loop import train
 
 
 def _free_port() -> int:
@@ -72,7 +72,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     # no best.pt without data.select_split
     written = {p.name for p in (tmp_path / "ddp").iterdir()} - {"tensorboard"}
     assert written == {"config.json", "last.pt", "metrics.jsonl", LOCK_NAME, OWNER_NAME}
-    assert json.loads((tmp_path / "ddp" / OWNER_NAME).read_text())["command"] == "msattn.engine.train.train()"
+    assert json.loads((tmp_path / "ddp" / OWNER_NAME).read_text())["command"] == "msattn.train.loop.train()"
 
 
 def _busy_worker(rank: int, world: int, port: int, recipe_path: str, out: str) -> None:
@@ -99,10 +99,10 @@ def test_a_busy_run_folder_stops_every_rank_at_once(tmp_path: Path) -> None:
 
 def _nan_worker(rank: int, world: int, port: int, recipe_path: str, out: str) -> None:
     """Rank 1 alone sees a NaN loss at iteration 2; every rank must stop with the same message."""
-    import msattn.models
+    import msattn.train.loop
     from msattn.errors import TrainingError
 
-    real_loss = msattn.models.segmentation_loss
+    real_loss = msattn.train.loop.segmentation_loss
     calls = {"n": 0}
 
     def loss(*args, **kwargs):
@@ -110,7 +110,7 @@ def _nan_worker(rank: int, world: int, port: int, recipe_path: str, out: str) ->
         total, terms = real_loss(*args, **kwargs)
         return (total * float("nan"), terms) if rank == 1 and calls["n"] == 2 else (total, terms)
 
-    msattn.models.segmentation_loss = loss
+    msattn.train.loop.segmentation_loss = loss
     try:
         _worker(rank, world, port, recipe_path, out)
         message = "no error"
@@ -139,7 +139,7 @@ def test_a_nan_on_one_rank_stops_every_rank_with_the_state_before_it(tmp_path: P
 
 
 def _eval_worker(rank: int, world: int, port: int, checkpoint: str, out: str) -> None:
-    from msattn.engine.evaluate import evaluate_checkpoint
+    from msattn.infer.evaluate import evaluate_checkpoint
 
     os.environ.update(
         {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
@@ -156,7 +156,7 @@ def test_evaluate_under_two_ranks_shards_the_images_and_matches_one_process(tmp_
     data = make_tiny_dataset(tmp_path / "tiny", num_train=4, num_val=5)
     recipe = load_recipe(write_recipe(tmp_path / "r.toml", data, train={"iterations": 3}), ["eval.batch_size=1"])
     checkpoint = train(recipe, tmp_path / "run", device="cpu")
-    from msattn.engine.evaluate import evaluate_checkpoint
+    from msattn.infer.evaluate import evaluate_checkpoint
 
     single = evaluate_checkpoint(checkpoint, json_path=tmp_path / "single.json", device="cpu")
     spawn_ranks(_eval_worker, str(checkpoint), str(tmp_path / "ddp.json"))
@@ -168,7 +168,7 @@ def test_evaluate_under_two_ranks_shards_the_images_and_matches_one_process(tmp_
 
 
 def _predict_worker(rank: int, world: int, port: int, images: str, checkpoint: str, out: str) -> None:
-    from msattn.engine.predict import predict_images
+    from msattn.infer.predict import predict_images
 
     os.environ.update(
         {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
@@ -182,7 +182,7 @@ def _predict_worker(rank: int, world: int, port: int, images: str, checkpoint: s
 
 @pytest.mark.slow
 def test_predict_under_two_ranks_splits_the_images_and_writes_what_one_process_writes(tmp_path: Path) -> None:
-    from msattn.engine.predict import predict_images
+    from msattn.infer.predict import predict_images
 
     data = make_tiny_dataset(tmp_path / "tiny", num_train=4, num_val=5)
     recipe = load_recipe(write_recipe(tmp_path / "r.toml", data, train={"iterations": 2}))

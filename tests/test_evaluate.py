@@ -10,11 +10,11 @@ import torch
 from engine_helpers import CLASSES, make_tiny_dataset, save_tiny_checkpoint
 from torch import nn
 
-from msattn.data import SegmentationFolder
-from msattn.engine.checkpoint import make_checkpoint, save_checkpoint
-from msattn.engine.evaluate import evaluate_model
-from msattn.engine.predict import predict_batch
-from msattn.models import build_model
+from msattn.data.datasets import SegmentationFolder
+from msattn.infer.evaluate import evaluate_model
+from msattn.infer.forward import predict_batch
+from msattn.models.scale import build_model
+from msattn.runtime.checkpoint import make_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_cli_evaluate_options(tiny_checkpoint: Path, tiny_data: Path, tmp_path: 
 def test_cli_evaluate_batch_size_workers_and_amp_do_not_change_the_scores(
     tiny_checkpoint: Path, tmp_path: Path, run_cli, monkeypatch
 ) -> None:
-    import msattn.engine.evaluate as evaluate_module
+    import msattn.infer.evaluate as evaluate_module
 
     seen = []
     real = evaluate_module.evaluate_model
@@ -161,7 +161,7 @@ def test_an_architecture_1_checkpoint_loads_without_pool5a_and_warns(tiny_data: 
         del state["model_args"][key]
     path = tmp_path / "old.pt"
     save_checkpoint(path, state)
-    from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from msattn.runtime.checkpoint import load_checkpoint, model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(path))
     assert "pool5a" not in model.backbone.features._modules

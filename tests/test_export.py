@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 from msattn.data.transforms import normalize_image
-from msattn.engine.checkpoint import make_checkpoint, save_checkpoint
-from msattn.engine.predict import predict_batch
 from msattn.export.graph import DeployGraph, grid_steps, scaled_grid_side
 from msattn.geometry import grid_side, scaled_side
-from msattn.models import build_model
+from msattn.infer.forward import predict_batch
+from msattn.models.scale import build_model
+from msattn.runtime.checkpoint import make_checkpoint, save_checkpoint
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 CLASSES = ["background", "a", "b", "c", "d"]
@@ -98,7 +98,7 @@ onnx_extra = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[Path, torch.nn.Module, Path]:
     """A 3-scale attention model exported through the CLI (dynamic size), once for the module."""
-    from msattn.cli import main
+    from msattn.cli.app import main
 
     folder = tmp_path_factory.mktemp("export")
     model = checkpoint(folder / "m.pt", crf={"bi_w": 5.0})

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from msattn import geometry
-from msattn.engine.predict import predict_batch
-from msattn.models import build_model, cross_entropy, segmentation_loss
+from msattn.infer.forward import predict_batch
+from msattn.models.loss import cross_entropy, segmentation_loss
+from msattn.models.scale import build_model
 
 
 def coordinate_labels(h: int, w: int) -> torch.Tensor:

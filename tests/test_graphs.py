@@ -12,15 +12,14 @@ from typing import Any
 
 import pytest
 import torch
-
 from _graph_helpers import static_capture
 
-from msattn.engine import graphs as graphs_module
-from msattn.engine.buckets import bucket_side, bucket_size, check_bucket, group_by_key, pad_to_size
-from msattn.engine.graphs import GraphCache, GraphPolicy, InferenceRunner
-from msattn.engine.predict import predict_batch
 from msattn.geometry import is_grid_side
-from msattn.models import build_model
+from msattn.infer import graphs as graphs_module
+from msattn.infer.buckets import bucket_side, bucket_size, check_bucket, group_by_key, pad_to_size
+from msattn.infer.forward import predict_batch
+from msattn.infer.graphs import GraphCache, GraphPolicy, InferenceRunner
+from msattn.models.scale import build_model
 
 ON = GraphPolicy(enabled=True)
 

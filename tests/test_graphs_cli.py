@@ -16,7 +16,7 @@ from _graph_helpers import static_capture
 from engine_helpers import make_tiny_dataset, save_tiny_checkpoint
 from PIL import Image
 
-import msattn.engine.graphs as graphs_module
+import msattn.infer.graphs as graphs_module
 
 
 @pytest.fixture(scope="module")

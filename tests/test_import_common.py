@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from msattn.data.prepare.importing import (
-    IdTable, check_out_separate, ellipse_mask, rectangle_mask, safe_id, split_by_fraction,
+    IdTable,
+    check_out_separate,
+    ellipse_mask,
+    rectangle_mask,
+    safe_id,
+    split_by_fraction,
 )  # fmt: skip
 from msattn.errors import UsageError
 from msattn.io import check_id

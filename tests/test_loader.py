@@ -8,15 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_helpers import make_tiny_dataset, write_recipe
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
 import msattn.data.transforms as transforms_module
-from engine_helpers import make_tiny_dataset, write_recipe
-from msattn.config import load_recipe
-from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CAFFE_MEAN, CAFFE_STD, TrainTransform, normalize_image
-from msattn.engine.checkpoint import load_checkpoint
-from msattn.engine.loader import (
+from msattn.config.recipe import load_recipe
+from msattn.data.transforms import CAFFE_MEAN, CAFFE_STD, IMAGENET_MEAN, IMAGENET_STD, TrainTransform, normalize_image
+from msattn.errors import ConfigError
+from msattn.runtime.checkpoint import load_checkpoint
+from msattn.runtime.loader import (
     MAX_AUTO_WORKERS,
     DeviceBatches,
     measure_decode_rate,
@@ -25,8 +26,7 @@ from msattn.engine.loader import (
     resolve_workers,
     train_workers,
 )
-from msattn.engine.train import train
-from msattn.errors import ConfigError
+from msattn.train.loop import train
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 
@@ -173,7 +173,7 @@ def test_float_batches_pass_through_and_waits_are_counted() -> None:
 
 
 def test_pinned_batches_from_a_loader_with_workers_arrive_intact(tmp_path: Path) -> None:
-    from msattn.data import SegmentationFolder
+    from msattn.data.datasets import SegmentationFolder
 
     root = make_tiny_dataset(tmp_path / "d", num_train=4, num_val=1)
     data = SegmentationFolder(root, "train", transform=TrainTransform(25, None, flip=False, output="uint8"))

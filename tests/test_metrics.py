@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from msattn.engine.metrics import ConfusionMatrix, json_safe
+from msattn.runtime.metrics import ConfusionMatrix, json_safe
 
 
 def test_confusion_matrix_counts_and_ignores_255() -> None:

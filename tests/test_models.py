@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msattn.models import build_model, cross_entropy, param_groups, segmentation_loss, upsample_logits
-from msattn.models.loss import STAT_TERMS
+from msattn.errors import CheckpointError, UsageError
+from msattn.geometry import output_side, scaled_size, upsample_logits
 from msattn.models.backbone import LargeFOV
-from msattn.geometry import output_side, scaled_size
 from msattn.models.convert import (
     FC6_TAPS,
     TORCHVISION_CONV_INDICES,
@@ -16,7 +15,9 @@ from msattn.models.convert import (
     init_from_vgg16,
     load_vgg16_state_dict,
 )
-from msattn.errors import CheckpointError, UsageError
+from msattn.models.loss import STAT_TERMS, cross_entropy, segmentation_loss
+from msattn.models.params import param_groups
+from msattn.models.scale import build_model
 
 TINY = 0.0625  # channel width multiplier for fast tests
 

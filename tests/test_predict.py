@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from msattn.data.transforms import normalize_image
-from msattn.engine.checkpoint import make_checkpoint, save_checkpoint
-from msattn.engine.predict import collect_inputs, predict_probs, unique_names
-from msattn.models import build_model
+from msattn.infer.forward import predict_probs
+from msattn.infer.inputs import collect_inputs, unique_names
+from msattn.models.scale import build_model
+from msattn.runtime.checkpoint import make_checkpoint, save_checkpoint
 
 SCALES = (1.0, 0.75, 0.5)
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # not ImageNet's: predict must use the checkpoint's

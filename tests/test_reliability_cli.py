@@ -1,6 +1,6 @@
 """Bad inputs through the real CLI: one table, one line each, the right exit code, nothing written.
 
-Every row of :data:`CASES` runs ``msattn ARGS`` in-process (``msattn.cli.main``) against a small
+Every row of :data:`CASES` runs ``msattn ARGS`` in-process (``msattn.cli.app.main``) against a small
 world of good and broken files built once per module, and checks:
 
 - the exit code (2: usage/input error, 1: runtime failure);
@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from _data_helpers import box, coco_images, pattern_image, write_coco, write_jpeg, write_pascal_part_mat
 from engine_helpers import CLASSES, PALETTE, make_tiny_dataset, write_recipe
-from msattn.cli import main
-from msattn.engine.checkpoint import make_checkpoint, save_checkpoint
-from msattn.models import ScaleNet, build_model
+from PIL import Image
+
+from msattn.cli.app import main
+from msattn.models.scale import ScaleNet, build_model
+from msattn.runtime.checkpoint import make_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
 Documents are written as real TOML text (with every TOML value type: booleans, 64-bit integers,
 floats incl. inf/nan, strings, dates and times, arrays, inline tables, nested tables) and loaded
-with :func:`msattn.config.load_recipe`, so the parser, the overrides and the validator are
+with :func:`msattn.config.recipe.load_recipe`, so the parser, the overrides and the validator are
 exercised together. A loaded recipe must be valid (it survives a round trip through
 ``recipe_to_dict``); a ConfigError must name the file or the ``--set`` override.
 Nothing else may escape.
@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from msattn.config import SECTION_NAMES, Recipe, _section_classes, load_recipe, recipe_from_dict, recipe_to_dict
+from msattn.config.recipe import SECTION_NAMES, Recipe, _section_classes, load_recipe, recipe_from_dict, recipe_to_dict
 from msattn.errors import ConfigError
 
 FIELDS = sorted({f.name for cls in _section_classes().values() for f in dataclasses.fields(cls)})
@@ -135,7 +135,7 @@ def check_loads_or_config_error(path: Path, sets: list[str] = ()) -> Recipe | No
     try:
         recipe = load_recipe(path, list(sets))
     except ConfigError as exc:
-        message = str(exc)  # (msattn.cli.main prints it on one line whatever key names it quotes)
+        message = str(exc)  # (msattn.cli.app.main prints it on one line whatever key names it quotes)
         assert str(path) in message or "--set" in message, message
         return None
     assert isinstance(recipe, Recipe)

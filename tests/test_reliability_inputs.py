@@ -131,7 +131,7 @@ def test_duplicate_ids_count_once_with_a_warning(tmp_path: Path, run_cli) -> Non
 
 
 def test_open_image_scales_16_bit_and_composites_alpha(tmp_path: Path) -> None:
-    from msattn.io import open_image
+    from msattn.images import open_image
 
     grey16 = np.full((6, 8), 30000, dtype=np.uint16)
     Image.fromarray(grey16).save(tmp_path / "g16.png")
@@ -175,7 +175,7 @@ def test_exif_orientation_is_applied_as_viewers_do(tmp_path: Path, run_cli) -> N
 
 
 def test_dataset_images_turn_by_exif_only_when_their_label_was_drawn_turned(tmp_path: Path) -> None:
-    from msattn.data import SegmentationFolder
+    from msattn.data.datasets import SegmentationFolder
 
     data = _dataset(tmp_path / "d", size=32)
     stored = pattern_image(20, 36)
@@ -208,7 +208,7 @@ def test_a_utf8_bom_is_accepted_in_lists_recipes_and_dataset_json(tmp_path: Path
     assert code == 0, err
     crf_recipe = tmp_path / "crf.toml"
     crf_recipe.write_text(bom + "[crf]\nbi_w = 5.0\n", encoding="utf-8")
-    from msattn.crf import load_crf_params
+    from msattn.crf.files import load_crf_params
 
     assert load_crf_params(crf_recipe).bi_w == 5.0
 
@@ -249,7 +249,7 @@ def test_paths_that_look_like_rich_markup_print_verbatim(tmp_path: Path, run_cli
 
 
 def test_an_extreme_strip_stays_within_bounds(tmp_path: Path) -> None:
-    from msattn.engine.visualize import attention_figure, attention_heatmap
+    from msattn.visualize import attention_figure, attention_heatmap
 
     image = pattern_image(8, 6000)
     weights = np.random.default_rng(0).random((2, 8, 6000))
@@ -305,7 +305,7 @@ def test_missing_fixtures_skip_with_how_to_get_them_and_fail_when_required(tmp_p
 
 
 def test_prepare_data_accepts_a_label_drawn_on_the_turned_photo(tmp_path: Path, run_cli) -> None:
-    from msattn.data import SegmentationFolder
+    from msattn.data.datasets import SegmentationFolder
 
     voc = tmp_path / "VOC2012"
     (voc / "JPEGImages").mkdir(parents=True)
@@ -343,16 +343,16 @@ def test_a_70000_pixel_wide_strip_gets_all_its_files(tmp_path: Path, run_cli) ->
 
 
 def test_an_image_whose_files_cannot_be_written_costs_only_itself(tmp_path: Path, run_cli, monkeypatch) -> None:
-    from msattn.engine import visualize
+    from msattn.infer import files
 
-    real = visualize.attention_figure
+    real = files.attention_figure
 
     def figure(image, *args, **kwargs):
         if image.shape[0] == 30:
             raise ValueError("cannot draw this one")
         return real(image, *args, **kwargs)
 
-    monkeypatch.setattr(visualize, "attention_figure", figure)
+    monkeypatch.setattr(files, "attention_figure", figure)
     photo(tmp_path / "in" / "a.png", height=24)
     photo(tmp_path / "in" / "b.png", height=30)
     ckpt = tiny_checkpoint(tmp_path / "m.pt")

@@ -122,8 +122,8 @@ def test_prepare_data_never_writes_into_its_source_or_over_a_users_dataset(tmp_p
 
 
 def test_json_outputs_are_checked_before_the_work_starts(tmp_path: Path, run_cli, monkeypatch) -> None:
-    import msattn.engine.bench as bench
-    import msattn.engine.evaluate as evaluate
+    import msattn.bench.run as bench
+    import msattn.infer.evaluate as evaluate
 
     data = make_tiny_dataset(tmp_path / "data", num_train=1, num_val=2)
     ckpt = tiny_checkpoint(tmp_path / "m.pt", root=str(data))
@@ -164,7 +164,7 @@ def fsync(fd):
         time.sleep(120)
     real_fsync(fd)
 os.fsync = fsync
-from msattn.cli import main
+from msattn.cli.app import main
 main(sys.argv[2:])
 """
 

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _data_helpers import tree_bytes
-from msattn.io import open_image
+
+from msattn.images import open_image
 from msattn.locks import LOCK_NAME, OWNER_NAME
 
 LOCK_FILES = (LOCK_NAME, OWNER_NAME)  # the lock's holder (process id, time) differs run to run
@@ -40,7 +40,7 @@ def fsync(fd):
         time.sleep(120)
     real_fsync(fd)
 os.fsync = fsync
-from msattn.cli import main
+from msattn.cli.app import main
 main(sys.argv[3:])
 """
 

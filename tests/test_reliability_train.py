@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import msattn.models
 from engine_helpers import make_tiny_dataset, write_recipe
-from msattn.engine.checkpoint import load_checkpoint
+
+import msattn.train.loop
+from msattn.runtime.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ITERATIONS, EVERY = 24, 4
@@ -44,14 +44,14 @@ def block():
     open(marker, "w").close()
     time.sleep(300)
 if kind == "loss":
-    import msattn.models
-    real_loss = msattn.models.segmentation_loss
+    import msattn.train.loop
+    real_loss = msattn.train.loop.segmentation_loss
     def loss(*args, **kwargs):
         calls[0] += 1
         if calls[0] == n:
             block()
         return real_loss(*args, **kwargs)
-    msattn.models.segmentation_loss = loss
+    msattn.train.loop.segmentation_loss = loss
 else:
     import torch
     real_save = torch.save
@@ -65,7 +65,7 @@ else:
             block()
         return real_save(obj, f, *args, **kwargs)
     torch.save = save
-from msattn.cli import main
+from msattn.cli.app import main
 main(sys.argv[4:])
 """
 
@@ -223,7 +223,7 @@ def test_out_of_memory_in_a_step_names_the_knobs(recipe: Path, tmp_path: Path, r
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(msattn.models, "segmentation_loss", oom)
+    monkeypatch.setattr(msattn.train.loop, "segmentation_loss", oom)
     code, _, err = run_cli(*train_args(recipe, tmp_path / "run"))
     assert code == 1 and "Traceback" not in err
     line = err.strip().splitlines()[-1]

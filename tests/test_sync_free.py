@@ -16,11 +16,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from msattn.engine.distributed import DistInfo
-from msattn.engine.metrics import ConfusionMatrix
-from msattn.engine.predict import predict_batch
-from msattn.engine.train import NonFiniteGuard, train_step
-from msattn.models import build_model, param_groups, segmentation_loss
+from msattn.infer.forward import predict_batch
+from msattn.models.loss import segmentation_loss
+from msattn.models.params import param_groups
+from msattn.models.scale import build_model
+from msattn.runtime.distributed import DistInfo
+from msattn.runtime.metrics import ConfusionMatrix
+from msattn.train.step import NonFiniteGuard, train_step
 
 # aten ops that, on CUDA, block the host until the device answers
 SYNC_OPS = {
@@ -181,8 +183,8 @@ def test_what_a_cuda_graph_captures_and_the_batches_moved_to_the_device_never_sy
     from _graph_helpers import static_capture
 
     from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from msattn.engine.graphs import GraphPolicy, InferenceRunner
-    from msattn.engine.loader import DeviceBatches
+    from msattn.infer.graphs import GraphPolicy, InferenceRunner
+    from msattn.runtime.loader import DeviceBatches
 
     model = tiny_model(merge, scales=(1.0, 0.75, 0.5)).eval()
     runner = InferenceRunner(model, flip=True, policy=GraphPolicy(enabled=True))

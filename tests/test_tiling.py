@@ -7,11 +7,13 @@ import pytest
 import torch
 from tiling_helpers import local_model, scene
 
-from msattn.engine.predict import predict_batch
 from msattn.errors import ResourceError, UsageError
-from msattn.tiling import MemoryModel, Planner, TilingOptions, make_tiling, parse_memory, predict_tiled, stitch_tiles
-from msattn.tiling.layout import axis_spans, scale_quantum, tile_weights, windows
-from msattn.tiling.memory import choose_tile
+from msattn.infer.forward import predict_batch
+from msattn.infer.tiled import predict_tiled
+from msattn.sizes import parse_memory
+from msattn.tiling.layout import axis_spans, make_tiling, scale_quantum, tile_weights, windows
+from msattn.tiling.memory import MemoryModel, choose_tile
+from msattn.tiling.run import Planner, TilingOptions, stitch_tiles
 from msattn.tiling.stitch import Scratch, Stitcher
 
 # ----------------------------------------------------------------------------- layout
@@ -221,7 +223,7 @@ def test_estimate_grows_with_width_scales_and_classes() -> None:
     ],
 )
 def test_recipe_eval_tiling_keys_are_checked(key, value, message) -> None:
-    from msattn.config import recipe_from_dict
+    from msattn.config.recipe import recipe_from_dict
     from msattn.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):

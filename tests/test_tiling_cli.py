@@ -15,8 +15,8 @@ from engine_helpers import make_tiny_dataset, write_recipe
 from PIL import Image
 from tiling_helpers import local_model, scene
 
-from msattn.engine.checkpoint import make_checkpoint, save_checkpoint
-from msattn.models import build_model
+from msattn.models.scale import build_model
+from msattn.runtime.checkpoint import make_checkpoint, save_checkpoint
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 DATASET = {"name": "toy", "classes": ["background", "red", "green"], "palette": [[0, 0, 0], [200, 0, 0], [0, 200, 0]],
@@ -125,9 +125,8 @@ def _spy_tiles(monkeypatch) -> list[int]:
 
 
 def test_evaluate_tile_flag_and_recipe_keys(tmp_path: Path, run_cli, monkeypatch) -> None:
-    from msattn.engine.train import train
-
-    from msattn.config import load_recipe
+    from msattn.config.recipe import load_recipe
+    from msattn.train.loop import train
 
     data = make_tiny_dataset(tmp_path / "tiny", num_train=2, num_val=2, size=100)
     recipe = write_recipe(tmp_path / "r.toml", data, train={"iterations": 1},
@@ -150,7 +149,7 @@ def test_evaluate_tile_flag_and_recipe_keys(tmp_path: Path, run_cli, monkeypatch
 _RSS_RUNNER = textwrap.dedent(
     """
     import sys
-    from msattn.cli import main
+    from msattn.cli.app import main
     try:
         main(sys.argv[1:])
     except SystemExit as exc:

@@ -8,13 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import msattn.models
 from engine_helpers import make_tiny_dataset, write_recipe
-from msattn.config import load_recipe
-from msattn.engine.checkpoint import load_checkpoint
-from msattn.engine.train import StreamSampler, epoch_order, lr_factor, optimizer_kernels, train
+
+import msattn.train.loop
+from msattn.config.recipe import load_recipe
 from msattn.errors import ConfigError, TrainingError
+from msattn.runtime.checkpoint import load_checkpoint
+from msattn.train.loop import train
+from msattn.train.step import lr_factor, optimizer_kernels
+from msattn.train.stream import StreamSampler, epoch_order
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,7 @@ def test_resume_after_interrupt_is_bit_for_bit(tiny_data: Path, tmp_path: Path, 
                                                                              "checkpoint_every": 3}), overrides)
     full = train(recipe, tmp_path / "full", device="cpu")
 
-    real_loss = msattn.models.segmentation_loss
+    real_loss = msattn.train.loop.segmentation_loss
     calls = {"n": 0}
 
     def dying_loss(*args, **kwargs):
@@ -113,12 +115,12 @@ def test_resume_after_interrupt_is_bit_for_bit(tiny_data: Path, tmp_path: Path, 
             raise Interrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(msattn.models, "segmentation_loss", dying_loss)
+    monkeypatch.setattr(msattn.train.loop, "segmentation_loss", dying_loss)
     with pytest.raises(TrainingError, match="last.pt holds iteration 3") as stopped:
         train(recipe, tmp_path / "broken", device="cpu")
     assert isinstance(stopped.value.__cause__, Interrupt)
     assert load_checkpoint(tmp_path / "broken" / "last.pt")["iteration"] == 3
-    monkeypatch.setattr(msattn.models, "segmentation_loss", real_loss)
+    monkeypatch.setattr(msattn.train.loop, "segmentation_loss", real_loss)
     resumed = train(recipe, tmp_path / "broken", resume=True, device="cpu")
 
     a, b = load_checkpoint(full), load_checkpoint(resumed)
@@ -155,7 +157,7 @@ def test_resume_takes_the_optimizer_kernels_of_this_device(tiny_data: Path, tmp_
 def test_nan_loss_saves_a_checkpoint_and_stops_with_a_clear_error(
     tiny_data: Path, tmp_path: Path, monkeypatch, run_cli
 ) -> None:
-    real_loss = msattn.models.segmentation_loss
+    real_loss = msattn.train.loop.segmentation_loss
     calls = {"n": 0}
 
     def nan_loss(*args, **kwargs):
@@ -163,7 +165,7 @@ def test_nan_loss_saves_a_checkpoint_and_stops_with_a_clear_error(
         total, terms = real_loss(*args, **kwargs)
         return (total * float("nan"), terms) if calls["n"] > 4 else (total, terms)
 
-    monkeypatch.setattr(msattn.models, "segmentation_loss", nan_loss)
+    monkeypatch.setattr(msattn.train.loop, "segmentation_loss", nan_loss)
     recipe = write_recipe(tmp_path / "r.toml", tiny_data, model={"scales": [1.0]})
     code, _, err = run_cli("train", recipe, "--out", tmp_path / "run")
     assert code == 1
@@ -182,7 +184,7 @@ def test_nan_is_caught_at_the_next_log_point_with_the_state_before_the_bad_step(
     clean = load_recipe(write_recipe(tmp_path / "clean.toml", tiny_data, train={"iterations": 2}), overrides)
     train(clean, tmp_path / "clean", device="cpu")
 
-    real_loss = msattn.models.segmentation_loss
+    real_loss = msattn.train.loop.segmentation_loss
     calls = {"n": 0}
 
     def nan_from_iteration_3(*args, **kwargs):
@@ -190,7 +192,7 @@ def test_nan_is_caught_at_the_next_log_point_with_the_state_before_the_bad_step(
         total, terms = real_loss(*args, **kwargs)
         return (total * float("nan"), terms) if calls["n"] in (5, 6) else (total, terms)  # iteration 3 only
 
-    monkeypatch.setattr(msattn.models, "segmentation_loss", nan_from_iteration_3)
+    monkeypatch.setattr(msattn.train.loop, "segmentation_loss", nan_from_iteration_3)
     recipe = load_recipe(write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 8, "log_every": 5}),
                          overrides)
     with pytest.raises(TrainingError, match="loss became nan at iteration 3;"):
@@ -306,7 +308,7 @@ def test_init_checkpoint_and_bad_device(tiny_data: Path, tmp_path: Path, run_cli
 
 
 def test_pool5a_can_be_switched_off_for_ablations(tiny_data: Path, tmp_path: Path) -> None:
-    from msattn.engine.checkpoint import model_from_checkpoint
+    from msattn.runtime.checkpoint import model_from_checkpoint
 
     recipe = write_recipe(tmp_path / "r.toml", tiny_data, train={"iterations": 1, "batch_size": 2},
                           model={"scales": [1.0], "pool5a": False})

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import msattn.engine.evaluate
-import msattn.models
 from engine_helpers import make_tiny_dataset, write_recipe
-from msattn.config import load_recipe
-from msattn.engine.checkpoint import load_checkpoint
-from msattn.engine.train import train
-from msattn.engine.train_report import MetricsLog
+
+import msattn.train.report
+import msattn.train.loop
+from msattn.config.recipe import load_recipe
 from msattn.errors import CheckpointError, TrainingError
+from msattn.runtime.checkpoint import load_checkpoint
+from msattn.train.loop import train
+from msattn.train.report import MetricsLog
 
 ROOT = Path(__file__).resolve().parents[1]
 #: dropout, random scaling, flips and two scales: every RNG a checkpoint must carry is used
@@ -113,7 +113,7 @@ def test_an_exception_in_the_final_validation_keeps_every_step(data: Path, tmp_p
     def broken(*args, **kwargs):
         raise ValueError("prediction shape (1, 32, 32) != label shape (1, 30, 32)")
 
-    monkeypatch.setattr(msattn.engine.evaluate, "evaluate_model", broken)
+    monkeypatch.setattr(msattn.train.report, "evaluate_model", broken)
     recipe = load_recipe(write_recipe(tmp_path / "r.toml", data, train={"iterations": 6, "eval_at_end": True}),
                          ["model.scales=[1.0]"])  # fmt: skip
     with pytest.raises(TrainingError, match=r"after iteration 6 of 6: ValueError: prediction shape") as stopped:
@@ -125,7 +125,7 @@ def test_an_exception_in_the_final_validation_keeps_every_step(data: Path, tmp_p
 
 def test_keyboard_interrupt_saves_last_pt_and_says_how_to_resume(data: Path, tmp_path: Path, run_cli,
                                                                  monkeypatch) -> None:  # fmt: skip
-    real_loss = msattn.models.segmentation_loss
+    real_loss = msattn.train.loop.segmentation_loss
     calls = {"n": 0}
 
     def loss(*args, **kwargs):
@@ -134,7 +134,7 @@ def test_keyboard_interrupt_saves_last_pt_and_says_how_to_resume(data: Path, tmp
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(msattn.models, "segmentation_loss", loss)
+    monkeypatch.setattr(msattn.train.loop, "segmentation_loss", loss)
     recipe = write_recipe(tmp_path / "r.toml", data, train={"iterations": 8, "checkpoint_every": 4})
     run = tmp_path / "run"
     code, _, err = run_cli("train", recipe, "--out", run, "--device", "cpu")
@@ -150,7 +150,7 @@ def test_a_failure_in_the_first_step_writes_nothing_and_wraps_nothing(data: Path
     def loss(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(msattn.models, "segmentation_loss", loss)
+    monkeypatch.setattr(msattn.train.loop, "segmentation_loss", loss)
     recipe = load_recipe(write_recipe(tmp_path / "r.toml", data))
     with pytest.raises(RuntimeError, match="^boom$"):
         train(recipe, tmp_path / "run", device="cpu")
@@ -161,15 +161,15 @@ def test_a_failure_in_the_first_step_writes_nothing_and_wraps_nothing(data: Path
 MARKED = """
 import sys
 marker, n = sys.argv[1], int(sys.argv[2])
-import msattn.models
-real_loss, calls = msattn.models.segmentation_loss, [0]
+import msattn.train.loop
+real_loss, calls = msattn.train.loop.segmentation_loss, [0]
 def loss(*args, **kwargs):
     calls[0] += 1
     if calls[0] == n:
         open(marker, "w").close()
     return real_loss(*args, **kwargs)
-msattn.models.segmentation_loss = loss
-from msattn.cli import main
+msattn.train.loop.segmentation_loss = loss
+from msattn.cli.app import main
 main(sys.argv[3:])
 """
 
@@ -221,7 +221,7 @@ def test_resume_after_a_failure_matches_an_uninterrupted_run(device: str, data: 
     """Stopped mid-iteration 6 (no scheduled checkpoint since 0): the failure's last.pt resumes exactly."""
     recipe = noisy_recipe(tmp_path / "r.toml", data, deterministic=True)
     reference = train(recipe, tmp_path / "reference", device=device)
-    real_loss = msattn.models.segmentation_loss
+    real_loss = msattn.train.loop.segmentation_loss
     calls = {"n": 0}
 
     def dying(*args, **kwargs):
@@ -230,10 +230,10 @@ def test_resume_after_a_failure_matches_an_uninterrupted_run(device: str, data: 
             raise OSError(5, "Input/output error")
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(msattn.models, "segmentation_loss", dying)
+    monkeypatch.setattr(msattn.train.loop, "segmentation_loss", dying)
     with pytest.raises(TrainingError, match="after iteration 5 of 8: Input/output error"):
         train(recipe, tmp_path / "run", device=device)
-    monkeypatch.setattr(msattn.models, "segmentation_loss", real_loss)
+    monkeypatch.setattr(msattn.train.loop, "segmentation_loss", real_loss)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 5
     resumed = train(recipe, tmp_path / "run", resume=True, device=device)
     assert_same_weights(reference, resumed)

@@ -14,15 +14,15 @@ import types
 from pathlib import Path
 
 import pytest
-
-import msattn.engine.run_folder
-import msattn.models
 from engine_helpers import make_tiny_dataset, write_recipe
-from msattn.config import load_recipe
-from msattn.engine.checkpoint import load_checkpoint
-from msattn.engine.train import train
+
+import msattn.train.loop
+import msattn.train.run_folder
+from msattn.config.recipe import load_recipe
 from msattn.errors import UsageError
 from msattn.locks import LOCK_NAME, OWNER_NAME
+from msattn.runtime.checkpoint import load_checkpoint
+from msattn.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
@@ -119,13 +119,13 @@ def test_initial_weights_that_training_would_replace_are_refused(recipe: Path, t
 HOLD = """
 import sys, time
 marker = sys.argv[1]
-import msattn.models
-real_loss = msattn.models.segmentation_loss
+import msattn.train.loop
+real_loss = msattn.train.loop.segmentation_loss
 def loss(*args, **kwargs):
     open(marker, "w").close()
     time.sleep(300)
-msattn.models.segmentation_loss = loss
-from msattn.cli import main
+msattn.train.loop.segmentation_loss = loss
+from msattn.cli.app import main
 main(sys.argv[2:])
 """
 
@@ -166,7 +166,7 @@ def test_an_unwritable_run_folder_fails_before_the_first_step(recipe: Path, tmp_
                                                               monkeypatch) -> None:  # fmt: skip
     """The probe meets what a full disk or a quota gives (the lock file alone could still be made)."""
     steps = {"n": 0}
-    real_loss = msattn.models.segmentation_loss
+    real_loss = msattn.train.loop.segmentation_loss
 
     def counting(*args, **kwargs):
         steps["n"] += 1
@@ -175,15 +175,15 @@ def test_an_unwritable_run_folder_fails_before_the_first_step(recipe: Path, tmp_
     def full(folder: Path) -> None:
         raise OSError(28, "No space left on device", str(folder / "probe"))
 
-    monkeypatch.setattr(msattn.models, "segmentation_loss", counting)
-    monkeypatch.setattr(msattn.engine.run_folder, "write_probe", full)
+    monkeypatch.setattr(msattn.train.loop, "segmentation_loss", counting)
+    monkeypatch.setattr(msattn.train.run_folder, "write_probe", full)
     code, _, err = run_cli("train", recipe, "--out", tmp_path / "new", "--device", "cpu")
     assert code == 2 and f"{tmp_path / 'new'}: the run folder is not writable (No space left on device)" in err
     assert steps["n"] == 0 and not (tmp_path / "new").exists()
     monkeypatch.undo()
     run = tmp_path / "run"
     run.mkdir()
-    msattn.engine.run_folder.write_probe(run)  # the real probe leaves nothing behind
+    msattn.train.run_folder.write_probe(run)  # the real probe leaves nothing behind
     assert list(run.iterdir()) == []
 
 
@@ -211,7 +211,7 @@ def test_a_train_that_fails_in_its_first_step_leaves_no_trace(recipe: Path, tmp_
     def broken(*args, **kwargs):
         raise RuntimeError("first step fails")
 
-    monkeypatch.setattr(msattn.models, "segmentation_loss", broken)
+    monkeypatch.setattr(msattn.train.loop, "segmentation_loss", broken)
     with pytest.raises(RuntimeError, match="first step fails"):
         train(load_recipe(recipe), tmp_path / "new" / "run", device="cpu")
     assert not (tmp_path / "new" / "run").exists() and FakeSummaryWriter.made == []

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import msattn.models.loss as loss_module
-from msattn.models import build_model, segmentation_loss
-from msattn.models.loss import cross_entropy
+from msattn.models.loss import cross_entropy, segmentation_loss
+from msattn.models.scale import build_model
 
 
 def _channels_last_inputs(model: torch.nn.Module) -> tuple[list[str], list]:

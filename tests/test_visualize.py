@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msattn.engine.visualize import (
+from msattn.visualize import (
     attention_figure,
     attention_heatmap,
     colorize,

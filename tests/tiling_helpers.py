@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from msattn.models import build_model
+from msattn.models.scale import build_model
 
 #: normalised colours of the three classes of :func:`scene` (background, "red", "green")
 COLOURS = torch.tensor([[0.0, 0.0, 0.0], [1.5, -1.0, -1.0], [-1.0, 1.5, -1.0]])

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from msattn.analysis.methods import ORACLE, SINGLE, Method
+from msattn.bench.measure import count_flops
 from msattn.errors import DataError
+from msattn.io import read_json
 from msattn.models.scale import build_model
 from msattn.models.spec import ModelSpec
 
@@ -32,8 +34,6 @@ def method_flops(model_args: dict[str, Any] | None, methods: Sequence[Method], s
 
     ``model_args`` are a checkpoint's (None, e.g. for a model that is not a ScaleNet: nothing counted).
     """
-    from msattn.engine.bench import count_flops
-
     if not model_args or not sizes:
         return {}
     total_images = sum(sizes.values())
@@ -54,8 +54,6 @@ def method_flops(model_args: dict[str, Any] | None, methods: Sequence[Method], s
 
 def read_bench(path: Path) -> list[dict[str, Any]]:
     """The records of a ``msattn bench --json`` file (a list of objects)."""
-    from msattn.io import read_json
-
     records = read_json(path)
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise DataError(f"{path}: not a msattn bench JSON file (expected a list of records)")

@@ -10,6 +10,11 @@ from typing import Any
 
 import torch
 
+from msattn.analysis.methods import SINGLE, forward_maps
+from msattn.analysis.plots import gallery_figure
+from msattn.data.transforms import denormalize_image
+from msattn.visualize import colorize
+
 
 def select(images: list[dict[str, Any]], count: int) -> list[tuple[str, dict[str, Any]]]:
     """The ``count`` images with the largest positive gains and the ``count`` with the most negative."""
@@ -32,11 +37,6 @@ def gallery(job: Any, images: list[dict[str, Any]], count: int) -> tuple[list[di
 
 def render(job: Any, row: dict[str, Any], kind: str) -> bytes:
     """Image, ground truth, every scale's prediction, the merged prediction and the weight maps."""
-    from msattn.analysis.methods import SINGLE, forward_maps
-    from msattn.analysis.plots import gallery_figure
-    from msattn.data.transforms import denormalize_image
-    from msattn.engine.visualize import colorize
-
     item = job.dataset[row["index"]]
     images = item["image"][None].to(job.device)
     labels = item["label"][None].to(job.device)
@@ -61,8 +61,6 @@ def render(job: Any, row: dict[str, Any], kind: str) -> bytes:
 
 def _colour(pred: torch.Tensor, label: Any, job: Any) -> Any:
     """A prediction in palette colours, ignored ground-truth pixels shown in the void colour."""
-    from msattn.engine.visualize import colorize
-
     shown = pred[0].cpu().numpy().copy()
     shown[label >= len(job.class_names)] = 255
     return colorize(shown, job.palette)

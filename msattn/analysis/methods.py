@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from msattn.geometry import crop_to, pad_to_grid, resize_bilinear, resize_nearest, shrink_labels, upsample_logits
+
 SINGLE, ORACLE = "scale", "oracle"
 
 
@@ -95,15 +97,11 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib
 
 
 def _to_image(logits: torch.Tensor, full: Sequence[int], size: Sequence[int]) -> torch.Tensor:
-    from msattn.geometry import crop_to, upsample_logits
-
     return crop_to(upsample_logits(logits.float(), full), size)
 
 
 def _merge_subset(per_scale: dict[float, torch.Tensor], method: Method) -> torch.Tensor:
     """Max or mean of the subset's maps on the grid of its largest scale (as ScaleNet merges)."""
-    from msattn.geometry import resize_bilinear
-
     ref = per_scale[max(method.scales)].shape[-2:]
     stacked = torch.stack([resize_bilinear(per_scale[s].float(), ref) for s in method.scales], dim=1)
     return stacked.max(dim=1).values if method.merge == "max" else stacked.mean(dim=1)
@@ -125,8 +123,6 @@ def forward_maps(
 
     images: normalised [N, 3, H, W]; labels: int64 [N, H, W] (for the oracle), both on the model's device.
     """
-    from msattn.geometry import pad_to_grid, resize_bilinear, resize_nearest, shrink_labels
-
     size = tuple(images.shape[-2:])
     padded = pad_to_grid(images, pad_to)  # [N, 3, 8k+1, 8l+1]
     full = tuple(padded.shape[-2:])
@@ -161,8 +157,6 @@ def forward_maps(
             score_gap = logw.amax(dim=1) - logw.amin(dim=1)
             grid_labels = shrink_labels(_pad_labels(labels, full, ignore_index), score_gap.shape[-2:])
         resize = resize_nearest if own.merge == "max" else resize_bilinear
-        from msattn.geometry import crop_to
-
         weights = crop_to(resize(weights.float(), full), size)  # [N, S, H, W]
     return BatchMaps(preds, confidence, weights, score_gap, grid_labels)
 

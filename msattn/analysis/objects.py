@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from msattn.errors import UsageError
 
@@ -63,8 +64,6 @@ class Objects:
 
 def find_objects(label: np.ndarray, num_classes: int, skip_classes: Sequence[int] = ()) -> Objects:
     """Connected components of every class of ``label`` [H, W] (values >= num_classes, e.g. 255, are not objects)."""
-    from scipy import ndimage
-
     label = np.asarray(label)
     pixel_object = np.full(label.shape, -1, dtype=np.int64)
     classes: list[np.ndarray] = []

@@ -21,9 +21,15 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, Subset
 
 from msattn import __version__
+from msattn.analysis import summary
 from msattn.analysis.accumulate import Accumulator, as_numpy, calibration_keys
+from msattn.analysis.costs import method_costs, read_bench
+from msattn.analysis.gallery import gallery
+from msattn.analysis.html import render_html
 from msattn.analysis.methods import (
     Method,
     build_methods,
@@ -32,8 +38,18 @@ from msattn.analysis.methods import (
     own_method,
 )
 from msattn.analysis.objects import DEFAULT_BINS, check_bins
+from msattn.analysis.terminal import print_headline
+from msattn.data.datasets import SegmentationFolder, read_dataset_info
+from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from msattn.errors import DataError, DependencyError, UsageError
-from msattn.io import file_sha256
+from msattn.geometry import padded_size
+from msattn.infer.evaluate import _checkpoint_recipe
+from msattn.infer.forward import amp_dtype_for
+from msattn.io import atomic_write, check_id, file_sha256, write_json, write_text
+from msattn.locks import folder_lock
+from msattn.runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from msattn.runtime.distributed import resolve_device
+from msattn.runtime.metrics import json_safe
 
 STATE_NAME = "analysis_state.pt"
 REPORT_NAME = "report.json"
@@ -104,8 +120,6 @@ def analyze_checkpoint(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """``msattn analyze``: run the pass (resuming a matching saved one), write the report, print the tables."""
-    from msattn.locks import folder_lock
-
     settings = settings or Settings()
     settings.bins = check_bins(settings.bins)
     if settings.gallery < 0 or settings.batch_size < 1 or (settings.max_images is not None and settings.max_images < 1):
@@ -123,8 +137,6 @@ def analyze_checkpoint(
         state = run_pass(job, out, console)
         report = build_report(job, state, bench)
         write_outputs(job, report, out, json_path, console)
-    from msattn.analysis.terminal import print_headline
-
     print_headline(report, console)
     console.print(f"report: {out / HTML_NAME} and {out / REPORT_NAME}", markup=False)
     return report
@@ -143,8 +155,6 @@ def require_matplotlib() -> None:
 def _read_bench(path: str | None) -> list[dict[str, Any]] | None:
     if path is None:
         return None
-    from msattn.analysis.costs import read_bench
-
     if not Path(path).is_file():
         raise DataError(f"{path}: bench JSON not found (write one with msattn bench --json FILE)")
     return read_bench(Path(path))
@@ -184,13 +194,6 @@ def _is_our_state(path: Path) -> bool:
 
 def prepare_job(checkpoint: Path, data: Path | None, settings: Settings, device: str | None) -> Job:
     """Load the checkpoint and the split, check the scales, decide the methods and the provenance."""
-    from msattn.data import SegmentationFolder, read_dataset_info
-    from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
-    from msattn.engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from msattn.engine.distributed import resolve_device
-    from msattn.engine.evaluate import _checkpoint_recipe
-    from msattn.io import check_id
-
     dev = resolve_device(device)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint).to(dev)
@@ -253,8 +256,6 @@ def job_for_model(
 ) -> Job:
     """A job for any model with ScaleNet's forward (``model(images, scales=...) -> dict``) and ``scales``,
     ``merge`` attributes, over any dataset of ``{"image", "label", "id"}`` items."""
-    from msattn.engine.predict import amp_dtype_for
-
     scales = tuple(float(s) for s in (scales or settings.scales or model.scales))
     own = own_method(scales, model_merge(model, scales))
     skip = () if settings.include_background or class_names[0].lower() != "background" else (0,)
@@ -323,18 +324,12 @@ def load_state(path: Path, expected: str) -> dict[str, Any] | None:
 
 
 def save_state(path: Path, print_: str, acc: Accumulator, done: bool) -> None:
-    from msattn.io import atomic_write
-
     with atomic_write(path, "wb") as handle:
         torch.save({"format": STATE_FORMAT, "fingerprint": print_, "done": done, "accumulator": acc.state_dict()}, handle)
 
 
 def run_pass(job: Job, out: Path, console: Console) -> dict[str, Any]:
     """Run (or resume, or reuse) the pass; returns the accumulator's state as numpy arrays."""
-    from torch.utils.data import DataLoader, Subset
-
-    from msattn.geometry import padded_size
-
     path, expected = out / STATE_NAME, fingerprint(job)
     acc = new_accumulator(job)
     saved = load_state(path, expected)
@@ -371,14 +366,6 @@ def run_pass(job: Job, out: Path, console: Console) -> dict[str, Any]:
 
 
 def _progress(console: Console) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=console, transient=True)
 
@@ -388,9 +375,6 @@ def _progress(console: Console) -> Any:
 
 def build_report(job: Job, state: dict[str, Any], bench: list[dict[str, Any]] | None) -> dict[str, Any]:
     """Every number of the report (the contents of report.json but the gallery)."""
-    from msattn.analysis import summary
-    from msattn.analysis.costs import method_costs
-
     costs = method_costs(job.model_args, job.methods, state["sizes"], bench)
     rows = summary.method_table(state, job.methods, job.own, job.class_names, costs)
     report = {
@@ -418,11 +402,6 @@ def build_report(job: Job, state: dict[str, Any], bench: list[dict[str, Any]] | 
 
 def write_outputs(job: Job, report: dict[str, Any], out: Path, json_path: Path | None, console: Console) -> None:
     """Gallery, plots, index.html and report.json (and the --json copy)."""
-    from msattn.analysis.gallery import gallery
-    from msattn.analysis.html import render_html
-    from msattn.engine.metrics import json_safe
-    from msattn.io import write_json, write_text
-
     images = report.pop("_images")
     entries, pictures = gallery(job, images, job.settings.gallery)
     report["gallery"] = entries

@@ -199,7 +199,7 @@ def _read_label(path: Path, settings: _Settings, stats: ItemStats) -> np.ndarray
     """The label's values (any mode the loader accepts); mode, format and palette findings into ``stats``."""
     from PIL import Image
 
-    from msattn.io import open_image
+    from msattn.images import open_image
 
     try:
         img = open_image(path, mode=None, max_pixels=settings.max_pixels)  # a copy: no .format

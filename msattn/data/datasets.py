@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from msattn.data.labels import dedupe_ids, duplicate_warning
 from msattn.data.palette import voc_colormap
 from msattn.errors import DataError
-from msattn.io import check_id, open_image, read_id_list, read_json
+from msattn.images import open_image
+from msattn.io import check_id, read_id_list, read_json
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ class SegmentationFolder(Dataset):
         from PIL import Image
 
         from msattn.data.labels import label_warnings, orient_to_label, palette_warning
-        from msattn.io import to_rgb
+        from msattn.images import to_rgb
 
         item_id = self.ids[index]
         image_path, label_path = self.image_path(item_id), self.label_path(item_id)

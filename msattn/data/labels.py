@@ -83,7 +83,7 @@ def orient_to_label(image: Any, label_size: tuple[int, int]) -> tuple[Any, str |
     """
     from PIL import ImageOps
 
-    from msattn.io import EXIF_ORIENTATION
+    from msattn.images import EXIF_ORIENTATION
 
     orientation = image.getexif().get(EXIF_ORIENTATION, 1)
     if orientation in (1, None):

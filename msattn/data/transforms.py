@@ -79,7 +79,7 @@ class TrainTransform:
     with ``ignore_index``; then a random ``crop_size`` square is cut and flipped with probability 1/2.
 
     ``output="uint8"`` returns the crop before normalisation, ``uint8[3, c, c]`` and the label as
-    ``uint8[c, c]`` (5x fewer bytes to move); :class:`msattn.engine.loader.DeviceBatches`
+    ``uint8[c, c]`` (5x fewer bytes to move); :class:`msattn.runtime.loader.DeviceBatches`
     normalises on the device to exactly the float32 values of ``output="float"``.
     """
 

@@ -24,29 +24,31 @@ reference), ``msattn.outputs``, ``msattn.dynamic``, ``msattn.opset``, ``msattn.c
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from msattn.errors import DependencyError, UsageError
-from msattn.io import file_sha256
+import numpy as np
+import torch
+from rich.console import Console
 
-FORMAT = "msattn-onnx-1"
-INSTALL_HINT = "pip install 'msattn[export]'  (onnx, onnxscript and onnxruntime)"
+from msattn import __version__
+from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from msattn.errors import UsageError
+from msattn.export.format import FORMAT, INSTALL_HINT, require
+from msattn.export.graph import DeployGraph
+from msattn.export.runtime import OnnxSession
+from msattn.io import atomic_write, file_sha256
+from msattn.runtime.checkpoint import load_checkpoint, model_from_checkpoint, old_arch_warning
+from msattn.visualize import voc_palette
+
 MIN_OPSET = 18
 EXAMPLE_SIZE = (61, 75)  # odd, not 8k+1: no accidental special case in the trace
-
-
-def require(*modules: str, what: str = "msattn export") -> None:
-    """Import ``modules`` or raise DependencyError saying how to install the extra."""
-    import importlib
-
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            raise DependencyError(f"{what} needs the '{name}' package: {INSTALL_HINT}") from None
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -92,9 +94,6 @@ def _run_scales(model: Any, scales: list[float] | None) -> tuple[float, ...]:
 
 def build_graph(state: dict[str, Any], source: Path, scales: list[float] | None, argmax: bool) -> Any:
     """The checkpoint's model wrapped as a :class:`DeployGraph` (eval mode, CPU)."""
-    from msattn.engine.checkpoint import model_from_checkpoint
-    from msattn.export.graph import DeployGraph
-
     model = model_from_checkpoint(state, source).cpu().eval()
     run = _run_scales(model, scales)
     info = dataset_info(state, model.num_classes)
@@ -103,9 +102,6 @@ def build_graph(state: dict[str, Any], source: Path, scales: list[float] | None,
 
 def dataset_info(state: dict[str, Any], num_classes: int) -> dict[str, Any]:
     """classes, palette (list of [r, g, b]) and mean/std of a checkpoint (as predict reads them)."""
-    from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from msattn.engine.visualize import voc_palette
-
     ds = state.get("dataset") or {}
     classes = [str(c) for c in ds.get("classes") or []] or [str(i) for i in range(num_classes)]
     palette = ds.get("palette") or voc_palette(num_classes).tolist()
@@ -119,8 +115,6 @@ def dataset_info(state: dict[str, Any], num_classes: int) -> dict[str, Any]:
 
 def trace(graph: Any, dynamic: bool, size: tuple[int, int]) -> Any:
     """``torch.export`` of the graph; with ``dynamic``, N, H and W stay symbolic or this fails."""
-    import torch
-
     height, width = EXAMPLE_SIZE if dynamic else size
     example = torch.zeros(2 if dynamic else 1, height, width, 3, dtype=torch.uint8)
     shapes = None
@@ -138,13 +132,6 @@ def trace(graph: Any, dynamic: bool, size: tuple[int, int]) -> Any:
 
 def to_onnx(program: Any, output_names: list[str], opset: int | None) -> Any:
     """ExportedProgram -> onnx.ModelProto (dimension names: batch, height, width)."""
-    import contextlib
-    import io
-    import logging
-    import warnings
-
-    import torch
-
     quiet = io.StringIO()
     registry = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
     level = registry.level
@@ -175,10 +162,6 @@ def _name_dims(model: Any) -> None:
 
 def metadata(state: dict[str, Any], checkpoint: Path, graph: Any, dynamic: bool, opset: int) -> dict[str, str]:
     """The ``metadata_props`` written into the ONNX file."""
-    import torch
-
-    from msattn import __version__
-
     info = dataset_info(state, int(graph.backbone.fc8.out_channels))
     crf = (state.get("config") or {}).get("crf")
     outputs = {"probs": "float32 [N, C, H, W] class probabilities (softmax)"}
@@ -209,8 +192,6 @@ def metadata(state: dict[str, Any], checkpoint: Path, graph: Any, dynamic: bool,
 
 
 def _add_metadata(model: Any, props: dict[str, str]) -> None:
-    from msattn import __version__
-
     model.producer_name = "msattn"
     model.producer_version = __version__
     model.doc_string = "msattn: Attention to Scale (DeepLab-LargeFOV share-net), the whole multi-scale model"
@@ -231,11 +212,6 @@ def export_checkpoint(
     verify: bool = True,
 ) -> dict[str, Any]:
     """``msattn export``: write ``out`` (atomically) and, with ``verify``, compare it with PyTorch."""
-    from rich.console import Console
-
-    from msattn.engine.checkpoint import load_checkpoint, old_arch_warning
-    from msattn.io import atomic_write
-
     require("onnx", "onnxscript")
     checkpoint, out = Path(checkpoint), Path(out)
     if opset is not None and opset < MIN_OPSET:
@@ -266,14 +242,10 @@ def export_checkpoint(
 
 def verify_export(path: Path, graph: Any, size: tuple[int, int] | None) -> dict[str, Any] | str:
     """Max |probs difference| and argmax agreement, onnxruntime vs PyTorch, on odd-sized random images."""
-    import numpy as np
-    import torch
-
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         return f"skipped: onnxruntime is not installed ({INSTALL_HINT})"
-    from msattn.export.runtime import OnnxSession
 
     session = OnnxSession(path)
     sizes = [size] if size is not None else [(67, 93), (33, 17)]

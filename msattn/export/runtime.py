@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from msattn.errors import CheckpointError, UsageError
-from msattn.export.onnx import FORMAT, require
+from msattn.export.format import FORMAT, require
+from msattn.io import file_sha256
 
 
 class OnnxSession:
@@ -83,8 +84,6 @@ class OnnxBackend:
         self.crf_section = self.session.json("crf", None)
         self.model_args = args
         self.weight_bytes = Path(path).stat().st_size
-        from msattn.io import file_sha256
-
         self.sha256 = file_sha256(Path(path))
         self.note = None
         self.amp_dtype = None

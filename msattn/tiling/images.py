@@ -32,7 +32,7 @@ def predict_image_tiled(
     flip: bool = False,
     on_tile: Callable[[], None] | None = None,
 ) -> TiledResult:
-    """Predict uint8 ``image`` [H, W, 3] tile by tile with ``backend`` (see :mod:`msattn.backends`).
+    """Predict uint8 ``image`` [H, W, 3] tile by tile with ``backend`` (see :mod:`msattn.infer.backends`).
 
     ``keep_probs`` / ``keep_attention`` return image-size probabilities / merge weights
     (float16, or float32 with ``exact_probs``); labels are always returned.

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from msattn.visualize import overlay
 
 OVERLAY_MAX_SIDE = 8192
 FIGURE_MAX_SIDE = 2048
@@ -33,8 +36,6 @@ def reduce_image(image: np.ndarray, factor: int) -> np.ndarray:
     """uint8 [H, W, 3] -> [ceil(H/f), ceil(W/f), 3] box-averaged (Pillow's reduce)."""
     if factor == 1:
         return image
-    from PIL import Image
-
     return np.asarray(Image.fromarray(np.ascontiguousarray(image)).reduce(factor))
 
 
@@ -49,8 +50,6 @@ def reduce_weights(weights: np.ndarray, factor: int, nearest: bool = False) -> n
         return np.asarray(weights, dtype=np.float32)
     if nearest:
         return np.ascontiguousarray(weights[:, ::factor, ::factor], dtype=np.float32)
-    from PIL import Image
-
     out = []
     step = _BAND_ROWS * factor  # a multiple of the factor: the boxes of consecutive bands line up
     for plane in weights:
@@ -63,11 +62,7 @@ def reduce_weights(weights: np.ndarray, factor: int, nearest: bool = False) -> n
 
 
 def overlay_bands(image: np.ndarray, labels: np.ndarray, palette: Any) -> Any:
-    """:func:`msattn.engine.visualize.overlay` computed band by band into one PIL image (no float copy of the image)."""
-    from PIL import Image
-
-    from msattn.engine.visualize import overlay
-
+    """:func:`msattn.visualize.overlay` computed band by band into one PIL image (no float copy of the image)."""
     height, width = labels.shape
     picture = Image.new("RGB", (width, height))
     for r in range(0, height, _BAND_ROWS):

@@ -8,9 +8,8 @@ Two entry points:
   (:mod:`msattn.tiling.layout`) in a band (:mod:`msattn.tiling.stitch`) and handed to sinks:
   the label map, and image-size stores for probabilities / attention when they are wanted.
   ``msattn predict`` uses it with any backend (PyTorch or onnxruntime).
-- :func:`predict_tiled`: the contract of :func:`msattn.engine.predict.predict_batch` (normalised
-  batch in, probabilities and attention at image size out) for ``msattn evaluate``; and
-  :func:`tiled_forward`, which picks between the two per batch (the one place that chooses).
+- :func:`msattn.infer.tiled.predict_tiled` builds the contract of the forward pass on it
+  (normalised batch in, probabilities and attention at image size out) for ``msattn evaluate``.
 
 Why tiled and whole predictions differ slightly: a pixel near a tile border sees less
 context than in the whole image (LargeFOV's receptive field spans hundreds of pixels, twice
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -127,78 +125,3 @@ def stitch_tiles(
             on_tile()
     stitcher.finish()
     return TiledResult(labels.labels, stores.get("probs"), stores.get("attention"), len(tiles))
-
-
-def predict_tiled(
-    model: Any,
-    images: Any,
-    scales: Sequence[float] | None = None,
-    flip: bool = False,
-    amp_dtype: Any = None,
-    pad_to: int | None = None,
-    *,
-    tiling: Tiling,
-) -> tuple[Any, Any]:
-    """:func:`msattn.engine.predict.predict_batch`'s contract, one image at a time in tiles.
-
-    images: normalised float [N,3,H,W]. Returns float32 probs [N,C,H,W] and attention
-    [N,S,H,W] (or None) on the images' device. ``pad_to`` does not apply to tiles (every
-    tile is padded to its own next 8k+1 side, as an image is).
-    """
-    import torch
-
-    from msattn.engine.predict import predict_batch
-
-    del pad_to
-    num_classes, num_weights = _output_channels(model, scales)
-    outputs, weights = [], []
-    for image in images:
-        def forward_tile(w: Window, image: Any = image) -> tuple[np.ndarray, np.ndarray | None]:
-            window = image[None, :, w.y0 : w.y1, w.x0 : w.x1]
-            probs, attention = predict_batch(model, window, scales=scales, flip=flip, amp_dtype=amp_dtype)
-            return probs[0].float().cpu().numpy(), None if attention is None else attention[0].float().cpu().numpy()
-
-        size = (int(image.shape[-2]), int(image.shape[-1]))
-        result = stitch_tiles(size, tiling, forward_tile, num_classes, num_weights, keep=("probs", "attention"))
-        outputs.append(torch.from_numpy(result.probs))
-        weights.append(None if result.attention is None else torch.from_numpy(result.attention))
-    probs = torch.stack(outputs).to(images.device)
-    attention = None if any(w is None for w in weights) else torch.stack(weights).to(images.device)
-    return probs, attention
-
-
-def _output_channels(model: Any, scales: Sequence[float] | None) -> tuple[int, int]:
-    """(C, S) of a model's outputs: classes and merge weights (0 for one scale)."""
-    run = tuple(scales) if scales is not None else tuple(getattr(model, "scales", (1.0,)))
-    return int(model.num_classes), len(run) if len(run) > 1 else 0
-
-
-def tiled_forward(planner: Planner) -> Callable[..., tuple[Any, Any]]:
-    """A function with predict_batch's contract that tiles the batches ``planner`` says must be tiled."""
-    from msattn.engine.predict import predict_batch
-
-    def forward(model: Any, images: Any, scales: Any = None, flip: bool = False, amp_dtype: Any = None,
-                pad_to: int | None = None) -> tuple[Any, Any]:
-        height, width = images.shape[-2:]
-        tiling = planner.plan(int(height), int(width), batch=int(images.shape[0]))
-        if tiling is None:
-            return predict_batch(model, images, scales=scales, flip=flip, amp_dtype=amp_dtype, pad_to=pad_to)
-        return predict_tiled(model, images, scales, flip, amp_dtype, pad_to, tiling=tiling)
-
-    return forward
-
-
-def scratch_folder(out: Path | None) -> Scratch:
-    """Memory-mapped stores next to the outputs (same disk; ``.tmp-`` files are cleaned after a kill)."""
-    return Scratch(out)
-
-
-__all__ = [
-    "Planner",
-    "TiledResult",
-    "TilingOptions",
-    "predict_tiled",
-    "scratch_folder",
-    "stitch_tiles",
-    "tiled_forward",
-]

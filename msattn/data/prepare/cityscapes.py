@@ -104,7 +104,7 @@ def polygons_label(path: Path) -> np.ndarray:
 
 
 def _process(task: Task, out: Path) -> Result:
-    from msattn.io import open_image
+    from msattn.images import open_image
 
     image_path, label_path, polygon_path = task.payload
     image_path = Path(image_path)

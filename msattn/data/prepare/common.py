@@ -145,7 +145,7 @@ def save_label(label: np.ndarray, path: Path, palette: Sequence[Sequence[int]] |
     """
     from PIL import Image
 
-    from msattn.io import save_image
+    from msattn.images import save_image
 
     if label.dtype != np.uint8 or label.ndim != 2:
         raise ValueError(f"labels must be 2-D uint8, got {label.dtype} {label.shape}")
@@ -184,7 +184,7 @@ def check_image(src: Path, size: tuple[int, int] | None = None) -> None:
     The size may match the stored pixels or the image turned by its EXIF orientation: the
     dataset reader picks the one its label matches (:func:`msattn.data.labels.orient_to_label`).
     """
-    from msattn.io import EXIF_ORIENTATION, open_image
+    from msattn.images import EXIF_ORIENTATION, open_image
 
     img = open_image(src, mode=None, orient=False)
     turned = img.size[::-1] if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else img.size  # 90-degree turns

@@ -202,7 +202,7 @@ def read_labelmap(path: Path) -> tuple[list[str], dict[tuple[int, int, int], int
 
 
 def _process_mask(task: Task, out: Path, palette: Any = None) -> Result:
-    from msattn.io import open_image
+    from msattn.images import open_image
 
     mask_path, image_path, table = task.payload
     if image_path is None:

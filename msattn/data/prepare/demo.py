@@ -167,7 +167,7 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
 def _process(task: Task, out: Path) -> Result:
     from PIL import Image
 
-    from msattn.io import save_image
+    from msattn.images import save_image
 
     seed, index, size, style = task.payload
     image, label, _ = render_scene(scene_rng(seed, task.split, index), size, style)

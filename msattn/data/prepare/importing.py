@@ -152,7 +152,7 @@ def load_image(source: Path | bytes, name: str | Path) -> tuple[Any, bool]:
     """
     from PIL import Image, ImageOps
 
-    from msattn.io import open_image
+    from msattn.images import open_image
 
     if isinstance(source, bytes):
         from msattn.io import max_pixels_limit
@@ -182,7 +182,7 @@ def load_image(source: Path | bytes, name: str | Path) -> tuple[Any, bool]:
 
 def write_image(img: Any, linkable: bool, source: Path | bytes, dst: Path) -> None:
     """Place the image at ``dst``: a link to ``source`` when linkable, else a JPEG of ``img`` (atomic)."""
-    from msattn.io import save_image
+    from msattn.images import save_image
 
     if linkable and isinstance(source, Path):
         common.link_or_copy(source, dst)

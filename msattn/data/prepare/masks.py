@@ -132,7 +132,7 @@ def values_to_label(values: np.ndarray, table: ClassTable, source: Any) -> np.nd
 
 
 def _process(task: Task, out: Path, table: ClassTable) -> Result:
-    from msattn.io import open_image
+    from msattn.images import open_image
 
     image_path, mask_path = task.payload
     if mask_path is None:
@@ -174,7 +174,7 @@ def pair_files(images: Path, masks: Path, suffix: str) -> tuple[list[tuple[str, 
 
 def scan_values(masks: list[Path], ignore_value: int | None) -> ClassTable:
     """Without a class table: read every mask; classes ``class_0`` .. ``class_<max value>``."""
-    from msattn.io import open_image
+    from msattn.images import open_image
 
     top = -1
     for path in masks:

@@ -55,7 +55,7 @@ def find_sbd_cls(sbd: Path) -> Path:
 
 def read_voc_label(path: Path) -> np.ndarray:
     """Class indices of a VOC label PNG: the raw palette indices (mode P) or grey values (mode L)."""
-    from msattn.io import open_image
+    from msattn.images import open_image
 
     img = open_image(path, mode=None, orient=False)  # labels are read as stored
     if img.mode not in ("P", "L"):

@@ -1,0 +1,1 @@
+"""Recipes: TOML files -> typed, validated, nested dataclasses (:mod:`msattn.config.recipe`)."""

@@ -1,1 +1,0 @@
-"""Engine: training, evaluation, prediction, metrics, checkpoints, distributed, benchmarks."""

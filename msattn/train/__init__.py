@@ -1,0 +1,1 @@
+"""``msattn train``: the training loop read top to bottom (:mod:`msattn.train.loop`) and its parts."""
