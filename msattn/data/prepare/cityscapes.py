@@ -3,7 +3,9 @@
 Layout: ``leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png`` and
 ``gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png``; the id is
 ``<city>_<seq>_<frame>``. The official train (2,975) and val (500) splits are kept; test has no
-public labels and is left out.
+public labels and is left out. A source holding only one of ``leftImg8bit/train`` and
+``leftImg8bit/val`` (a val download to evaluate a model) gives that split and an empty list for the
+other, with a warning naming the missing folder; a source with neither is an error.
 
 Labels: each labelId becomes its trainId by the table below (the Cityscapes label definition);
 labelIds without a trainId (void, parking, rail track, guard rail, bridge, tunnel, polegroup,
@@ -126,8 +128,6 @@ def _process(task: Task, out: Path) -> Result:
 
 def _split_tasks(root: Path, split: str, ids: importing.IdTable) -> list[Task]:
     images, labels = root / "leftImg8bit" / split, root / "gtFine" / split
-    if not images.is_dir():
-        raise DataError(f"{images}: folder not found (--source must hold leftImg8bit/ and gtFine/)")
     tasks = []
     for image in sorted(images.glob(f"*/*{IMAGE_SUFFIX}")):
         stem = image.name[: -len(IMAGE_SUFFIX)]
@@ -140,6 +140,19 @@ def _split_tasks(root: Path, split: str, ids: importing.IdTable) -> list[Task]:
     return tasks
 
 
+def present_splits(source: Path) -> tuple[list[str], dict[str, str]]:
+    """The splits of ``source`` that have a ``leftImg8bit/<split>/`` folder, and why each other one is empty.
+
+    Raises :class:`DataError` naming ``leftImg8bit/`` when neither train nor val is there.
+    """
+    images = source / "leftImg8bit"
+    present = [split for split in common.SPLITS if (images / split).is_dir()]
+    if not present:
+        found = "folder not found" if not images.is_dir() else "holds neither train/ nor val/"
+        raise DataError(f"{images}: {found} (--source must hold leftImg8bit/train/, leftImg8bit/val/ or both, and gtFine/)")
+    return present, {split: f"{images / split}: folder not found" for split in common.SPLITS if split not in present}
+
+
 @common.locked_output("source")
 def prepare_cityscapes(source: Path, out: Path, workers: int = 2) -> PrepareSummary:
     """Write Cityscapes train/val (fine labels, 19 classes) to ``out``."""
@@ -149,10 +162,11 @@ def prepare_cityscapes(source: Path, out: Path, workers: int = 2) -> PrepareSumm
     if not (source / "gtFine").is_dir():
         raise DataError(f"{source}: no gtFine/ folder here (download gtFine_trainvaltest.zip)")
     importing.check_out_separate(out, source)
+    splits, why_empty = present_splits(source)
     ids = importing.IdTable()
-    tasks = [task for split in common.SPLITS for task in _split_tasks(source, split, ids)]
+    tasks = [task for split in splits for task in _split_tasks(source, split, ids)]
     if not tasks:
-        raise DataError(f"{source}: no *{IMAGE_SUFFIX} images under leftImg8bit/train or leftImg8bit/val")
+        raise DataError(f"{source}: no *{IMAGE_SUFFIX} images under leftImg8bit/{' or leftImg8bit/'.join(splits)}")
     polygons = sum(1 for t in tasks if t.payload[1] is None and t.payload[2] is not None)
     common.prepare_output(out, "cityscapes", {"source": str(source.resolve())})
     results = common.run_tasks(_process, tasks, out, workers, "cityscapes") + ids.error_results()
@@ -166,4 +180,5 @@ def prepare_cityscapes(source: Path, out: Path, workers: int = 2) -> PrepareSumm
         extra={"label_map": {str(label_id): train_id for _, label_id, train_id, _ in LABELS if label_id >= 0}},
         warnings=[f"{polygons} label(s) rasterised from {POLYGON_SUFFIX} (no {LABEL_SUFFIX})"] if polygons else [],
         palette=PALETTE,
+        why_empty=why_empty,
     )

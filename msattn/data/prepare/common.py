@@ -291,6 +291,7 @@ def finish(
     palette: Sequence[Sequence[int]] | None = None,
     notes: Sequence[str] = (),
     unions: dict[str, Sequence[str]] | None = None,
+    why_empty: dict[str, str] | None = None,
 ) -> PrepareSummary:
     """Write the lists, ``dataset.json`` and the report; print the summary; fail if nothing is usable.
 
@@ -298,13 +299,15 @@ def finish(
     ``notes``: details written to the report only (``warnings`` are printed and written).
     A ``test`` split (results with split ``"test"``) gets a ``test.txt`` when it holds ids.
     ``unions`` names extra lists made of whole splits, e.g. ``{"trainval": ("train", "val")}``.
+    ``why_empty``: split -> why the source gives it no ids, added to the warning of an empty split.
     """
     names = list(SPLITS) + [s for s in OPTIONAL_SPLITS if any(r.split == s for r in results)]
     summary = _collect(name, out, names, results, warnings)
     splits = summary.splits
     for split in SPLITS:
         if not splits[split] and any(splits.values()):
-            summary.warnings.append(f"the {split} split is empty")
+            why = (why_empty or {}).get(split)
+            summary.warnings.append(f"the {split} split is empty" + (f" ({why})" if why else ""))
     report = {
         "missing": {f"{r.split}/{r.id}": r.message for r in summary.missing},
         "skipped": {f"{r.split}/{r.id}": r.message for r in summary.skipped},
