@@ -13,12 +13,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from msattn.data.labels import dedupe_ids, duplicate_warning
+from msattn.data.labels import (
+    bad_label_values, dedupe_ids, distinct_values, duplicate_warning, label_warnings, orient_to_label, palette_warning,
+)  # fmt: skip
 from msattn.data.palette import voc_colormap
+from msattn.data.transforms import EvalTransform
 from msattn.errors import DataError
-from msattn.io import check_id, open_image, read_id_list, read_json
+from msattn.io import check_id, open_image, read_id_list, read_json, to_rgb
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,6 @@ def read_label_image(
 
     Labels are read as stored: never turned by an EXIF orientation.
     """
-    from msattn.data.labels import bad_label_values, distinct_values
-
     img = open_image(path, mode=None, max_pixels=max_pixels, orient=False)
     if img.mode not in ("P", "L", "I", "I;16"):
         raise DataError(f"{path}: label is a mode {img.mode} image; expected single-channel class indices (P or L PNG)")
@@ -122,8 +124,6 @@ class SegmentationFolder(Dataset):
         max_pixels: int | None = None,
         seed: int = 0,
     ) -> None:
-        from msattn.data.transforms import EvalTransform
-
         self.root = Path(root)
         self.info = read_dataset_info(self.root)
         self.split = check_id(split, self.root / "dataset.json")
@@ -171,11 +171,6 @@ class SegmentationFolder(Dataset):
         The image is turned by its EXIF orientation when the label matches the turned image
         (:func:`msattn.data.labels.orient_to_label`); labels are read as stored.
         """
-        from PIL import Image
-
-        from msattn.data.labels import label_warnings, orient_to_label, palette_warning
-        from msattn.io import to_rgb
-
         item_id = self.ids[index]
         image_path, label_path = self.image_path(item_id), self.label_path(item_id)
         info = self.info
