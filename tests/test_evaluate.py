@@ -10,7 +10,7 @@ import torch
 from engine_helpers import CLASSES, make_tiny_dataset, save_tiny_checkpoint
 from torch import nn
 
-from msattn.data import SegmentationFolder
+from msattn.data.datasets import SegmentationFolder
 from msattn.engine.checkpoint import make_checkpoint, save_checkpoint
 from msattn.engine.evaluate import evaluate_model
 from msattn.engine.predict import predict_batch

@@ -173,7 +173,7 @@ def test_float_batches_pass_through_and_waits_are_counted() -> None:
 
 
 def test_pinned_batches_from_a_loader_with_workers_arrive_intact(tmp_path: Path) -> None:
-    from msattn.data import SegmentationFolder
+    from msattn.data.datasets import SegmentationFolder
 
     root = make_tiny_dataset(tmp_path / "d", num_train=4, num_val=1)
     data = SegmentationFolder(root, "train", transform=TrainTransform(25, None, flip=False, output="uint8"))

@@ -175,7 +175,7 @@ def test_exif_orientation_is_applied_as_viewers_do(tmp_path: Path, run_cli) -> N
 
 
 def test_dataset_images_turn_by_exif_only_when_their_label_was_drawn_turned(tmp_path: Path) -> None:
-    from msattn.data import SegmentationFolder
+    from msattn.data.datasets import SegmentationFolder
 
     data = _dataset(tmp_path / "d", size=32)
     stored = pattern_image(20, 36)
@@ -305,7 +305,7 @@ def test_missing_fixtures_skip_with_how_to_get_them_and_fail_when_required(tmp_p
 
 
 def test_prepare_data_accepts_a_label_drawn_on_the_turned_photo(tmp_path: Path, run_cli) -> None:
-    from msattn.data import SegmentationFolder
+    from msattn.data.datasets import SegmentationFolder
 
     voc = tmp_path / "VOC2012"
     (voc / "JPEGImages").mkdir(parents=True)

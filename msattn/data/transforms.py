@@ -3,7 +3,7 @@
 Transforms are called as ``transform(image, label, rng)`` with PIL images (RGB image, P/L label) and
 a :class:`numpy.random.Generator`, and return ``(FloatTensor[3, H, W], LongTensor[H, W])``. Every
 random choice comes from ``rng`` (in this order: scale, crop top, crop left, flip), so a sample is
-reproducible from its generator; :class:`msattn.data.SegmentationFolder` derives one per item.
+reproducible from its generator; :class:`msattn.data.datasets.SegmentationFolder` derives one per item.
 Images are resized bilinearly, labels with nearest neighbour, both with PIL (pixel-centre
 aligned), so labels stay integer and aligned with the image.
 """
