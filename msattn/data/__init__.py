@@ -1,7 +1,11 @@
 """Dataset folders: preparation (``msattn.data.prepare``), loading and augmentation.
 
-``DatasetInfo``, ``read_dataset_info``, ``SegmentationFolder`` and ``pad_collate`` are imported lazily
-so that ``msattn.data.prepare`` (and ``msattn --help``) does not pay for importing torch.
+Import names from the module that defines them (``msattn.data.datasets``, ``msattn.data.transforms``,
+...). ``DatasetInfo``, ``read_dataset_info``, ``SegmentationFolder`` and ``pad_collate`` are still
+reachable here, lazily, for the call sites in ``msattn/engine`` and ``msattn/analysis`` that have not
+moved to ``msattn.data.datasets`` yet (issue 22); they go when those do. Lazily, because importing
+``msattn.data.datasets`` imports torch (~1.5 s), which ``msattn.data.prepare`` and its worker
+processes never need.
 """
 
 from __future__ import annotations
