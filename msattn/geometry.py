@@ -165,22 +165,3 @@ def pad_to_grid(x: torch.Tensor, pad_to: int | None = None, value: float = 0.0) 
 def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """The top-left ``size`` = (H, W) of ``[..., H', W']`` (undoes :func:`pad_to_grid`)."""
     return x[..., : int(size[0]), : int(size[1])]
-
-
-__all__ = [
-    "STRIDE",
-    "crop_to",
-    "grid_side",
-    "is_grid_side",
-    "output_side",
-    "output_size",
-    "pad_to_grid",
-    "padded_size",
-    "resize_bilinear",
-    "resize_nearest",
-    "sample_positions",
-    "scaled_side",
-    "scaled_size",
-    "shrink_labels",
-    "upsample_logits",
-]

@@ -11,7 +11,8 @@ import torch
 from _data_helpers import FIXTURES, write_palette_png
 from PIL import Image
 
-from msattn.data.datasets import SegmentationFolder, pad_collate, read_dataset_info
+from msattn.data.datasets import SegmentationFolder, pad_collate
+from msattn.data.info import read_dataset_info
 from msattn.data.lists import lists_root, shipped_ids, shipped_list_path
 from msattn.data.prepare.demo import prepare_demo
 from msattn.data.transforms import EvalTransform, TrainTransform

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _data_helpers import run_cli
-from _import_helpers import read_label, write_image, write_json
+from _import_helpers import one_line_error, read_label, write_image, write_json
 from PIL import Image
 
 from msattn.data.prepare.cityscapes import CLASSES, train_id_table
@@ -84,3 +85,37 @@ def test_unknown_polygon_label_is_an_error_naming_the_file(cityscapes: Path, tmp
     write_json(path, {"imgHeight": H, "imgWidth": W, "objects": [{"label": "spaceship", "polygon": [[0, 0], [1, 0], [1, 1]]}]})
     summary = prepare_cityscapes(cityscapes, tmp_path / "out", workers=0)
     assert len(summary.errors) == 1 and str(path) in summary.errors[0].message and "spaceship" in summary.errors[0].message
+
+
+def test_a_val_only_source_imports_val_and_warns_once_about_train(
+    cityscapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 26: a folder holding only val (a toolkit's test fixture, a val download) is imported.
+
+    The convention of every prepare-data command stays: ``train.txt`` and ``val.txt`` are always
+    written, so the missing split is an empty ``train.txt`` (and ``counts["train"] == 0``).
+    """
+    for top in ("leftImg8bit", "gtFine"):
+        shutil.rmtree(cityscapes / top / "train")
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(capsys, "prepare-data", "cityscapes", "--source", cityscapes, "--out", out, "-j", "0")
+    assert code == 0, stderr
+    assert (out / "val.txt").read_text().split() == ["frankfurt_000000_000294"]
+    assert (out / "train.txt").read_text() == ""
+    assert json.loads((out / "dataset.json").read_text())["counts"] == {"train": 0, "val": 1}
+    missing = [line for line in stderr.splitlines() if "leftImg8bit/train" in line]
+    assert len(missing) == 1 and missing[0].startswith("warning:"), stderr
+    assert "Traceback" not in stderr
+    report = json.loads((out / "prepare_report.json").read_text())
+    assert any("leftImg8bit/train" in warning for warning in report["warnings"])
+
+
+@pytest.mark.parametrize("removed", [("leftImg8bit/train", "leftImg8bit/val"), ("leftImg8bit",)])
+def test_a_source_without_train_or_val_is_one_error_naming_the_folder(
+    removed: tuple[str, ...], cityscapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for folder in removed:  # only leftImg8bit/test (no public labels) is left, or no leftImg8bit/ at all
+        shutil.rmtree(cityscapes / folder)
+    code, _, stderr = run_cli(capsys, "prepare-data", "cityscapes", "--source", cityscapes, "--out", tmp_path / "out")
+    assert code != 0
+    one_line_error(stderr, f"{cityscapes / 'leftImg8bit'}:", "train/", "val/")

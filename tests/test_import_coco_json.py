@@ -151,7 +151,7 @@ def test_resume_and_refusals(coco: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert "coco-json" in stdout
     code, _, stderr = _run(capsys, coco, coco / "images" / "..")  # --out is the export folder itself
     assert code == 2
-    one_line_error(stderr, "--images", "choose another --out")  # refused before any work (common.check_sources)
+    one_line_error(stderr, "--images", "choose another --out")  # refused before any work (output_folder.check_sources)
     with pytest.raises(UsageError, match="--crowd"):
         prepare_coco_json(coco / "train.json", coco / "images", tmp_path / "x", crowd="maybe")
 

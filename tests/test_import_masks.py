@@ -142,4 +142,4 @@ def test_mask_size_and_jpeg_masks_are_errors_naming_files(tmp_path: Path, capsys
     assert "JPEG mask" in errors["s2"]
     code, _, stderr = run_cli(capsys, "prepare-data", "masks", "--images", images, "--masks", masks, "--out", tmp_path)
     assert code == 2
-    one_line_error(stderr, "--images", "choose another --out")  # refused before any work (common.check_sources)
+    one_line_error(stderr, "--images", "choose another --out")  # refused before any work (output_folder.check_sources)

@@ -21,8 +21,8 @@ import pytest
 import torch
 from engine_helpers import make_tiny_dataset, write_recipe
 
-import msattn.train.report
 import msattn.train.loop
+import msattn.train.report
 from msattn.config.recipe import load_recipe
 from msattn.errors import CheckpointError, TrainingError
 from msattn.runtime.checkpoint import load_checkpoint

@@ -6,7 +6,3 @@
 - :mod:`.summary`: sums -> the numbers of ``report.json``; :mod:`.costs`: FLOPs and bench latency per subset.
 - :mod:`.run`: the command; :mod:`.html`, :mod:`.plots`, :mod:`.gallery`, :mod:`.terminal`: the outputs.
 """
-
-from msattn.analysis.run import Settings, analyze_checkpoint
-
-__all__ = ["Settings", "analyze_checkpoint"]

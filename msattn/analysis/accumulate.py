@@ -243,6 +243,3 @@ def as_numpy(state: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-__all__ = ["CALIBRATION_BINS", "GAP_BINS", "WEIGHT_BINS", "Accumulator", "as_numpy", "calibration_keys"]

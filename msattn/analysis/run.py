@@ -39,7 +39,8 @@ from msattn.analysis.methods import (
 )
 from msattn.analysis.objects import DEFAULT_BINS, check_bins
 from msattn.analysis.terminal import print_headline
-from msattn.data.datasets import SegmentationFolder, read_dataset_info
+from msattn.data.datasets import SegmentationFolder
+from msattn.data.info import read_dataset_info
 from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from msattn.errors import DataError, DependencyError, UsageError
 from msattn.geometry import padded_size
@@ -419,6 +420,3 @@ def write_outputs(job: Job, report: dict[str, Any], out: Path, json_path: Path |
 def _mean(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
-
-
-__all__ = ["Settings", "analyze_checkpoint", "build_report", "run_pass"]

@@ -187,6 +187,3 @@ def _engine_step(
     )
     state = sum(p.numel() * p.element_size() for p in model.parameters()) * 2  # weights + momentum
     return lambda batch: run([batch]), state
-
-
-__all__ = ["E2E_PAIRS", "bench_data", "bench_train_e2e", "data_image_side"]

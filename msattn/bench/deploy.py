@@ -47,7 +47,6 @@ FULL = {"num_classes": 21, "scales": (1.0, 0.75, 0.5), "merge": "attention"}
 DEMO = {"num_classes": 5, "scales": (2.0, 1.0), "merge": "attention", "width": 0.125, "side": 96}
 
 
-
 def _checkpoint(folder: Path, name: str, num_classes: int, scales: Any, merge: str, width: float) -> Path:
     """A randomly initialised checkpoint (speed does not depend on the weights)."""
     torch.manual_seed(0)
@@ -190,6 +189,3 @@ def print_deploy_report(records: list[dict[str, Any]], console: Any) -> None:
             table.add_row(r["model"], str(r["size"]), r["runtime"], f"{r['latency_ms']:.1f}",
                           f"{r['latency_ms_min']:.1f}", f"{r['onnx_over_torch']:.3f}")  # fmt: skip
         console.print(table)
-
-
-__all__ = ["DEPLOY_MODES", "bench_onnx", "bench_tiled", "parse_image", "print_deploy_report"]

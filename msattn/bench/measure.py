@@ -195,9 +195,3 @@ def matmul_case(settings: Settings) -> tuple[Callable[[], None], int, str]:
 
     dtype_name = "bf16" if settings.amp else ("tf32" if tf32 else "fp32")
     return step, 2 * n**3, f"{n}x{n} {dtype_name} matmul"
-
-
-__all__ = [
-    "MB", "LoadMonitor", "MemoryProbe", "count_flops", "matmul_case", "probe_case", "run_interleaved", "synchronize",
-    "timed",
-]  # fmt: skip

@@ -133,6 +133,3 @@ def print_report(records: list[dict[str, Any]], context: dict[str, Any], console
 def _printer(console: Any) -> Callable[[str], None]:
     """Plain text lines (no markup), wrapped at the console's width."""
     return lambda text: console.print(text, markup=False, highlight=False)
-
-
-__all__ = ["REPORT_WIDTH", "ProgressLog", "fmt", "print_report"]

@@ -13,17 +13,28 @@ was likely annotated that way), hence a warning. ``prepare-data`` stores images 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import multiprocessing
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.ndimage
+from PIL import Image
+from rich.progress import Progress
 
+from msattn.data.info import read_dataset_info
+from msattn.data.labels import bad_label_values, label_warnings
+from msattn.data.prepare.common import make_console
+from msattn.data.prepare.importing import exif_orientation
 from msattn.errors import DataError
-from msattn.io import check_id, read_list_lines
+from msattn.images import open_image
+from msattn.io import check_id, max_pixels_limit, read_list_lines
 
 ERROR, WARNING = "error", "warning"
 TINY_SIDE = 32  # px: smaller images are suspicious (thumbnails, icons)
@@ -119,8 +130,6 @@ def label_problems(values: np.ndarray, num_classes: int, ignore_index: int = 255
     all ignore, and one holding only 0 and ``ignore_index`` (a binary mask whose objects were
     stored as 255, which means ignore).
     """
-    from msattn.data.labels import bad_label_values, label_warnings
-
     found = np.unique(np.asarray(values))
     problems = []
     bad = bad_label_values(found.tolist(), num_classes, ignore_index)
@@ -165,10 +174,6 @@ class _Settings:
 
 def _read_image(path: Path, settings: _Settings, stats: ItemStats) -> tuple[int, int] | None:
     """Header (and with ``full``, pixels) of the image; findings into ``stats``; returns its stored (W, H)."""
-    from PIL import Image
-
-    from msattn.data.prepare.importing import exif_orientation
-
     Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(path) as img:
@@ -197,10 +202,6 @@ def _read_image(path: Path, settings: _Settings, stats: ItemStats) -> tuple[int,
 
 def _read_label(path: Path, settings: _Settings, stats: ItemStats) -> np.ndarray | None:
     """The label's values (any mode the loader accepts); mode, format and palette findings into ``stats``."""
-    from PIL import Image
-
-    from msattn.images import open_image
-
     try:
         img = open_image(path, mode=None, max_pixels=settings.max_pixels)  # a copy: no .format
         with Image.open(path) as probe:
@@ -234,8 +235,6 @@ def _read_label(path: Path, settings: _Settings, stats: ItemStats) -> np.ndarray
 
 def _objects(label: np.ndarray, classes: Sequence[int]) -> dict[int, list[int]]:
     """Per class present: OBJECT_BINS counts of connected-component areas (4-connectivity)."""
-    import scipy.ndimage
-
     found = {}
     for cls in classes:
         components, count = scipy.ndimage.label(label == cls)
@@ -324,14 +323,6 @@ def _choose(lists: dict[str, list[str]], sample: int | None, seed: int) -> dict[
 
 
 def _run_checks(todo: list[tuple[str, str]], settings: _Settings, workers: int, progress: bool) -> list[ItemStats]:
-    import functools
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from rich.progress import Progress
-
-    from msattn.data.prepare.common import make_console
-
     run = functools.partial(_check_pair, settings=settings)
     with Progress(console=make_console(stderr=True), disable=not progress, transient=True) as bar:
         task = bar.add_task("check-data", total=len(todo))
@@ -400,9 +391,6 @@ def check_dataset(
     A folder without a readable ``dataset.json`` raises :class:`DataError`; every other problem
     is a finding in the report.
     """
-    from msattn.data.datasets import read_dataset_info
-    from msattn.io import max_pixels_limit
-
     root = Path(root)
     info = read_dataset_info(root)
     count = int(num_classes) if num_classes is not None else info.num_classes

@@ -14,14 +14,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from msattn.data.check import ERROR, OBJECT_BINS, CheckReport
+import numpy as np
+from rich.markup import escape
+from rich.table import Table
+
+from msattn.data.check import ERROR, OBJECT_BINS, CheckReport, check_dataset
+from msattn.data.prepare.common import make_console
 from msattn.errors import DataCheckError, DependencyError
 from msattn.io import write_json, write_text
 
 
 def require_matplotlib() -> Any:
     """``matplotlib.pyplot`` on the Agg backend, or :class:`DependencyError` saying what to install."""
-    try:
+    try:  # an optional dependency (msattn[report]), imported only for --report
         import matplotlib
 
         matplotlib.use("Agg")
@@ -47,9 +52,6 @@ def _share(values: Sequence[int], total: int) -> str:
 
 def print_report(report: CheckReport, console: Any) -> None:
     """The findings, the classes, the image sizes and the object sizes as Rich tables."""
-    from rich.markup import escape
-    from rich.table import Table
-
     checked = ", ".join(f"{s} {n}" + (f"/{report.splits[s]}" if n < report.splits[s] else "") for s, n in report.checked.items())
     console.print(f"check-data {report.root}: {len(report.classes)} classes; images checked: {checked}", markup=False)
     if report.findings:
@@ -93,8 +95,6 @@ def size_summary(report: CheckReport) -> str:
 
 
 def _objects_table(report: CheckReport) -> Any:
-    from rich.table import Table
-
     table = Table(title="objects (connected components per class)", title_justify="left")
     for column in ("class", "objects", "median area (px)", "< 16 px", "< 1024 px", ">= 65536 px"):
         table.add_column(column, justify="left" if column == "class" else "right")
@@ -126,8 +126,6 @@ def _figure_png(fig: Any) -> str:
 
 def _plots(report: CheckReport, plt: Any) -> list[tuple[str, str]]:
     """(title, base64 PNG) of every plot."""
-    import numpy as np
-
     plots, names, x = [], report.classes, np.arange(len(report.classes))
     width = 0.8 / max(1, len(report.class_pixels))
     for key, title in (("class_pixels", "pixel share per class (%)"), ("class_images", "images containing each class")):
@@ -187,9 +185,6 @@ def check_data_command(
     splits: Sequence[str] | None = None, num_classes: int | None = None, workers: int = 2,
 ) -> CheckReport:  # fmt: skip
     """The ``check-data`` command: check, print, write; raise :class:`DataCheckError` on errors."""
-    from msattn.data.check import check_dataset
-    from msattn.data.prepare.common import make_console
-
     plt = require_matplotlib() if report_dir is not None else None
     report = check_dataset(root, splits=splits or None, num_classes=num_classes, full=full, workers=workers, progress=True)
     console = make_console()

@@ -7,71 +7,28 @@ Any folder in this shape works, so users can bring their own data. Labels are si
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from msattn.data.labels import dedupe_ids, duplicate_warning
-from msattn.data.palette import voc_colormap
+from msattn.data.info import read_dataset_info
+from msattn.data.labels import (
+    bad_label_values,
+    dedupe_ids,
+    distinct_values,
+    duplicate_warning,
+    label_warnings,
+    orient_to_label,
+    palette_warning,
+)  # fmt: skip
+from msattn.data.transforms import EvalTransform
 from msattn.errors import DataError
-from msattn.images import open_image
-from msattn.io import check_id, read_id_list, read_json
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What ``dataset.json`` says about a dataset folder."""
-
-    name: str
-    classes: list[str]
-    ignore_index: int
-    palette: list[list[int]]
-    root: Path
-    palette_declared: bool = True  # False: dataset.json has no palette (the VOC colours stand in)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
-def read_dataset_info(root: Path) -> DatasetInfo:
-    """Read and check ``root/dataset.json``; a missing or malformed file raises :class:`DataError`."""
-    root = Path(root)
-    path = root / "dataset.json"
-    if not root.is_dir():
-        raise DataError(f"{root}: dataset folder not found")
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    name = data.get("name", root.name)
-    classes = data.get("classes")
-    ignore_index = data.get("ignore_index", 255)
-    if not isinstance(name, str):
-        raise DataError(f"{path}: 'name' must be a string")
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise DataError(f"{path}: 'classes' must be a non-empty list of class names (index 0 first)")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool) or not 0 <= ignore_index <= 255:
-        raise DataError(f"{path}: 'ignore_index' must be an integer in 0..255")
-    if len(classes) > 255 or (ignore_index < len(classes)):
-        raise DataError(f"{path}: {len(classes)} classes do not fit 8-bit labels with ignore_index {ignore_index}")
-    palette = data.get("palette")
-    declared = palette is not None
-    if palette is None:
-        palette = voc_colormap(len(classes))
-    ok = isinstance(palette, list) and all(
-        isinstance(rgb, list) and len(rgb) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in rgb)
-        for rgb in palette
-    )
-    if not ok or len(palette) < len(classes):
-        raise DataError(f"{path}: 'palette' must list one [r, g, b] (0..255) per class")
-    return DatasetInfo(
-        name=name, classes=list(classes), ignore_index=ignore_index, palette=palette, root=root,
-        palette_declared=declared,
-    )  # fmt: skip
+from msattn.images import open_image, to_rgb
+from msattn.io import check_id, read_id_list
 
 
 def read_label(path: Path, num_classes: int, ignore_index: int = 255, max_pixels: int | None = None) -> np.ndarray:
@@ -89,8 +46,6 @@ def read_label_image(
 
     Labels are read as stored: never turned by an EXIF orientation.
     """
-    from msattn.data.labels import bad_label_values, distinct_values
-
     img = open_image(path, mode=None, max_pixels=max_pixels, orient=False)
     if img.mode not in ("P", "L", "I", "I;16"):
         raise DataError(f"{path}: label is a mode {img.mode} image; expected single-channel class indices (P or L PNG)")
@@ -123,8 +78,6 @@ class SegmentationFolder(Dataset):
         max_pixels: int | None = None,
         seed: int = 0,
     ) -> None:
-        from msattn.data.transforms import EvalTransform
-
         self.root = Path(root)
         self.info = read_dataset_info(self.root)
         self.split = check_id(split, self.root / "dataset.json")
@@ -172,11 +125,6 @@ class SegmentationFolder(Dataset):
         The image is turned by its EXIF orientation when the label matches the turned image
         (:func:`msattn.data.labels.orient_to_label`); labels are read as stored.
         """
-        from PIL import Image
-
-        from msattn.data.labels import label_warnings, orient_to_label, palette_warning
-        from msattn.images import to_rgb
-
         item_id = self.ids[index]
         image_path, label_path = self.image_path(item_id), self.label_path(item_id)
         info = self.info

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import ImageOps
+
+from msattn.images import EXIF_ORIENTATION
 
 #: How many file names a grouped warning lists before "and N more".
 SHOWN_FILES = 3
@@ -81,10 +84,6 @@ def orient_to_label(image: Any, label_size: tuple[int, int]) -> tuple[Any, str |
     a 180-degree turn: label what you see), else the stored pixels with a warning that predict
     will see the photo turned. Returns (image, warning or None).
     """
-    from PIL import ImageOps
-
-    from msattn.images import EXIF_ORIENTATION
-
     orientation = image.getexif().get(EXIF_ORIENTATION, 1)
     if orientation in (1, None):
         return image, None

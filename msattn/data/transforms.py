@@ -3,7 +3,7 @@
 Transforms are called as ``transform(image, label, rng)`` with PIL images (RGB image, P/L label) and
 a :class:`numpy.random.Generator`, and return ``(FloatTensor[3, H, W], LongTensor[H, W])``. Every
 random choice comes from ``rng`` (in this order: scale, crop top, crop left, flip), so a sample is
-reproducible from its generator; :class:`msattn.data.SegmentationFolder` derives one per item.
+reproducible from its generator; :class:`msattn.data.datasets.SegmentationFolder` derives one per item.
 Images are resized bilinearly, labels with nearest neighbour, both with PIL (pixel-centre
 aligned), so labels stay integer and aligned with the image.
 """
@@ -11,13 +11,10 @@ aligned), so labels stay integer and aligned with the image.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from PIL.Image import Image
+from PIL.Image import Image, Resampling
 
 #: torchvision's ImageNet statistics on [0, 1] RGB (torchvision's VGG-16 weights)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -111,8 +108,6 @@ class TrainTransform:
         self, image: Image, label: Image, rng: np.random.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(PIL RGB, PIL label, rng)`` -> ``(float32[3, c, c], int64[c, c])``, ``c = crop_size``."""
-        from PIL.Image import Resampling
-
         rng = rng if rng is not None else np.random.default_rng()
         image = image.convert("RGB")
         if image.size != label.size:

@@ -152,6 +152,3 @@ class DeployGraph(nn.Module):
         cat = torch.cat([to_ref(f, i) for i, f in enumerate(feats)], dim=1)  # [N, S*F, h, w]
         weights = self.head(cat)  # [N, S, h, w], softmax over scales
         return (stacked * weights.unsqueeze(2)).sum(dim=1), weights
-
-
-__all__ = ["DeployGraph", "grid_steps", "scale_fraction", "scaled_grid_side"]

@@ -274,6 +274,3 @@ def _summary_line(summary: dict[str, Any]) -> str:
     elif check:
         line += f"; check {check}"
     return line
-
-
-__all__ = ["FORMAT", "build_graph", "export_checkpoint", "file_sha256", "metadata", "require", "trace", "verify_export"]

@@ -114,6 +114,3 @@ class OnnxBackend:
             if attention is not None:
                 attention = (attention + mirrored["attention"][..., ::-1]) / 2
         return probs, attention
-
-
-__all__ = ["OnnxBackend", "OnnxSession"]

@@ -134,6 +134,3 @@ def memory_model(backend: Any) -> Any:
     args = dict(backend.model_args or {})
     args.setdefault("num_classes", backend.num_classes)
     return memory_model_from_args(args, backend.scales, backend.weight_bytes)
-
-
-__all__ = ["BACKENDS", "TorchBackend", "memory_model", "open_backend"]

@@ -71,6 +71,3 @@ def group_by_key(items: Iterable[T], key: Callable[[T], Hashable]) -> list[list[
     for item in items:
         groups.setdefault(key(item), []).append(item)
     return list(groups.values())
-
-
-__all__ = ["DEFAULT_BUCKET", "bucket_side", "bucket_size", "check_bucket", "group_by_key", "pad_to_size"]

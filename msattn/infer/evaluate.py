@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Subset
 from msattn.config.crf import CRFParams
 from msattn.config.recipe import recipe_from_dict
 from msattn.crf.dense import dense_crf
-from msattn.data.datasets import SegmentationFolder, read_dataset_info
+from msattn.data.datasets import SegmentationFolder
+from msattn.data.info import read_dataset_info
 from msattn.data.labels import WarningLog
 from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from msattn.errors import ConfigError, DataError, UsageError

@@ -14,8 +14,6 @@ import torch
 
 from msattn.geometry import crop_to, pad_to_grid, resize_bilinear, resize_nearest, upsample_logits
 
-__all__ = ["amp_dtype_for", "predict_batch", "predict_probs"]
-
 
 def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
     """bf16 autocast on CUDA when ``amp``; never on CPU (bf16 is ~100x slower there)."""

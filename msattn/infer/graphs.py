@@ -334,15 +334,3 @@ class InferenceRunner:
 
     def summary(self) -> str | None:
         return self.cache.summary()
-
-
-__all__ = [
-    "CUDA_BATCH",
-    "GraphCache",
-    "GraphPolicy",
-    "InferenceRunner",
-    "capture_cuda_graph",
-    "cudnn_benchmark",
-    "graph_policy",
-    "inference_batch_size",
-]

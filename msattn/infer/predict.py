@@ -26,10 +26,9 @@ from msattn.crf.dense import dense_crf, import_densecrf
 from msattn.errors import DataError, MsattnError, ResourceError, UsageError
 from msattn.images import open_image
 from msattn.infer.backends import memory_model, open_backend
-from msattn.infer.files import Outputs, _Labels, attention_file, write_prediction
-from msattn.infer.forward import amp_dtype_for, predict_batch, predict_probs  # re-exported (the forward pass)
+from msattn.infer.files import Outputs, _Labels, write_prediction
 from msattn.infer.graphs import inference_batch_size
-from msattn.infer.inputs import collect_inputs, gather_inputs, unique_names  # collect_inputs, unique_names: re-exported
+from msattn.infer.inputs import gather_inputs, unique_names  # collect_inputs, unique_names: re-exported
 from msattn.io import clean_temporaries
 from msattn.locks import folder_lock
 from msattn.outputs import Item, Mark, inputs_key, plan_outputs, refuse_inputs_in_out, settings_key, write_settings
@@ -38,12 +37,6 @@ from msattn.tiling.images import predict_image_tiled
 from msattn.tiling.layout import count_tiles
 from msattn.tiling.run import Planner, TilingOptions
 from msattn.tiling.stitch import Scratch
-
-__all__ = [
-    "Outputs", "amp_dtype_for", "attention_file", "collect_inputs", "predict_batch", "predict_images", "predict_probs",
-    "unique_names", "write_prediction",
-]  # fmt: skip
-
 
 # ----------------------------------------------------------------------------- the command
 

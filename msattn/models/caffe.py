@@ -34,9 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
-from msattn.errors import CheckpointError
+from msattn.errors import CheckpointError, UsageError
+from msattn.io import atomic_write, file_sha256
 from msattn.models.convert import LARGEFOV_CONV_NAMES, decimate_fc6, decimate_fc7
+from msattn.outputs import check_output_file
 
 FORMAT = "msattn-caffe-weights"
 #: Caffe's VGG-16 / DeepLab mean, in BGR order as Caffe uses it
@@ -259,8 +262,6 @@ def convert_caffemodel(path: str | Path) -> dict[str, Any]:
         if weight.size == weight.shape[0] * fc:  # a LargeFOV classifier (e.g. fc8_voc12); ImageNet's fc8 is not
             state["fc8.weight"], state["fc8.bias"] = _tensor(weight, (weight.shape[0], fc, 1, 1)), _tensor(bias)
             mapped.append(classifier)
-    from msattn.io import file_sha256
-
     digest = file_sha256(path)
     return {
         "format": FORMAT,
@@ -290,18 +291,11 @@ def _converted_file(path: Path) -> bool:
 
 def convert_weights_command(source: Path, out: Path) -> dict[str, Any]:
     """``msattn convert-weights``: write the converted weights to ``out`` (atomically; never over ``source``)."""
-    from rich.console import Console
-
-    from msattn.errors import UsageError
-    from msattn.io import atomic_write
-
     source, out = Path(source), Path(out)
     if out.exists() and source.exists() and out.resolve() == source.resolve():
         raise UsageError(f"{out}: --out is the input caffemodel; choose another file")
     if out.is_dir():
         raise UsageError(f"{out}: is a folder; --out needs a file name such as init.pt")
-    from msattn.outputs import check_output_file
-
     check_output_file(out, "--out", inputs=[source], ours=_converted_file)  # never over a file it did not write
     converted = convert_caffemodel(source)
     with atomic_write(out, "wb") as handle:

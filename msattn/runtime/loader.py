@@ -193,15 +193,3 @@ class DeviceBatches(Iterator[dict[str, Any]]):
     def take_wait(self) -> float:
         waited, self.waited = self.waited, 0.0
         return waited
-
-
-__all__ = [
-    "AUTO",
-    "DeviceBatches",
-    "WorkerPlan",
-    "measure_decode_rate",
-    "normalize_table",
-    "normalize_uint8",
-    "resolve_workers",
-    "train_workers",
-]

@@ -61,6 +61,3 @@ def predict_image_tiled(
         scratch=scratch,
         on_tile=on_tile,
     )
-
-
-__all__ = ["predict_image_tiled"]

@@ -183,19 +183,3 @@ def tile_weights(height: int, width: int, tiling: Tiling) -> dict[tuple[int, int
     row_w = [axis_weights(rows, i) for i in range(len(rows))]
     col_w = [axis_weights(cols, j) for j in range(len(cols))]
     return {(y0, x0): (row_w[i], col_w[j]) for i, (y0, _) in enumerate(rows) for j, (x0, _) in enumerate(cols)}
-
-
-__all__ = [
-    "MIN_TILE",
-    "Tiling",
-    "Window",
-    "axis_spans",
-    "axis_starts",
-    "axis_weights",
-    "count_tiles",
-    "default_overlap",
-    "make_tiling",
-    "scale_quantum",
-    "tile_weights",
-    "windows",
-]

@@ -136,14 +136,3 @@ def memory_model_from_args(model_args: dict, scales: Sequence[float] | None = No
     """A :class:`MemoryModel` from a checkpoint's ``model_args`` (and the scales actually run)."""
     run = tuple(float(s) for s in (scales or model_args.get("scales") or (1.0,)))
     return MemoryModel(float(model_args.get("width", 1.0)), int(model_args["num_classes"]), run, int(weight_bytes))
-
-
-__all__ = [
-    "MemoryModel",
-    "available_ram",
-    "choose_tile",
-    "default_budget",
-    "format_bytes",
-    "memory_model_from_args",
-    "parse_memory",
-]

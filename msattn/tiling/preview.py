@@ -96,16 +96,3 @@ def picture_views(image: np.ndarray, labels: np.ndarray, attention: np.ndarray |
         reduce_labels(labels, f_figure),
         weights,
     )
-
-
-__all__ = [
-    "FIGURE_MAX_SIDE",
-    "OVERLAY_MAX_SIDE",
-    "Views",
-    "overlay_bands",
-    "picture_views",
-    "reduce_factor",
-    "reduce_image",
-    "reduce_labels",
-    "reduce_weights",
-]

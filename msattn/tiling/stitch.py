@@ -143,6 +143,3 @@ def new_store(shape: tuple[int, ...], dtype: Any, on_disk: bool, scratch: Scratc
     if on_disk:
         return scratch.new(shape, dtype)
     return np.zeros(shape, dtype)
-
-
-__all__ = ["LabelSink", "Scratch", "Sink", "Stitcher", "StoreSink", "new_store"]

@@ -242,7 +242,3 @@ def signals_between_steps() -> Iterator[Callable[[], contextlib.AbstractContextM
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
-
-
-__all__ = ["CheckpointPolicy", "RunStopped", "describe", "signals_between_steps"]
-

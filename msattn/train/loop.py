@@ -40,8 +40,8 @@ from msattn.train.checkpoint_policy import CheckpointPolicy, RunStopped, signals
 from msattn.train.report import LossWindow, MetricsLog, memory_mb, progress_bar, report_final, run_validation
 from msattn.train.run_folder import run_folder_lock
 from msattn.train.setup import TrainSetup, check_before_lock, dry_run_report, prepare, resolve_paths
-from msattn.train.step import NonFiniteGuard, lr_factor, make_optimizer, optimizer_kernels, train_step
-from msattn.train.stream import StreamSampler, TrainStream, backend_flags, epoch_order, make_train_loader
+from msattn.train.step import lr_factor, train_step
+from msattn.train.stream import backend_flags, make_train_loader
 
 # ----------------------------------------------------------------------------- entry points
 
@@ -224,18 +224,3 @@ def finish(s: TrainSetup, policy: CheckpointPolicy, log: MetricsLog) -> None:
                         markup=False)  # fmt: skip
     if s.recipe.train.eval_at_end and s.info.is_main:
         report_final(s.recipe, s.out_dir, policy.last_metrics, s.dataset_info, s.console)
-
-
-__all__ = [
-    "NonFiniteGuard",
-    "StreamSampler",
-    "TrainStream",
-    "dry_run_report",
-    "epoch_order",
-    "lr_factor",
-    "make_optimizer",
-    "optimizer_kernels",
-    "train",
-    "train_from_recipe",
-    "train_step",
-]

@@ -189,6 +189,3 @@ def report_final(recipe: Recipe, out_dir: Path, metrics: dict[str, Any], dataset
         console.print(f"best.pt was chosen on the held-out split {select!r}; the score above is last.pt's",
                       markup=False)  # fmt: skip
     console.print(f"outputs: {out_dir}/ ({files})", markup=False)
-
-
-__all__ = ["LossWindow", "MetricsLog", "memory_mb", "progress_bar", "report_final", "run_validation"]

@@ -136,6 +136,3 @@ def resume_input_norm(state: dict[str, Any]) -> Any:
     mean = tuple(float(v) for v in meta.get("mean") or IMAGENET_MEAN)
     std = tuple(float(v) for v in meta.get("std") or IMAGENET_STD)
     return InputNorm(checkpoint_input_norm(state), mean, std)
-
-
-__all__ = ["load_resume_state", "recipe_changes", "restore_training_state", "resume_input_norm"]

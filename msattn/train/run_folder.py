@@ -155,17 +155,3 @@ def begin_run(out_dir: Path, config: dict[str, Any], replaced: list[str]) -> Pat
     clean_temporaries(out_dir)
     write_json(out_dir / "config.json", config)
     return moved
-
-
-__all__ = [
-    "CHECKPOINTS",
-    "RUN_FILES",
-    "begin_run",
-    "check_inputs_apart",
-    "check_run_folder",
-    "move_aside",
-    "on_rank0",
-    "refuse_reuse",
-    "run_folder_lock",
-    "write_probe",
-]

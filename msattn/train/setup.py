@@ -23,7 +23,8 @@ from rich.console import Console
 
 from msattn.config.recipe import ModelConfig, Recipe, TrainConfig, format_recipe, recipe_to_dict
 from msattn.data.check import check_dataset
-from msattn.data.datasets import SegmentationFolder, read_dataset_info
+from msattn.data.datasets import SegmentationFolder
+from msattn.data.info import read_dataset_info
 from msattn.data.prepare.demo import prepare_demo
 from msattn.data.transforms import EvalTransform, TrainTransform
 from msattn.errors import ConfigError, DataError, UsageError
@@ -341,15 +342,3 @@ def _run_folder_warnings(
         warnings.append(f"{out_dir} already holds a run ({', '.join(found)}): training would refuse without --resume "
                         "or --overwrite")  # fmt: skip
     return warnings
-
-
-__all__ = [
-    "TrainSetup",
-    "build_datasets",
-    "check_before_lock",
-    "dry_run_report",
-    "maybe_prepare",
-    "preflight_data_checks",
-    "prepare",
-    "resolve_paths",
-]

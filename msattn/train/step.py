@@ -135,6 +135,3 @@ def train_step(
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return step_terms
-
-
-__all__ = ["NonFiniteGuard", "lr_factor", "make_optimizer", "optimizer_kernels", "train_step"]

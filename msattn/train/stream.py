@@ -218,17 +218,3 @@ def backend_record(device: torch.device) -> dict[str, Any]:
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "cublas_workspace": os.environ.get("CUBLAS_WORKSPACE_CONFIG") if device.type == "cuda" else None,
     }
-
-
-__all__ = [
-    "StreamSampler",
-    "backend_flags",
-    "backend_record",
-    "TrainStream",
-    "capture_rng",
-    "epoch_order",
-    "make_train_loader",
-    "restore_rng",
-    "rng_neutral",
-    "seed_everything",
-]

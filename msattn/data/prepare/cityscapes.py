@@ -3,7 +3,9 @@
 Layout: ``leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png`` and
 ``gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png``; the id is
 ``<city>_<seq>_<frame>``. The official train (2,975) and val (500) splits are kept; test has no
-public labels and is left out.
+public labels and is left out. A source holding only one of ``leftImg8bit/train`` and
+``leftImg8bit/val`` (a val download to evaluate a model) gives that split and an empty list for the
+other, with a warning naming the missing folder; a source with neither is an error.
 
 Labels: each labelId becomes its trainId by the table below (the Cityscapes label definition);
 labelIds without a trainId (void, parking, rail track, guard rail, bridge, tunnel, polegroup,
@@ -17,13 +19,19 @@ The images (PNG) are stored as quality-95 JPEGs.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from msattn.data.prepare import common, importing
-from msattn.data.prepare.common import MISSING, WRITTEN, PrepareSummary, Result, Task
+from msattn.data.prepare import importing
+from msattn.data.prepare.common import IGNORE_INDEX, MISSING, SPLITS, PrepareSummary, Result, Task
+from msattn.data.prepare.finish import RunInfo, finish
+from msattn.data.prepare.output_folder import locked_output, prepare_output
+from msattn.data.prepare.runner import run_tasks
+from msattn.data.prepare.writer import Target, write_item
 from msattn.errors import DataError
+from msattn.images import open_image
 
 #: (name, labelId, trainId, colour) of the Cityscapes label definition; trainId 255 = not evaluated
 LABELS: tuple[tuple[str, int, int, tuple[int, int, int]], ...] = (
@@ -71,7 +79,7 @@ IMAGE_SUFFIX, LABEL_SUFFIX, POLYGON_SUFFIX = "_leftImg8bit.png", "_gtFine_labelI
 
 def train_id_table() -> np.ndarray:
     """A 256-entry lookup: labelId -> trainId (255 for labelIds that are not evaluated or unknown)."""
-    table = np.full(256, common.IGNORE_INDEX, dtype=np.uint8)
+    table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     for _, label_id, train_id, _ in LABELS:
         if label_id >= 0:
             table[label_id] = train_id
@@ -85,7 +93,7 @@ def polygons_label(path: Path) -> np.ndarray:
         height, width, objects = int(data["imgHeight"]), int(data["imgWidth"]), data["objects"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: not a Cityscapes polygons file ({type(exc).__name__}: {exc})") from None
-    label = np.full((height, width), common.IGNORE_INDEX, dtype=np.uint8)
+    label = np.full((height, width), IGNORE_INDEX, dtype=np.uint8)
     for number, obj in enumerate(objects):
         if obj.get("deleted"):
             continue
@@ -103,11 +111,8 @@ def polygons_label(path: Path) -> np.ndarray:
     return label
 
 
-def _process(task: Task, out: Path) -> Result:
-    from msattn.images import open_image
-
+def _process(task: Task, target: Target) -> Result:
     image_path, label_path, polygon_path = task.payload
-    image_path = Path(image_path)
     if label_path is not None:
         raw = open_image(label_path, mode=None)
         if raw.mode not in ("L", "P"):
@@ -116,18 +121,13 @@ def _process(task: Task, out: Path) -> Result:
     elif polygon_path is not None:
         label, source = polygons_label(Path(polygon_path)), polygon_path
     else:
-        return Result(task.split, task.id, MISSING, f"no {LABEL_SUFFIX} or {POLYGON_SUFFIX} in gtFine/{task.split}/")
-    img, _ = importing.load_image(image_path, image_path)
-    importing.check_size((label.shape[1], label.shape[0]), img.size, source, image_path)
-    common.save_label(label, common.label_path(out, task.id), PALETTE)
-    importing.write_image(img, False, image_path, common.image_path(out, task.id))
-    return Result(task.split, task.id, WRITTEN)
+        return task.result(MISSING, f"no {LABEL_SUFFIX} or {POLYGON_SUFFIX} in gtFine/{task.split}/")
+    image = replace(importing.load_image(Path(image_path), Path(image_path)), link=None)  # always a new JPEG
+    return write_item(target, task, label, image, source)
 
 
 def _split_tasks(root: Path, split: str, ids: importing.IdTable) -> list[Task]:
     images, labels = root / "leftImg8bit" / split, root / "gtFine" / split
-    if not images.is_dir():
-        raise DataError(f"{images}: folder not found (--source must hold leftImg8bit/ and gtFine/)")
     tasks = []
     for image in sorted(images.glob(f"*/*{IMAGE_SUFFIX}")):
         stem = image.name[: -len(IMAGE_SUFFIX)]
@@ -140,7 +140,20 @@ def _split_tasks(root: Path, split: str, ids: importing.IdTable) -> list[Task]:
     return tasks
 
 
-@common.locked_output("source")
+def present_splits(source: Path) -> tuple[list[str], dict[str, str]]:
+    """The splits of ``source`` that have a ``leftImg8bit/<split>/`` folder, and why each other one is empty.
+
+    Raises :class:`DataError` naming ``leftImg8bit/`` when neither train nor val is there.
+    """
+    images = source / "leftImg8bit"
+    present = [split for split in SPLITS if (images / split).is_dir()]
+    if not present:
+        found = "folder not found" if not images.is_dir() else "holds neither train/ nor val/"
+        raise DataError(f"{images}: {found} (--source must hold leftImg8bit/train/, leftImg8bit/val/ or both)")
+    return present, {split: f"{images / split}: folder not found" for split in SPLITS if split not in present}
+
+
+@locked_output("source")
 def prepare_cityscapes(source: Path, out: Path, workers: int = 2) -> PrepareSummary:
     """Write Cityscapes train/val (fine labels, 19 classes) to ``out``."""
     source, out = Path(source), Path(out)
@@ -149,21 +162,19 @@ def prepare_cityscapes(source: Path, out: Path, workers: int = 2) -> PrepareSumm
     if not (source / "gtFine").is_dir():
         raise DataError(f"{source}: no gtFine/ folder here (download gtFine_trainvaltest.zip)")
     importing.check_out_separate(out, source)
+    splits, why_empty = present_splits(source)
     ids = importing.IdTable()
-    tasks = [task for split in common.SPLITS for task in _split_tasks(source, split, ids)]
+    tasks = [task for split in splits for task in _split_tasks(source, split, ids)]
     if not tasks:
-        raise DataError(f"{source}: no *{IMAGE_SUFFIX} images under leftImg8bit/train or leftImg8bit/val")
+        raise DataError(f"{source}: no *{IMAGE_SUFFIX} images under leftImg8bit/{' or leftImg8bit/'.join(splits)}")
     polygons = sum(1 for t in tasks if t.payload[1] is None and t.payload[2] is not None)
-    common.prepare_output(out, "cityscapes", {"source": str(source.resolve())})
-    results = common.run_tasks(_process, tasks, out, workers, "cityscapes") + ids.error_results()
-    return common.finish(
-        name="cityscapes",
-        out=out,
-        source=source,
-        classes=CLASSES,
-        results=results,
-        sources={"cityscapes": str(source.resolve())},
+    prepare_output(out, "cityscapes", {"source": str(source.resolve())})
+    target = Target("cityscapes", out, CLASSES, PALETTE)
+    results = run_tasks(_process, tasks, target, workers) + ids.error_results()
+    return finish(target, results, RunInfo(
+        source,
+        {"cityscapes": str(source.resolve())},
         extra={"label_map": {str(label_id): train_id for _, label_id, train_id, _ in LABELS if label_id >= 0}},
         warnings=[f"{polygons} label(s) rasterised from {POLYGON_SUFFIX} (no {LABEL_SUFFIX})"] if polygons else [],
-        palette=PALETTE,
-    )
+        why_empty=why_empty,
+    ))  # fmt: skip

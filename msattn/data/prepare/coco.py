@@ -22,15 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
-from msattn.data.prepare import common
-from msattn.data.prepare.common import MISSING, WRITTEN, PrepareSummary, Result, Task
+from msattn.data.prepare.common import IGNORE_INDEX, MISSING, SPLITS, PrepareSummary, Result, Task
+from msattn.data.prepare.finish import RunInfo, finish
+from msattn.data.prepare.output_folder import locked_output, prepare_output
+from msattn.data.prepare.runner import run_tasks
+from msattn.data.prepare.writer import StoredImage, Target, write_item
 from msattn.errors import DataError, UsageError
 from msattn.io import check_id, file_sha256
 
 SPLIT_SOURCES = {"train": "train2014", "val": "val2014"}
-
-
 
 
 def load_instances(path: Path) -> dict[str, Any]:
@@ -67,8 +69,6 @@ def draw_subset(image_ids: Sequence[int], size: int, seed: int, stream: int) -> 
 
 def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     """A COCO segmentation (polygons, uncompressed or compressed RLE) as an ``[H, W]`` bool mask."""
-    from pycocotools import mask as mask_utils
-
     if isinstance(segm, list):
         polygons = [[float(v) for v in poly] for poly in segm if len(poly) >= 6]
         if not polygons:
@@ -118,20 +118,16 @@ def coco_label(
     for _, _, class_index, mask in sorted(instances, key=lambda item: (item[0], item[1])):
         label[mask] = class_index
         covered |= mask
-    label[crowd & ~covered] = common.IGNORE_INDEX
+    label[crowd & ~covered] = IGNORE_INDEX
     return label
 
 
-def _process(task: Task, out: Path) -> Result:
+def _process(task: Task, target: Target) -> Result:
     jpg, height, width, annotations, source = task.payload
     jpg = Path(jpg)
-    if not jpg.is_file():
-        return Result(task.split, task.id, MISSING, f"no image in {jpg.parent}")
-    label = coco_label(annotations, height, width, source)
-    common.check_image(jpg, (width, height))
-    common.save_label(label, common.label_path(out, task.id))
-    common.link_or_copy(jpg, common.image_path(out, task.id))
-    return Result(task.split, task.id, WRITTEN)
+    if not jpg.is_file():  # before decoding the annotations: a missing image is missing, whatever they hold
+        return task.result(MISSING, f"no image in {jpg.parent}")
+    return write_item(target, task, coco_label(annotations, height, width, source), StoredImage(jpg), source)
 
 
 def _split_tasks(
@@ -159,7 +155,7 @@ def _split_tasks(
     return tasks
 
 
-@common.locked_output("coco")
+@locked_output("coco")
 def prepare_coco(
     coco: Path, out: Path, train_size: int = 10000, val_size: int = 1500, seed: int = 0, workers: int = 2
 ) -> PrepareSummary:
@@ -171,21 +167,21 @@ def prepare_coco(
         raise DataError(f"{coco}: folder not found (--coco must hold annotations/, train2014/, val2014/)")
     paths = {split: coco / "annotations" / f"instances_{name}.json" for split, name in SPLIT_SOURCES.items()}
     folders = {split: coco / name for split, name in SPLIT_SOURCES.items()}
-    for split in common.SPLITS:
+    for split in SPLITS:
         if not paths[split].is_file():
             raise DataError(f"{paths[split]}: file not found (--coco must hold annotations/instances_*2014.json)")
         if not folders[split].is_dir():
             raise DataError(f"{folders[split]}: folder not found (--coco must hold train2014/ and val2014/)")
 
-    hashes = {split: file_sha256(paths[split]) for split in common.SPLITS}
-    data = {split: load_instances(paths[split]) for split in common.SPLITS}
-    tables = {split: category_table(data[split], paths[split]) for split in common.SPLITS}
+    hashes = {split: file_sha256(paths[split]) for split in SPLITS}
+    data = {split: load_instances(paths[split]) for split in SPLITS}
+    tables = {split: category_table(data[split], paths[split]) for split in SPLITS}
     if tables["train"] != tables["val"]:
         raise DataError(f"{paths['val']}: its categories differ from those of {paths['train']}")
     cat_map, classes = tables["train"]
 
     sizes, warnings, chosen = {"train": train_size, "val": val_size}, [], {}
-    for stream, split in enumerate(common.SPLITS):
+    for stream, split in enumerate(SPLITS):
         try:
             ids = [int(img["id"]) for img in data[split]["images"]]
         except (KeyError, TypeError, ValueError) as exc:
@@ -195,28 +191,21 @@ def prepare_coco(
         chosen[split] = draw_subset(ids, sizes[split], seed, stream)
 
     tasks: list[Task] = []  # built (and every entry checked) before anything is written
-    for split in common.SPLITS:
+    for split in SPLITS:
         tasks += _split_tasks(split, data[split], paths[split], folders[split], chosen[split], cat_map)
     del data
     params = {"seed": seed, "train_size": train_size, "val_size": val_size, "sha256": hashes}
-    common.prepare_output(out, "coco", params)
-    results = common.run_tasks(_process, tasks, out, workers, "coco")
+    prepare_output(out, "coco", params)
+    target = Target("coco", out, classes)
+    results = run_tasks(_process, tasks, target, workers)
     subset = {
         "seed": seed,
         "draw": "sorted image ids, numpy.random.default_rng([seed, 0 train | 1 val]).permutation, first N, sorted",
         "train_image_ids": chosen["train"],
         "val_image_ids": chosen["val"],
-        "annotations": {split: {"file": str(paths[split].resolve()), "sha256": hashes[split]} for split in common.SPLITS},
+        "annotations": {split: {"file": str(paths[split].resolve()), "sha256": hashes[split]} for split in SPLITS},
         "overlap_rule": "instances painted by decreasing area (ties: annotation id); crowd -> 255 where no instance",
         "category_ids": sorted(cat_map),
     }
-    return common.finish(
-        name="coco",
-        out=out,
-        source=coco,
-        classes=classes,
-        results=results,
-        sources={"coco": str(coco.resolve())},
-        extra={"subset": subset},
-        warnings=warnings,
-    )
+    info = RunInfo(coco, {"coco": str(coco.resolve())}, extra={"subset": subset}, warnings=warnings)
+    return finish(target, results, info)

@@ -25,16 +25,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from msattn.data.prepare import common, importing
+from msattn.data.prepare import importing
 from msattn.data.prepare.coco import coco_label, load_instances
-from msattn.data.prepare.common import (
-    ERROR,
-    MISSING,
-    WRITTEN,
-    PrepareSummary,
-    Result,
-    Task,
-)
+from msattn.data.prepare.common import ERROR, MISSING, PrepareSummary, Result, Task
+from msattn.data.prepare.finish import RunInfo, finish
+from msattn.data.prepare.output_folder import locked_output, prepare_output
+from msattn.data.prepare.runner import run_tasks
+from msattn.data.prepare.writer import Target, write_item
 from msattn.errors import DataError, UsageError
 from msattn.io import file_sha256
 
@@ -73,17 +70,14 @@ def image_candidates(folder: Path, file_name: str) -> list[str]:
     return candidates
 
 
-def _process(task: Task, out: Path) -> Result:
+def _process(task: Task, target: Target) -> Result:
     candidates, size, annotations, source, crowd_as_class, file_name = task.payload
-    loaded = importing.load_listed_image(candidates, size, source, file_name)
-    if isinstance(loaded, str):
-        return Result(task.split, task.id, MISSING, loaded)
-    img, linkable, found = loaded
-    width, height = img.size
+    image = importing.load_listed_image(candidates, size, source, file_name)
+    if isinstance(image, str):
+        return task.result(MISSING, image)
+    width, height = image.image.size
     label = coco_label(annotations, height, width, source, crowd_as_class=crowd_as_class)
-    common.save_label(label, common.label_path(out, task.id))
-    importing.write_image(img, linkable, found, common.image_path(out, task.id))
-    return Result(task.split, task.id, WRITTEN)
+    return write_item(target, task, label, image, source)
 
 
 def _image_size(img: dict[str, Any]) -> tuple[int, int] | None:
@@ -154,7 +148,7 @@ def _tasks(
     return tasks, bad + ids.error_results(), warnings
 
 
-@common.locked_output("images", "val_images")
+@locked_output("images", "val_images")
 def prepare_coco_json(
     annotations: Path,
     images: Path,
@@ -192,19 +186,12 @@ def prepare_coco_json(
     split_rule = "the files given" if val_annotations else importing.fraction_rule(val_fraction, seed)
     params = {"sha256": hashes, "crowd": crowd, "split": split_rule,
               "images": {split: str(folder.resolve()) for split, (_, folder) in sources.items()}}  # fmt: skip
-    common.prepare_output(out, "coco-json", params)
-    results = common.run_tasks(_process, tasks, out, workers, "coco-json") + bad
+    prepare_output(out, "coco-json", params)
+    target = Target("coco-json", out, classes)
+    results = run_tasks(_process, tasks, target, workers) + bad
     files = {split: {"annotations": str(path.resolve()), "images": str(folder.resolve()), "sha256": hashes[split]}
              for split, (path, folder) in sources.items()}  # fmt: skip
     categories = {"order": "sorted by category id; background 0",
                   "class_of_category": {str(k): v for k, v in sorted(cat_map.items())}}  # fmt: skip
-    return common.finish(
-        name="coco-json",
-        out=out,
-        source=annotations,
-        classes=classes,
-        results=results,
-        sources=files,
-        extra={"categories": categories, "crowd": crowd, "overlap_rule": OVERLAP_RULE, "split": split_rule},
-        warnings=warnings,
-    )
+    extra = {"categories": categories, "crowd": crowd, "overlap_rule": OVERLAP_RULE, "split": split_rule}
+    return finish(target, results, RunInfo(annotations, files, extra=extra, warnings=warnings))

@@ -17,7 +17,6 @@ when they name a train and a val subset, otherwise from ``--val-fraction``.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import xml.etree.ElementTree as ET
@@ -27,9 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from msattn.data.prepare import common, importing
-from msattn.data.prepare.common import ERROR, MISSING, WRITTEN, PrepareSummary, Result, Task
+from msattn.data.prepare import importing
+from msattn.data.prepare.coco_json import image_candidates
+from msattn.data.prepare.common import ERROR, IGNORE_INDEX, MISSING, PrepareSummary, Result, Task
+from msattn.data.prepare.finish import RunInfo, finish
+from msattn.data.prepare.output_folder import locked_output, prepare_output
+from msattn.data.prepare.runner import run_tasks
+from msattn.data.prepare.writer import Target, check_size, write_item
 from msattn.errors import DataError, UsageError
+from msattn.images import open_image
 from msattn.io import read_list_lines
 
 AREA_SHAPES = ("box", "polygon", "ellipse", "mask")
@@ -75,13 +80,12 @@ def shape_mask(kind: str, element: ET.Element, height: int, width: int) -> np.nd
     return importing.paste_mask(patch, left, top, height, width)
 
 
-def _process_xml(task: Task, out: Path, palette: Any = None) -> Result:
+def _process_xml(task: Task, target: Target) -> Result:
     candidates, size, shapes, xml_path, name = task.payload
-    loaded = importing.load_listed_image(candidates, size, xml_path, name)
-    if isinstance(loaded, str):
-        return Result(task.split, task.id, MISSING, loaded)
-    img, linkable, found = loaded
-    width, height = img.size
+    image = importing.load_listed_image(candidates, size, xml_path, name)
+    if isinstance(image, str):
+        return task.result(MISSING, image)
+    width, height = image.image.size
     label = np.zeros((height, width), dtype=np.uint8)
     for order, class_index, kind, text in shapes:
         element = ET.fromstring(text)
@@ -90,9 +94,7 @@ def _process_xml(task: Task, out: Path, palette: Any = None) -> Result:
         except (KeyError, ValueError, IndexError) as exc:
             raise DataError(f"{xml_path}: image {name!r}: malformed <{kind}> shape #{order} ({exc})") from None
         label[mask] = class_index
-    common.save_label(label, common.label_path(out, task.id), palette)
-    importing.write_image(img, linkable, found, common.image_path(out, task.id))
-    return Result(task.split, task.id, WRITTEN)
+    return write_item(target, task, label, image, xml_path)
 
 
 def xml_labels(root: ET.Element, path: Path) -> tuple[list[str], dict[str, int], list[list[int]]]:
@@ -109,14 +111,12 @@ def xml_labels(root: ET.Element, path: Path) -> tuple[list[str], dict[str, int],
     used = [e.attrib.get("label", "") for image in root.iter("image") for e in image if e.tag in AREA_SHAPES]
     missing = [n for n in dict.fromkeys(used) if n and n not in names]
     classes, index = importing.class_names_with_background(names + missing, path)
-    by_index = {index[name]: rgb for name, rgb in colours.items() if index[name] != common.IGNORE_INDEX}
+    by_index = {index[name]: rgb for name, rgb in colours.items() if index[name] != IGNORE_INDEX}
     return classes, index, importing.palette_for(classes, by_index)
 
 
 def _xml_items(root: ET.Element, xml_path: Path, images: Path, index: dict[str, int]) -> tuple[list, list, Counter]:
     """(id, subset, payload) per image, (id, error) per bad image, and counts of ignored shapes."""
-    from msattn.data.prepare.coco_json import image_candidates
-
     ids, items, counts = importing.IdTable(), [], Counter()
     for image in root.iter("image"):
         name = image.attrib.get("name", "")
@@ -197,24 +197,18 @@ def read_labelmap(path: Path) -> tuple[list[str], dict[tuple[int, int, int], int
         if (0, 0, 0) in table:
             raise DataError(f"{path}: no background line, and black (0,0,0) belongs to a class")
         table[(0, 0, 0)] = 0
-    by_index = {i: rgb for rgb, i in table.items() if i != common.IGNORE_INDEX}
+    by_index = {i: rgb for rgb, i in table.items() if i != IGNORE_INDEX}
     return classes, table, importing.palette_for(classes, by_index)
 
 
-def _process_mask(task: Task, out: Path, palette: Any = None) -> Result:
-    from msattn.images import open_image
-
+def _process_mask(task: Task, target: Target) -> Result:
     mask_path, image_path, table = task.payload
     if image_path is None:
-        return Result(task.split, task.id, MISSING, f"no image named {task.id} for {mask_path}")
-    image_path = Path(image_path)
-    img, linkable = importing.load_image(image_path, image_path)
+        return task.result(MISSING, f"no image named {task.id} for {mask_path}")
+    image = importing.load_image(Path(image_path), Path(image_path))
     rgb = np.asarray(open_image(mask_path, mode="RGB"))
-    importing.check_size((rgb.shape[1], rgb.shape[0]), img.size, mask_path, image_path)
-    label = importing.colours_to_label(rgb, dict(table), mask_path)
-    common.save_label(label, common.label_path(out, task.id), palette)
-    importing.write_image(img, linkable, image_path, common.image_path(out, task.id))
-    return Result(task.split, task.id, WRITTEN)
+    check_size((rgb.shape[1], rgb.shape[0]), image.image.size, mask_path, image_path)
+    return write_item(target, task, importing.colours_to_label(rgb, dict(table), mask_path), image, mask_path)
 
 
 def _mask_subsets(root: Path) -> dict[str, str]:
@@ -261,7 +255,7 @@ def _assign(items: list, problems: list, val_fraction: float, seed: int) -> tupl
     return importing.split_by_fraction(ids, val_fraction, seed), importing.fraction_rule(val_fraction, seed)
 
 
-@common.locked_output("source", "images")
+@locked_output("source", "images")
 def prepare_cvat(
     source: Path, out: Path, images: Path | None = None, val_fraction: float = 0.1, seed: int = 0, workers: int = 2
 ) -> PrepareSummary:
@@ -290,17 +284,12 @@ def prepare_cvat(
     bad = [Result(assign.get(i, "train"), i, ERROR, message) for i, message in found["problems"]]
 
     params = {"format": found["format"], "sha256": found["fingerprint"], "images": str(images.resolve()), "split": split_rule}
-    common.prepare_output(out, "cvat", params)
-    process = functools.partial(found["process"], palette=tuple(tuple(rgb) for rgb in found["palette"]))
-    results = common.run_tasks(process, tasks, out, workers, "cvat") + bad
-    return common.finish(
-        name="cvat",
-        out=out,
-        source=source,
-        classes=found["classes"],
-        results=results,
-        sources={"cvat": found["annotations"], "images": str(images.resolve()), "format": found["format"]},
+    prepare_output(out, "cvat", params)
+    target = Target("cvat", out, found["classes"], found["palette"])
+    results = run_tasks(found["process"], tasks, target, workers) + bad
+    return finish(target, results, RunInfo(
+        source,
+        {"cvat": found["annotations"], "images": str(images.resolve()), "format": found["format"]},
         extra={"split": split_rule, "overlap_rule": "z_order, then file order (later on top)"},
         warnings=found["warnings"],
-        palette=found["palette"],
-    )
+    ))  # fmt: skip

@@ -20,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from msattn.data.prepare import common
-from msattn.data.prepare.common import WRITTEN, PrepareSummary, Result, Task
+from msattn.data.prepare.common import SPLITS, PrepareSummary, Result, Task
+from msattn.data.prepare.finish import RunInfo, finish
+from msattn.data.prepare.output_folder import locked_output, prepare_output
+from msattn.data.prepare.runner import run_tasks
+from msattn.data.prepare.writer import DecodedImage, Target, write_item
 from msattn.errors import UsageError
 
 CLASSES = ("background", "head", "torso", "arms", "legs")
@@ -57,8 +61,6 @@ _TROUSERS = np.array([[35, 45, 90], [45, 45, 50], [80, 55, 35], [20, 20, 25], [6
 
 def _value_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Smooth noise in [0, 1]: a random ``cells x cells`` grid upsampled bilinearly to ``size``."""
-    from PIL import Image
-
     grid = (rng.random((cells, cells)) * 255).astype(np.uint8)
     return np.asarray(Image.fromarray(grid).resize((size, size), Image.BILINEAR), dtype=float) / 255.0
 
@@ -161,22 +163,16 @@ def render_scene(
 
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of image ``index`` of ``split``."""
-    return np.random.default_rng([seed, common.SPLITS.index(split), index])
+    return np.random.default_rng([seed, SPLITS.index(split), index])
 
 
-def _process(task: Task, out: Path) -> Result:
-    from PIL import Image
-
-    from msattn.images import save_image
-
+def _process(task: Task, target: Target) -> Result:
     seed, index, size, style = task.payload
     image, label, _ = render_scene(scene_rng(seed, task.split, index), size, style)
-    common.save_label(label, common.label_path(out, task.id))
-    save_image(Image.fromarray(image), common.image_path(out, task.id), quality=JPEG_QUALITY)
-    return Result(task.split, task.id, WRITTEN)
+    return write_item(target, task, label, DecodedImage(Image.fromarray(image), task.id, quality=JPEG_QUALITY), task.id)
 
 
-@common.locked_output()
+@locked_output()
 def prepare_demo(
     out: Path,
     num_train: int = 240,
@@ -198,20 +194,15 @@ def prepare_demo(
     params: dict[str, Any] = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
     if style != "figures":  # the default style leaves the settings (and so old folders) as they were
         params["style"] = style
-    common.prepare_output(out, "demo", params)
+    prepare_output(out, "demo", params)
     counts = {"train": num_train, "val": num_val}
     tasks = [
         Task(split, f"{split}_{index:05d}", (seed, index, image_size, drawing))
-        for split in common.SPLITS
+        for split in SPLITS
         for index in range(counts[split])
     ]
-    results = common.run_tasks(_process, tasks, out, workers, "demo")
-    return common.finish(
-        name="demo",
-        out=out,
-        source=out,
-        classes=CLASSES,
-        results=results,
-        sources={"generator": "msattn.data.prepare.demo", **params, "height_range": list(drawing.height_range),
-                 **({"style": style, "drawing": asdict(drawing)} if style != "figures" else {})},
-    )
+    target = Target("demo", out, CLASSES)
+    results = run_tasks(_process, tasks, target, workers)
+    sources = {"generator": "msattn.data.prepare.demo", **params, "height_range": list(drawing.height_range),
+               **({"style": style, "drawing": asdict(drawing)} if style != "figures" else {})}  # fmt: skip
+    return finish(target, results, RunInfo(out, sources))

@@ -27,13 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageOps
 
-from msattn.data.prepare import common
+from msattn.data.palette import voc_colormap
+from msattn.data.prepare.coco import decode_segmentation
+from msattn.data.prepare.common import ERROR, IGNORE_INDEX, Result
+from msattn.data.prepare.writer import DecodedImage, check_size
 from msattn.errors import DataError, UsageError
-from msattn.io import check_id
+from msattn.images import open_image
+from msattn.io import check_id, max_pixels_limit
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-JPEG_QUALITY = 95
 #: names that mean "background" (class 0) and "ignore" (255) in class lists and annotations
 BACKGROUND_NAMES = ("background", "_background_", "__background__")
 IGNORE_NAMES = ("__ignore__",)
@@ -72,9 +76,9 @@ class IdTable:
         self.owner[item_id] = str(source)
         return item_id
 
-    def error_results(self, split: str = "train") -> list[common.Result]:
+    def error_results(self, split: str = "train") -> list[Result]:
         """The problems as error results (so they reach the report table and ``prepare_report.json``)."""
-        return [common.Result(split, f"{item_id} (duplicate {n + 1})", common.ERROR, message)
+        return [Result(split, f"{item_id} (duplicate {n + 1})", ERROR, message)
                 for n, (item_id, message) in enumerate(self.problems)]  # fmt: skip
 
 
@@ -144,73 +148,54 @@ def exif_orientation(img: Any) -> int:
         return 1
 
 
-def load_image(source: Path | bytes, name: str | Path) -> tuple[Any, bool]:
-    """Decode an image as displayed (EXIF applied, RGB); also whether its file can be linked as is.
+def load_image(source: Path | bytes, name: str | Path) -> DecodedImage:
+    """Decode an image as displayed (EXIF applied, RGB), to be linked from its file when that is an upright JPEG.
 
     ``source`` is a path or the bytes of an image file (LabelMe's ``imageData``); ``name`` names it
-    in errors. Linkable means a JPEG file stored upright.
+    in errors.
     """
-    from PIL import Image, ImageOps
-
-    from msattn.images import open_image
-
     if isinstance(source, bytes):
-        from msattn.io import max_pixels_limit
-
-        limit = max_pixels_limit()
-        try:
-            img = Image.open(io.BytesIO(source))
-            if limit and img.size[0] * img.size[1] > limit:
-                raise DataError(f"{name}: the embedded image has {img.size[0]}x{img.size[1]} pixels, over the "
-                                f"limit of {limit} (msattn --max-pixels N to raise it)")  # fmt: skip
-            img.load()
-        except DataError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types on bad bytes
-            raise DataError(f"{name}: cannot read the embedded image ({exc})") from None
-        linkable = False
+        img = _decode_bytes(source, name)
+        link = None
     else:
         img = open_image(source, mode=None)  # decodes fully, within the pixel limit; drops .format
         with Image.open(source) as probe:
-            linkable = probe.format == "JPEG" and exif_orientation(probe) == 1
+            link = source if probe.format == "JPEG" and exif_orientation(probe) == 1 else None
     oriented = ImageOps.exif_transpose(img)
     if oriented.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey photos (microscopy): keep the top 8 bits
         array = np.asarray(oriented, dtype=np.int64)
         oriented = Image.fromarray((array >> 8 if array.max() > 255 else array).clip(0, 255).astype(np.uint8))
-    return (oriented if oriented.mode == "RGB" else oriented.convert("RGB")), linkable
+    return DecodedImage(oriented if oriented.mode == "RGB" else oriented.convert("RGB"), name, link)
 
 
-def write_image(img: Any, linkable: bool, source: Path | bytes, dst: Path) -> None:
-    """Place the image at ``dst``: a link to ``source`` when linkable, else a JPEG of ``img`` (atomic)."""
-    from msattn.images import save_image
-
-    if linkable and isinstance(source, Path):
-        common.link_or_copy(source, dst)
-    else:
-        save_image(img, dst, quality=JPEG_QUALITY)
+def _decode_bytes(data: bytes, name: str | Path) -> Image.Image:
+    """An image embedded in an annotation file, decoded within the pixel limit."""
+    limit = max_pixels_limit()
+    try:
+        img = Image.open(io.BytesIO(data))
+        if limit and img.size[0] * img.size[1] > limit:
+            raise DataError(f"{name}: the embedded image has {img.size[0]}x{img.size[1]} pixels, over the "
+                            f"limit of {limit} (msattn --max-pixels N to raise it)")  # fmt: skip
+        img.load()
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types on bad bytes
+        raise DataError(f"{name}: cannot read the embedded image ({exc})") from None
+    return img
 
 
 def load_listed_image(
     candidates: Sequence[str], size: tuple[int, int] | None, annotation: Any, name: str
-) -> tuple[Any, bool, Path] | str:
+) -> DecodedImage | str:
     """The first existing file of ``candidates`` decoded by :func:`load_image` and checked against the
-    annotation's (W, H) ``size`` (when given): (image, linkable, path), or the reason it is missing."""
+    annotation's (W, H) ``size`` (when given), or the reason it is missing."""
     found = next((Path(c) for c in candidates if Path(c).is_file()), None)
     if found is None:
         return f"no image {name!r} in {Path(candidates[-1]).parent}"
-    img, linkable = load_image(found, found)
+    image = load_image(found, found)
     if size is not None:
-        check_size(size, img.size, f"{annotation} (image {name!r})", found)
-    return img, linkable, found
-
-
-def check_size(label_size: tuple[int, int], image_size: tuple[int, int], label_source: Any, image_source: Any) -> None:
-    """Raise :class:`DataError` naming both files when the annotation's (W, H) differs from the image's."""
-    if tuple(label_size) != tuple(image_size):
-        raise DataError(
-            f"{label_source}: annotation is {label_size[0]}x{label_size[1]} but the image {image_source} is "
-            f"{image_size[0]}x{image_size[1]} (as displayed, EXIF orientation applied)"
-        )
+        check_size(size, image.image.size, f"{annotation} (image {name!r})", found)
+    return image
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -218,8 +203,6 @@ def check_size(label_size: tuple[int, int], image_size: tuple[int, int], label_s
 
 def polygon_mask(points: Sequence[float], height: int, width: int) -> np.ndarray:
     """A filled polygon ``[x0, y0, x1, y1, ...]`` (at least 3 points) as an ``[H, W]`` bool mask."""
-    from msattn.data.prepare.coco import decode_segmentation
-
     return decode_segmentation([[float(v) for v in points]], height, width)
 
 
@@ -278,7 +261,7 @@ def class_names_with_background(names: Sequence[str], source: Any) -> tuple[list
     index: dict[str, int] = {}
     for name in names:
         if name in IGNORE_NAMES:
-            index[name] = common.IGNORE_INDEX
+            index[name] = IGNORE_INDEX
         elif name.lower() in BACKGROUND_NAMES:
             index[name] = 0
         elif name not in index:
@@ -287,7 +270,7 @@ def class_names_with_background(names: Sequence[str], source: Any) -> tuple[list
     for name in BACKGROUND_NAMES:
         index.setdefault(name, 0)
     for name in IGNORE_NAMES:
-        index.setdefault(name, common.IGNORE_INDEX)
+        index.setdefault(name, IGNORE_INDEX)
     if len(classes) > 255:
         raise DataError(f"{source}: {len(classes)} classes (with background) do not fit 8-bit labels (255 at most)")
     return classes, index
@@ -311,7 +294,5 @@ def colours_to_label(rgb: np.ndarray, table: dict[tuple[int, int, int], int], so
 
 def palette_for(classes: Sequence[str], colours: dict[int, tuple[int, int, int]]) -> list[list[int]]:
     """One ``[r, g, b]`` per class: the given colour, else the VOC colour map's."""
-    from msattn.data.palette import voc_colormap
-
     default = voc_colormap(len(classes))
     return [list(colours.get(i, default[i])) for i in range(len(classes))]

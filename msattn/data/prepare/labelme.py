@@ -30,9 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from msattn.data.prepare import common, importing
-from msattn.data.prepare.common import ERROR, MISSING, WRITTEN, PrepareSummary, Result, Task
+from msattn.data.prepare import importing
+from msattn.data.prepare.common import ERROR, MISSING, PrepareSummary, Result, Task, make_console
+from msattn.data.prepare.finish import RunInfo, finish
+from msattn.data.prepare.output_folder import locked_output, prepare_output
+from msattn.data.prepare.runner import run_tasks
+from msattn.data.prepare.writer import Target, check_size, write_item
 from msattn.errors import DataError
 from msattn.io import read_list_lines, write_text
 
@@ -41,8 +46,6 @@ LINE_SHAPES = ("line", "linestrip", "point", "points")
 
 
 def _decode_mask(data: str, source: Any) -> np.ndarray:
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(base64.b64decode(data))) as img:
             return np.asarray(img.convert("L")) > 0
@@ -65,30 +68,27 @@ def shape_mask(kind: str, points: list[list[float]], extra: Any, height: int, wi
     return importing.paste_mask(patch, int(round(points[0][0])), int(round(points[0][1])), height, width)
 
 
-def _process(task: Task, out: Path) -> Result:
+def _process(task: Task, target: Target) -> Result:
     json_path, image_file, size, shapes = task.payload
     json_path = Path(json_path)
     if image_file is not None:
-        source: Path | bytes = Path(image_file)
-        img, linkable = importing.load_image(source, source)
+        image = importing.load_image(Path(image_file), Path(image_file))
     else:
         data = json.loads(json_path.read_text(encoding="utf-8")).get("imageData")
         if not data:
-            return Result(task.split, task.id, MISSING, f"{json_path}: imagePath not found and no imageData")
+            return task.result(MISSING, f"{json_path}: imagePath not found and no imageData")
         try:
-            source = base64.b64decode(data)
+            embedded = base64.b64decode(data)
         except ValueError as exc:
             raise DataError(f"{json_path}: imageData is not base64 ({exc})") from None
-        img, linkable = importing.load_image(source, json_path)
+        image = importing.load_image(embedded, json_path)
     if size is not None:
-        importing.check_size(size, img.size, json_path, image_file or f"{json_path} (imageData)")
-    width, height = img.size
+        check_size(size, image.image.size, json_path, image_file or f"{json_path} (imageData)")
+    width, height = image.image.size
     label = np.zeros((height, width), dtype=np.uint8)
     for kind, class_index, points, extra in shapes:
         label[shape_mask(kind, points, extra, height, width, json_path)] = class_index
-    common.save_label(label, common.label_path(out, task.id))
-    importing.write_image(img, linkable, source, common.image_path(out, task.id))
-    return Result(task.split, task.id, WRITTEN)
+    return write_item(target, task, label, image, json_path)
 
 
 def _points(shape: dict[str, Any], path: Path) -> list[list[float]]:
@@ -183,7 +183,7 @@ def _tasks(items: list, index: dict[str, int], assign: dict[str, str]) -> tuple[
     return tasks, bad
 
 
-@common.locked_output("source")
+@locked_output("source")
 def prepare_labelme(
     source: Path, out: Path, labels: Path | None = None, val_fraction: float = 0.1, seed: int = 0, workers: int = 2
 ) -> PrepareSummary:
@@ -204,19 +204,16 @@ def prepare_labelme(
     bad += [Result(assign.get(item_id, "train"), item_id, ERROR, message) for item_id, message in problems]
 
     params = {"annotations_sha256": fingerprint, "classes": classes, "split": importing.fraction_rule(val_fraction, seed)}
-    common.prepare_output(out, "labelme", params)
-    results = common.run_tasks(_process, tasks, out, workers, "labelme") + bad
+    prepare_output(out, "labelme", params)
+    target = Target("labelme", out, classes)
+    results = run_tasks(_process, tasks, target, workers) + bad
     origin = f"from {labels}" if labels is not None else "in first-seen order"
-    common.make_console().print(f"classes ({origin}): {', '.join(classes)}", markup=False, soft_wrap=True)
+    make_console().print(f"classes ({origin}): {', '.join(classes)}", markup=False, soft_wrap=True)
     write_text(out / "labels.txt", "".join(f"{n}\n" for n in ["__ignore__", "_background_", *classes[1:]]))
-    return common.finish(
-        name="labelme",
-        out=out,
-        source=source,
-        classes=classes,
-        results=results,
-        sources={"labelme": str(source.resolve()), "labels": str(Path(labels).resolve()) if labels else None},
+    return finish(target, results, RunInfo(
+        source,
+        {"labelme": str(source.resolve()), "labels": str(Path(labels).resolve()) if labels else None},
         extra={"class_order": origin, "overlap_rule": "shapes painted in file order, later on top",
-               "split": importing.fraction_rule(val_fraction, seed)},  # fmt: skip
+               "split": importing.fraction_rule(val_fraction, seed)},
         warnings=[f"{source}: {n} {what}" for what, n in sorted(counts.items())],
-    )
+    ))  # fmt: skip

@@ -26,9 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from msattn.data.prepare import common, importing
-from msattn.data.prepare.common import MISSING, WRITTEN, PrepareSummary, Result, Task
+from msattn.data.prepare import importing
+from msattn.data.prepare.common import IGNORE_INDEX, MISSING, PrepareSummary, Result, Task, make_console
+from msattn.data.prepare.finish import RunInfo, finish
+from msattn.data.prepare.output_folder import REPORT_NAME, locked_output, prepare_output
+from msattn.data.prepare.runner import run_tasks
+from msattn.data.prepare.writer import Target, check_size, write_item
 from msattn.errors import DataError, UsageError
+from msattn.images import open_image
+from msattn.io import read_json
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "validation", "valid"), "test": ("test",)}
@@ -61,8 +67,6 @@ def _entry_colour(given: Any, path: Path) -> tuple[int, int, int] | None:
 
 def read_class_table(path: Path, ignore_value: int | None) -> ClassTable:
     """Parse a ``classes.json`` (see the module docstring)."""
-    from msattn.io import read_json
-
     data = read_json(path)
     entries = data.get("classes") if isinstance(data, dict) else data
     if not isinstance(entries, list) or not entries:
@@ -74,7 +78,7 @@ def read_class_table(path: Path, ignore_value: int | None) -> ClassTable:
             raise DataError(f"{path}: class entry {position} needs a 'name' string")
         name = entry["name"]
         ignore = name in importing.IGNORE_NAMES
-        index = common.IGNORE_INDEX if ignore else len(names)
+        index = IGNORE_INDEX if ignore else len(names)
         names += [] if ignore else [name]
         rgb = _entry_colour(entry.get("color", entry.get("colour")), path)
         if rgb is not None:
@@ -119,7 +123,7 @@ def values_to_label(values: np.ndarray, table: ClassTable, source: Any) -> np.nd
         if value in table.values:
             lookup[value] = table.values[value]
         elif value == table.ignore_value:
-            lookup[value] = common.IGNORE_INDEX
+            lookup[value] = IGNORE_INDEX
         elif not table.values and value < len(table.names):
             lookup[value] = value
         else:
@@ -131,22 +135,16 @@ def values_to_label(values: np.ndarray, table: ClassTable, source: Any) -> np.nd
     return out
 
 
-def _process(task: Task, out: Path, table: ClassTable) -> Result:
-    from msattn.images import open_image
-
+def _process(task: Task, target: Target, table: ClassTable) -> Result:
     image_path, mask_path = task.payload
     if mask_path is None:
-        return Result(task.split, task.id, MISSING, f"no mask for {image_path}")
+        return task.result(MISSING, f"no mask for {image_path}")
     if Path(mask_path).suffix.lower() in (".jpg", ".jpeg"):
         raise DataError(f"{mask_path}: a JPEG mask; JPEG compression changes class values, save masks as PNG")
-    image_path = Path(image_path)
-    img, linkable = importing.load_image(image_path, image_path)
+    image = importing.load_image(Path(image_path), Path(image_path))
     mask = open_image(mask_path, mode=None)
-    importing.check_size(mask.size, img.size, mask_path, image_path)
-    label = mask_to_label(mask, table, mask_path)
-    common.save_label(label, common.label_path(out, task.id), table.palette)
-    importing.write_image(img, linkable, image_path, common.image_path(out, task.id))
-    return Result(task.split, task.id, WRITTEN)
+    check_size(mask.size, image.image.size, mask_path, image_path)
+    return write_item(target, task, mask_to_label(mask, table, mask_path), image, mask_path)
 
 
 def _split_folders(images: Path, masks: Path) -> dict[str, tuple[Path, Path]] | None:
@@ -174,8 +172,6 @@ def pair_files(images: Path, masks: Path, suffix: str) -> tuple[list[tuple[str, 
 
 def scan_values(masks: list[Path], ignore_value: int | None) -> ClassTable:
     """Without a class table: read every mask; classes ``class_0`` .. ``class_<max value>``."""
-    from msattn.images import open_image
-
     top = -1
     for path in masks:
         img = open_image(path, mode=None)
@@ -215,7 +211,7 @@ def _collect(images: Path, masks: Path, suffix: str, val_fraction: float, seed: 
     return tasks, orphans + [m for _, m in ids.problems], rule
 
 
-@common.locked_output("images", "masks")
+@locked_output("images", "masks")
 def prepare_masks(
     images: Path, masks: Path, out: Path, classes: Path | None = None, ignore_value: int = 255,
     val_fraction: float = 0.1, seed: int = 0, mask_suffix: str = "", workers: int = 2,
@@ -236,23 +232,19 @@ def prepare_masks(
     if classes is not None:
         table = read_class_table(Path(classes), ignore)
     else:
-        common.make_console(stderr=True).print("no --classes: reading every mask for its values", markup=False)
+        make_console(stderr=True).print("no --classes: reading every mask for its values", markup=False)
         table = scan_values([Path(t.payload[1]) for t in tasks if t.payload[1] is not None], ignore)
     digest = hashlib.sha256(json.dumps([table.names, sorted(table.values.items()), sorted(table.colours.items())]).encode())
     params = {"classes": digest.hexdigest(), "ignore_value": ignore, "split": split_rule, "mask_suffix": mask_suffix,
               "images": str(images.resolve()), "masks": str(masks.resolve())}  # fmt: skip
-    common.prepare_output(out, "masks", params)
-    results = common.run_tasks(functools.partial(_process, table=table), tasks, out, workers, "masks")
-    return common.finish(
-        name="masks",
-        out=out,
-        source=masks,
-        classes=table.names,
-        results=results,
-        sources={"images": str(images.resolve()), "masks": str(masks.resolve()),
-                 "classes": str(Path(classes).resolve()) if classes else None},  # fmt: skip
+    prepare_output(out, "masks", params)
+    target = Target("masks", out, table.names, table.palette)
+    results = run_tasks(functools.partial(_process, table=table), tasks, target, workers)
+    return finish(target, results, RunInfo(
+        masks,
+        {"images": str(images.resolve()), "masks": str(masks.resolve()),
+         "classes": str(Path(classes).resolve()) if classes else None},
         extra={"split": split_rule, "ignore_value": ignore},
-        warnings=[f"{len(notes)} mask(s) without an image (listed in {common.REPORT_NAME})"] if notes else [],
-        palette=table.palette,
+        warnings=[f"{len(notes)} mask(s) without an image (listed in {REPORT_NAME})"] if notes else [],
         notes=notes,
-    )
+    ))  # fmt: skip

@@ -3,8 +3,7 @@
 Every ``prepare_*`` function is decorated with :func:`locked_output`: it refuses an ``--out``
 that is a source folder (or would write where a source lies), and holds the output folder's lock
 (:func:`msattn.locks.folder_lock`) for the whole run. :func:`prepare_output` refuses a folder
-holding files that prepare-data did not write, or prepared with other settings. Re-exported by
-:mod:`msattn.data.prepare.common`.
+holding files that prepare-data did not write, or prepared with other settings.
 """
 
 from __future__ import annotations
@@ -15,13 +14,12 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from msattn.data.prepare.common import PrepareSummary
 from msattn.errors import DataError, UsageError
 from msattn.io import clean_temporaries, read_json, write_json
-
-if TYPE_CHECKING:
-    from msattn.data.prepare.common import PrepareSummary
+from msattn.locks import OWNER_NAME, folder_lock
 
 MARKER_NAME = ".msattn-prepare.json"
 REPORT_NAME = "prepare_report.json"
@@ -34,8 +32,6 @@ def locked_output(*source_args: str) -> Callable[[Callable[..., PrepareSummary]]
     """Decorate a ``prepare_*(..., out, ...)`` function: check ``out`` against its source folders (the
     arguments named ``source_args``, shown as ``--<name>``) and hold ``out``'s lock for the whole call.
     """
-    from msattn.locks import folder_lock
-
     def wrap(fn: Callable[..., PrepareSummary]) -> Callable[..., PrepareSummary]:
         signature = inspect.signature(fn)
 
@@ -123,14 +119,12 @@ def _is_empty_dir(path: Path) -> bool:
 
 def _require_lock(out: Path) -> None:
     """A programming error when ``out``'s lock is not held by this process (see :func:`locked_output`)."""
-    from msattn.locks import OWNER_NAME
-
     try:
         owner = json.loads((out / OWNER_NAME).read_text(encoding="utf-8")).get("pid")
     except (OSError, ValueError, AttributeError):
         owner = None
     if owner != os.getpid():
-        raise RuntimeError(f"{out}: prepare_output() runs only inside a @common.locked_output prepare_* function")
+        raise RuntimeError(f"{out}: prepare_output() runs only inside a @locked_output prepare_* function")
 
 
 def _describe_difference(found: Any, wanted: dict[str, Any]) -> str:

@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.io
 
 from msattn.data.lists import split_ids
-from msattn.data.prepare import common
-from msattn.data.prepare.common import MISSING, SKIPPED, WRITTEN, PrepareSummary, Result, Task
+from msattn.data.prepare.common import MISSING, SKIPPED, SPLITS, PrepareSummary, Result, Task, dedupe
+from msattn.data.prepare.finish import RunInfo, finish
+from msattn.data.prepare.output_folder import locked_output, prepare_output
+from msattn.data.prepare.runner import run_tasks
+from msattn.data.prepare.writer import StoredImage, Target, write_item
 from msattn.errors import DataError
 
 CLASSES = ("background", "head", "torso", "upper_arms", "lower_arms", "upper_legs", "lower_legs")
@@ -42,8 +46,6 @@ def load_pascal_part(path: Path) -> list[dict[str, Any]]:
     Handles scipy's squeezing: one object (or one part) comes back as a bare struct, no parts as an
     empty array. Unreadable or malformed files raise :class:`DataError` naming the file.
     """
-    import scipy.io
-
     try:
         mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
         anno = mat["anno"]
@@ -85,23 +87,17 @@ def person_part_label(objects: Sequence[dict[str, Any]], source: Path | str = ""
     return label
 
 
-def _process(task: Task, out: Path) -> Result:
-    mat_path, jpg_path = task.payload
-    mat_path, jpg_path = Path(mat_path), Path(jpg_path)
+def _process(task: Task, target: Target) -> Result:
+    mat_path, jpg_path = (Path(p) for p in task.payload)
     if not mat_path.is_file():
-        return Result(task.split, task.id, MISSING, f"no annotation in {mat_path.parent}")
+        return task.result(MISSING, f"no annotation in {mat_path.parent}")
     label = person_part_label(load_pascal_part(mat_path), mat_path)
     if label is None:
-        return Result(task.split, task.id, SKIPPED, "no person in the annotation")
-    if not jpg_path.is_file():
-        return Result(task.split, task.id, MISSING, f"no image in {jpg_path.parent}")
-    common.check_image(jpg_path, (label.shape[1], label.shape[0]))
-    common.save_label(label, common.label_path(out, task.id))
-    common.link_or_copy(jpg_path, common.image_path(out, task.id))
-    return Result(task.split, task.id, WRITTEN)
+        return task.result(SKIPPED, "no person in the annotation")
+    return write_item(target, task, label, StoredImage(jpg_path), mat_path)
 
 
-@common.locked_output("source")
+@locked_output("source")
 def prepare_person_part(
     source: Path,
     out: Path,
@@ -122,18 +118,13 @@ def prepare_person_part(
     train, train_source = split_ids("person_part", "train", train_ids)
     val, val_source = split_ids("person_part", "val", val_ids)
     lists = {"train": train, "val": val}
-    common.prepare_output(out, "person_part", {})
+    prepare_output(out, "person_part", {})
     tasks = [
         Task(split, item_id, (str(annotations / f"{item_id}.mat"), str(images / f"{item_id}.jpg")))
-        for split in common.SPLITS
-        for item_id in common.dedupe(lists[split])
+        for split in SPLITS
+        for item_id in dedupe(lists[split])
     ]
-    results = common.run_tasks(_process, tasks, out, workers, "person-part")
-    return common.finish(
-        name="person_part",
-        out=out,
-        source=source,
-        classes=CLASSES,
-        results=results,
-        sources={"pascal_part": str(source.resolve()), "lists": {"train": train_source, "val": val_source}},
-    )
+    target = Target("person_part", out, CLASSES)
+    results = run_tasks(_process, tasks, target, workers)
+    sources = {"pascal_part": str(source.resolve()), "lists": {"train": train_source, "val": val_source}}
+    return finish(target, results, RunInfo(source, sources))

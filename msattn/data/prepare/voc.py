@@ -13,11 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import scipy.io
 
 from msattn.data.lists import split_ids
-from msattn.data.prepare import common
-from msattn.data.prepare.common import MISSING, WRITTEN, PrepareSummary, Result, Task
+from msattn.data.prepare.common import MISSING, PrepareSummary, Result, Task, dedupe
+from msattn.data.prepare.finish import RunInfo, finish
+from msattn.data.prepare.output_folder import locked_output, prepare_output
+from msattn.data.prepare.runner import run_tasks
+from msattn.data.prepare.writer import StoredImage, Target, write_item
 from msattn.errors import DataError
+from msattn.images import open_image
 
 CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -55,8 +60,6 @@ def find_sbd_cls(sbd: Path) -> Path:
 
 def read_voc_label(path: Path) -> np.ndarray:
     """Class indices of a VOC label PNG: the raw palette indices (mode P) or grey values (mode L)."""
-    from msattn.images import open_image
-
     img = open_image(path, mode=None, orient=False)  # labels are read as stored
     if img.mode not in ("P", "L"):
         raise DataError(f"{path}: label is a mode {img.mode} image; expected a palette (P) or grey (L) PNG of class indices")
@@ -65,8 +68,6 @@ def read_voc_label(path: Path) -> np.ndarray:
 
 def read_sbd_label(path: Path) -> np.ndarray:
     """``GTcls.Segmentation`` of an SBD ``cls/*.mat`` file as uint8."""
-    import scipy.io
-
     try:
         seg = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
         seg = np.asarray(seg)
@@ -81,22 +82,15 @@ def read_sbd_label(path: Path) -> np.ndarray:
     return seg.astype(np.uint8)
 
 
-def _process(task: Task, out: Path) -> Result:
+def _process(task: Task, target: Target) -> Result:
     jpg, voc_label, sbd_label = task.payload
-    jpg = Path(jpg)
     if voc_label is not None:
         source, label = Path(voc_label), read_voc_label(Path(voc_label))
     elif sbd_label is not None:
         source, label = Path(sbd_label), read_sbd_label(Path(sbd_label))
     else:
-        return Result(task.split, task.id, MISSING, "no label in VOC SegmentationClass/ or SBD cls/")
-    common.check_label_values(label, len(CLASSES), source)
-    if not jpg.is_file():
-        return Result(task.split, task.id, MISSING, f"no image in {jpg.parent}")
-    common.check_image(jpg, (label.shape[1], label.shape[0]))
-    common.save_label(label, common.label_path(out, task.id))
-    common.link_or_copy(jpg, common.image_path(out, task.id))
-    return Result(task.split, task.id, WRITTEN)
+        return task.result(MISSING, "no label in VOC SegmentationClass/ or SBD cls/")
+    return write_item(target, task, label, StoredImage(Path(jpg)), source)
 
 
 def _stems(folder: Path | None, suffix: str) -> set[str]:
@@ -105,7 +99,7 @@ def _stems(folder: Path | None, suffix: str) -> set[str]:
     return {name[: -len(suffix)] for name in (p.name for p in folder.iterdir()) if name.endswith(suffix)}
 
 
-@common.locked_output("voc", "sbd")
+@locked_output("voc", "sbd")
 def prepare_voc(
     voc: Path,
     out: Path,
@@ -135,7 +129,7 @@ def prepare_voc(
         )
         train = kept
 
-    common.prepare_output(out, "voc", {"sbd": sbd_cls is not None, "labels": voc_labels.name})
+    prepare_output(out, "voc", {"sbd": sbd_cls is not None, "labels": voc_labels.name})
 
     def task(split: str, item_id: str) -> Task:
         jpg = images / f"{item_id}.jpg"
@@ -145,16 +139,10 @@ def prepare_voc(
         sbd_label = str(sbd_cls / f"{item_id}.mat") if sbd_cls is not None and item_id in sbd_have else None
         return Task(split, item_id, (str(jpg), voc_label, sbd_label))
 
-    tasks = [task("train", i) for i in common.dedupe(train)] + [task("val", i) for i in common.dedupe(val)]
-    results = common.run_tasks(_process, tasks, out, workers, "voc")
-    lists = {"train": train_source, "val": val_source}
-    return common.finish(
-        name="voc",
-        out=out,
-        source=voc,
-        classes=CLASSES,
-        results=results,
-        sources={"voc": str(root.resolve()), "sbd": str(sbd_cls.parent.resolve()) if sbd_cls else None, "lists": lists},
-        warnings=warnings,
-        unions={"trainval": ("train", "val")},  # the paper's Table 4 (test server) trains on train_aug + val
-    )
+    tasks = [task("train", i) for i in dedupe(train)] + [task("val", i) for i in dedupe(val)]
+    target = Target("voc", out, CLASSES)
+    results = run_tasks(_process, tasks, target, workers)
+    sources = {"voc": str(root.resolve()), "sbd": str(sbd_cls.parent.resolve()) if sbd_cls else None,
+               "lists": {"train": train_source, "val": val_source}}  # fmt: skip
+    # the paper's Table 4 (test server) trains on train_aug + val
+    return finish(target, results, RunInfo(voc, sources, warnings=warnings, unions={"trainval": ("train", "val")}))
