@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from msattn.geometry import output_side, scaled_size
 from msattn.models.hierarchical import GATE_HIDDEN, GateHead, chain
 from msattn.models.loss import cross_entropy, segmentation_loss
+from msattn.models.params import param_groups
 from msattn.models.scale import build_model
 from msattn.models.spec import ModelSpec
 
@@ -255,6 +256,18 @@ def test_the_gate_head_is_nvidias() -> None:
     assert params == 1024 * 256 * 9 + 256 * 256 * 9 + 256 + 2 * 2 * 256
     assert sum(p.numel() for p in model.parameters()) == 20_505_429 + params
     assert tiny().gate.conv1.out_channels == 16  # width scales the 256
+
+
+def test_the_gate_head_is_grouped_with_the_attention_head() -> None:
+    model = tiny()
+    groups = {g["name"]: g for g in param_groups(model, 1e-3, 5e-4, head_lr_mult=10.0, attention_lr_mult=3.0)}
+    gate = model.gate
+    weights = {id(p) for p in (gate.conv1.weight, gate.conv2.weight, gate.score.weight)}
+    weights |= {id(gate.bn1.weight), id(gate.bn2.weight)}  # batch-norm scales: decayed like weights
+    assert {id(p) for p in groups["attention_weight"]["params"]} == weights
+    assert {id(p) for p in groups["attention_bias"]["params"]} == {id(gate.bn1.bias), id(gate.bn2.bias)}
+    assert groups["attention_weight"]["lr"] == pytest.approx(3e-3) and groups["attention_bias"]["weight_decay"] == 0
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
 
 
 # ----------------------------------------------------------------------------- checkpoints and checks
