@@ -376,3 +376,11 @@ def test_torch_export_traces_the_chain_over_a_static_scale_list() -> None:
     expected_out, expected_weights = wrapped(x)
     torch.testing.assert_close(out, expected_out)
     torch.testing.assert_close(weights, expected_weights)
+
+
+def test_the_onnx_graph_refuses_a_hierarchical_model_instead_of_averaging() -> None:
+    from msattn.errors import UsageError
+    from msattn.export.graph import DeployGraph
+
+    with pytest.raises(UsageError, match="hierarchical model .* not supported yet"):
+        DeployGraph(tiny(), (1.0, 0.5), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
