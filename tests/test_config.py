@@ -194,6 +194,40 @@ def test_bad_recipes_name_the_key_and_file(tmp_path: Path, text: str, message: s
     assert str(path) in str(info.value)
 
 
+HIERARCHICAL = '[data]\nroot = "d"\n[model]\nmerge = "hierarchical"\n'
+TWO = HIERARCHICAL + "scales = [1.0, 0.5]\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "key"),
+    [
+        (HIERARCHICAL, "model.scales: a hierarchical model trains on exactly two scales, one of them 1.0", ""),
+        (HIERARCHICAL + "scales = [0.75, 0.5]\n", "exactly two scales, one of them 1.0 (e.g. [1.0, 0.5])", ""),
+        (HIERARCHICAL + "scales = [1.0]\n", "got [1.0]", ""),
+        (TWO + "[eval]\nscales = [2.0, 0.5]\n", "eval.scales: a hierarchical model needs scale 1.0", ""),
+        (TWO + 'attention_init = "zero"\n', "model.attention_init is an option of the softmax", ""),
+        (TWO, "model.scales: a hierarchical model trains on exactly two", "--set model.scales=[1, 0.75, 0.5]"),
+        (TWO, "eval.scales: a hierarchical model needs scale 1.0", "--set eval.scales=[0.5]"),
+    ],
+)
+def test_hierarchical_recipes_are_checked(tmp_path: Path, text: str, message: str, key: str) -> None:
+    path = write(tmp_path, text)
+    overrides = [key.removeprefix("--set ")] if key else []
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, overrides)
+    assert message in str(info.value)
+    assert (key or str(path)) in str(info.value)
+
+
+def test_hierarchical_models_take_any_eval_scales_with_one(tmp_path: Path) -> None:
+    path = write(tmp_path, HIERARCHICAL + "scales = [1.0, 0.5]\n[eval]\nscales = [0.5, 1.0, 2.0]\n")
+    r = load_recipe(path)
+    assert r.model.merge == "hierarchical" and r.eval.scales == (0.5, 1.0, 2.0)
+    assert load_recipe(path, ["model.scales=[2.0, 1.0]", "eval.scales=[1.0]"]).model.scales == (2.0, 1.0)
+    with pytest.raises(ConfigError, match="and the same ones"):  # the softmax head keeps its check
+        load_recipe(path, ["model.merge=attention"])
+
+
 def test_types_are_strict_but_ints_are_numbers(tmp_path: Path) -> None:
     r = load_recipe(write(tmp_path, '[data]\nroot = "d"\nscale_range = [1, 2]\n[optim]\nlr = 1\n'))
     assert r.optim.lr == 1.0 and isinstance(r.optim.lr, float)

@@ -98,7 +98,10 @@ class ModelConfig:
 
     num_classes: int | None = _opt(None, _between(2, 100_000), "classes incl. background; none = the dataset's")
     scales: tuple[float, ...] = _opt((1.0, 0.75, 0.5), _scales_check, "input scales of the share-net")
-    merge: str = _opt("attention", _one_of("attention", "max", "avg"), "how per-scale scores are merged")
+    merge: str = _opt(
+        "attention", _one_of("attention", "max", "avg", "hierarchical"),
+        "how per-scale scores are merged (hierarchical: Tao et al. 2020, trained on two scales incl. 1.0)",
+    )  # fmt: skip
     extra_supervision: bool = _opt(True, None, "add a loss on every scale's output")
     extra_supervision_weight: float = _opt(
         1.0, _between(0, 100), "weight of the per-scale losses against the merged one (1 in the paper)"
@@ -248,6 +251,7 @@ def _cross_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
             f"{origin_of('eval.overlap', 'eval.tile')}: eval.overlap ({overlap}) must leave room between tiles of "
             f"eval.tile ({tile}): at most {tile - 9}"
         )
+    _hierarchical_checks(recipe, origin_of)
     if (
         recipe.eval.scales is not None
         and recipe.model.merge == "attention"
@@ -259,6 +263,35 @@ def _cross_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
             f"model.scales ({len(recipe.model.scales)}) and the same ones, in any order ({list(recipe.model.scales)}): "
             "an attention head weighs exactly the scales it was trained on"
         )
+
+
+def _hierarchical_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
+    """A hierarchical model trains on two scales incl. 1.0, runs on scales incl. 1.0, has no softmax-head options."""
+    model = recipe.model
+    if model.merge != "hierarchical":
+        return
+    from msattn.models.spec import (  # imports torch: only for hierarchical recipes
+        hierarchical_inference_problem,
+        hierarchical_training_problem,
+    )
+
+    problem = hierarchical_training_problem(model.scales)
+    if problem:
+        raise ConfigError(f"{origin_of('model.scales', 'model.merge')}: model.scales: {problem}")
+    if recipe.eval.scales is not None:
+        problem = hierarchical_inference_problem(recipe.eval.scales)
+        if problem:
+            raise ConfigError(
+                f"{origin_of('eval.scales', 'model.merge')}: eval.scales: {problem} (any other scales may join it, "
+                "e.g. [2.0, 1.0, 0.5])"
+            )
+    defaults = ModelConfig()
+    for key in ("attention_init", "attention_temperature", "attention_norm"):
+        if getattr(model, key) != getattr(defaults, key):
+            raise ConfigError(
+                f"{origin_of(f'model.{key}', 'model.merge')}: model.{key} is an option of the softmax attention "
+                "head (model.merge = \"attention\"); a hierarchical model's gate head has no such option"
+            )
 
 
 # ----------------------------------------------------------------------------- public API

@@ -85,6 +85,10 @@ class DeployGraph(nn.Module):
         argmax: bool = False,
     ) -> None:
         super().__init__()
+        if getattr(model, "gate", None) is not None:  # its chain is not in _merge: refuse rather than average
+            from msattn.errors import UsageError
+
+            raise UsageError("exporting a hierarchical model (merge 'hierarchical') is not supported yet")
         scales = tuple(float(s) for s in scales)
         trained = tuple(getattr(model, "scales", scales))
         if getattr(model, "head", None) is not None and sorted(scales) == sorted(trained):

@@ -56,6 +56,11 @@ def segmentation_loss(
     (``"merged"``, ``"scale_1"``, ``"scale_0.75"``, ...), plus, with several scales, two statistics
     of the merge weights that are not part of the total (see :func:`attention_stats`):
     ``"attention_entropy"`` and ``"attention_score_gap"``.
+
+    A hierarchical model (:mod:`msattn.models.hierarchical`) needs nothing else: ``"merged"`` is
+    its joint prediction on the 1.0 grid, the per-scale terms its branches (NVIDIA's recipes
+    weigh them 0.05), and the statistics read its effective weights (with two scales the score
+    gap is |logit| of the low scale's gate, as resized to the 1.0 grid).
     """
     shrunk: dict[tuple[int, ...], torch.Tensor] = {}  # labels on each output grid, read once per size
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+#: parameter names of the attention heads: the softmax head (``head.``), the hierarchical gate head (``gate.``)
+ATTENTION_PREFIXES = ("head.", "gate.")
+
 
 def param_groups(
     model: nn.Module,
@@ -17,6 +20,9 @@ def param_groups(
     backbone weights (x1, decayed), backbone biases (x2, no decay), classifier (fc8) weights
     (x ``head_lr_mult``, decayed) and biases (x 2 ``head_lr_mult``, no decay), attention-head
     weights (x ``attention_lr_mult``, None: ``head_lr_mult``) and biases (x2 that, no decay).
+    The hierarchical model's gate head (``gate.*``) counts as the attention head: its conv and
+    batch-norm scale weights go with the attention weights, its batch-norm shifts with the
+    attention biases.
     Schedulers must multiply each group's ``lr_mult`` by the scheduled base lr.
     """
     attention_lr_mult = head_lr_mult if attention_lr_mult is None else attention_lr_mult
@@ -27,7 +33,10 @@ def param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = "attention" if name.startswith("head.") else "head" if name.startswith("backbone.fc8.") else "backbone"
+        part = (
+            "attention" if name.startswith(ATTENTION_PREFIXES)
+            else "head" if name.startswith("backbone.fc8.") else "backbone"
+        )  # fmt: skip
         kind = "bias" if name.endswith("bias") else "weight"
         buckets[f"{part}_{kind}"].append(param)
     mults = {

@@ -1,4 +1,7 @@
-"""Share-net over scales and the three merges: max, average and attention to scale."""
+"""Share-net over scales and its merges: max, average, attention to scale, and hierarchical attention.
+
+The hierarchical merge (Tao et al. 2020) lives in :mod:`msattn.models.hierarchical`; ScaleNet only dispatches to it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from torch import nn
 
 from msattn.geometry import resize_bilinear, scaled_size
 from msattn.models.backbone import LargeFOV, scaled
+from msattn.models.hierarchical import GATE_HIDDEN, GateHead, hierarchical_forward
 from msattn.models.spec import ATTENTION_INITS, ATTENTION_NORMS, ModelSpec, check_scales
 
 #: 1: no pool5a, align_corners=False resizing (msattn <= 0.1 checkpoints); 2: DeepLab-exact
@@ -77,6 +81,12 @@ class ScaleNet(nn.Module):
 
     Scale inputs and the resizing of score maps and features to the reference grid follow
     :mod:`msattn.geometry` (corner-aligned; give inputs of 8k+1 pixels per side for an exact grid).
+
+    ``merge="hierarchical"`` (:mod:`msattn.models.hierarchical`) has a sigmoid gate head
+    (``self.gate``; ``self.head`` stays None) and chains any scales that hold 1.0: ``"out"`` is
+    on the 1.0 grid (not the largest scale's), ``"attention"`` holds the chain's effective
+    weights (summing to 1) and the dict has one more key, ``"gates"`` (each scale's sigmoid
+    map on its own grid, None for the highest scale, whose gate the chain does not use).
     """
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -96,6 +106,9 @@ class ScaleNet(nn.Module):
                 spec.attention_dropout, init=spec.attention_init, temperature=spec.attention_temperature,
                 norm=spec.attention_norm,
             )  # fmt: skip
+        self.gate: GateHead | None = None
+        if spec.is_hierarchical:
+            self.gate = GateHead(self.backbone.feature_channels, scaled(GATE_HIDDEN, spec.width))
 
     @property
     def model_args(self) -> dict[str, Any]:
@@ -103,9 +116,11 @@ class ScaleNet(nn.Module):
         return self.spec.to_args()
 
     def forward(self, images: torch.Tensor, scales: Sequence[float] | None = None) -> dict:
-        """images [N, 3, H, W] -> {"out", "per_scale", "attention", "scales"}."""
+        """images [N, 3, H, W] -> {"out", "per_scale", "attention", "scales"} (and "gates": hierarchical)."""
         scales = self.scales if scales is None else tuple(float(s) for s in scales)
         check_scales(scales)
+        if self.gate is not None:
+            return hierarchical_forward(self.backbone, self.gate, images, scales, self.training)
         if self.head is not None:
             if len(scales) != len(self.scales):
                 raise ValueError(f"an attention model trained on {len(self.scales)} scales needs as many, got {scales}")
@@ -146,7 +161,7 @@ class ScaleNet(nn.Module):
 
 
 def build_model(spec: ModelSpec | int | None = None, /, *args: Any, **kwargs: Any) -> ScaleNet:
-    """Build DeepLab-LargeFOV (one scale) or the share-net with max/avg/attention merging.
+    """Build DeepLab-LargeFOV (one scale) or the share-net with max/avg/attention/hierarchical merging.
 
     ``build_model(spec)`` takes a :class:`ModelSpec`; ``build_model(num_classes, scales, merge,
     **options)`` (or all by keyword, as a checkpoint's ``model_args``) builds the spec from :class:`ModelSpec`'s fields first (``build_model(21)`` is the

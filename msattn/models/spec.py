@@ -13,7 +13,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+#: the merges of "Attention to Scale" (Chen et al. 2016): one weight map per scale, over a fixed scale set
 MERGES = ("max", "avg", "attention")
+#: hierarchical multi-scale attention (Tao, Sapra & Catanzaro 2020; :mod:`msattn.models.hierarchical`):
+#: trained on two scales, run on any list that holds 1.0. Not in ``MERGES``, whose users (benchmark
+#: cases, scale-subset analysis) build every merge over any scale set.
+HIERARCHICAL = "hierarchical"
+#: every ``ModelSpec.merge``
+MODEL_MERGES = (*MERGES, HIERARCHICAL)
 ATTENTION_INITS = ("normal", "zero")
 ATTENTION_NORMS = ("none", "l2")
 #: DeepLab-LargeFOV's fc6 dilation
@@ -27,6 +34,8 @@ _OPTIONAL_ARGS: dict[str, Any] = {
     "attention_norm": "none",
     "fc6_dilation": FC6_DILATION,
 }
+#: options of the softmax attention head that a hierarchical model refuses when not at their defaults
+_SOFTMAX_HEAD_ARGS = ("attention_init", "attention_temperature", "attention_norm")
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,8 @@ class ModelSpec:
             object.__setattr__(self, "attention_dropout", self.dropout)
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.merge not in MERGES:
-            raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
+        if self.merge not in MODEL_MERGES:
+            raise ValueError(f"merge must be one of {MODEL_MERGES}, got {self.merge!r}")
         if self.attention_init not in ATTENTION_INITS:
             raise ValueError(f"attention init must be one of {ATTENTION_INITS}, got {self.attention_init!r}")
         if self.attention_norm not in ATTENTION_NORMS:
@@ -74,11 +83,26 @@ class ModelSpec:
             raise ValueError(f"attention temperature must be > 0, got {self.attention_temperature}")
         if self.fc6_dilation < 1:
             raise ValueError(f"fc6_dilation must be >= 1, got {self.fc6_dilation}")
+        if self.merge == HIERARCHICAL:
+            problem = hierarchical_training_problem(self.scales)
+            if problem:
+                raise ValueError(problem)
+            changed = [key for key in _SOFTMAX_HEAD_ARGS if getattr(self, key) != _OPTIONAL_ARGS[key]]
+            if changed:
+                raise ValueError(
+                    f"{changed[0]} is an option of the softmax attention head (merge 'attention'); "
+                    "a hierarchical model's gate head has no such option"
+                )
 
     @property
     def has_attention_head(self) -> bool:
-        """True when the model learns per-pixel scale weights (attention merging over >= 2 scales)."""
+        """True when the model has the paper's softmax attention head (attention merging over >= 2 scales)."""
         return self.merge == "attention" and len(self.scales) > 1
+
+    @property
+    def is_hierarchical(self) -> bool:
+        """True for hierarchical multi-scale attention (a sigmoid gate head, any scales holding 1.0 at test time)."""
+        return self.merge == HIERARCHICAL
 
     def replace(self, **changes: Any) -> ModelSpec:
         """A copy with some fields changed (checked again)."""
@@ -113,3 +137,22 @@ def check_scales(scales: tuple[float, ...]) -> None:
         raise ValueError(f"scales must be positive, got {scales}")
     if len(set(scales)) != len(scales):
         raise ValueError(f"scales must be distinct, got {scales}")
+
+
+def hierarchical_training_problem(scales: tuple[float, ...]) -> str | None:
+    """Why ``scales`` cannot train a hierarchical model (None when they can: two scales, one of them 1.0)."""
+    if len(scales) != 2 or 1.0 not in scales:
+        return (
+            "a hierarchical model trains on exactly two scales, one of them 1.0 (e.g. [1.0, 0.5]), "
+            f"got {list(scales)}; more scales are for inference (e.g. eval.scales = [2.0, 1.0, 0.5])"
+        )
+    return None
+
+
+def hierarchical_inference_problem(scales: tuple[float, ...]) -> str | None:
+    """Why a hierarchical model cannot run on ``scales`` (None when it can: 1.0 is among them)."""
+    if 1.0 not in scales:
+        return (
+            f"a hierarchical model needs scale 1.0 among its scales (its output is on the 1.0 grid), got {list(scales)}"
+        )
+    return None
