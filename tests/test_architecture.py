@@ -19,8 +19,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "msattn"
 #: lowest first; a module may import from its own layer's packages only within its own package
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("msattn", "msattn.errors", "msattn.io", "msattn.images", "msattn.geometry", "msattn.locks", "msattn.sizes"),
-    ("msattn.config", "msattn.outputs"),
+    ("msattn.outputs",),
     ("msattn.data", "msattn.models"),
+    ("msattn.config",),
     ("msattn.visualize",),
     ("msattn.tiling",),
     ("msattn.runtime",),

@@ -50,6 +50,7 @@ from msattn.config.fields import (
     _suggest,
 )
 from msattn.errors import ConfigError
+from msattn.models.spec import hierarchical_inference_problem, hierarchical_training_problem
 
 # ----------------------------------------------------------------------------- sections
 
@@ -270,11 +271,6 @@ def _hierarchical_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
     model = recipe.model
     if model.merge != "hierarchical":
         return
-    from msattn.models.spec import (  # imports torch: only for hierarchical recipes
-        hierarchical_inference_problem,
-        hierarchical_training_problem,
-    )
-
     problem = hierarchical_training_problem(model.scales)
     if problem:
         raise ConfigError(f"{origin_of('model.scales', 'model.merge')}: model.scales: {problem}")

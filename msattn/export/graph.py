@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msattn.errors import UsageError
 from msattn.geometry import STRIDE
 
 #: denominators allowed when turning a float scale into a fraction (0.75 -> 3/4)
@@ -86,8 +87,6 @@ class DeployGraph(nn.Module):
     ) -> None:
         super().__init__()
         if getattr(model, "gate", None) is not None:  # its chain is not in _merge: refuse rather than average
-            from msattn.errors import UsageError
-
             raise UsageError("exporting a hierarchical model (merge 'hierarchical') is not supported yet")
         scales = tuple(float(s) for s in scales)
         trained = tuple(getattr(model, "scales", scales))
