@@ -83,7 +83,7 @@ def check_normalize(dev: torch.device) -> dict[str, Any]:
 
 
 def tiny_or_full_model(width: float, dev: torch.device) -> torch.nn.Module:
-    from msattn.models import build_model
+    from msattn.models.scale import build_model
 
     torch.manual_seed(0)
     model = build_model(21, scales=(1.0, 0.75, 0.5), merge="attention", width=width)
@@ -102,9 +102,10 @@ def voc_like(dev: torch.device, n: int, pad_to: int, mixed: bool = True) -> list
 
 def check_graph_vs_eager(model: torch.nn.Module, dev: torch.device, pad_to: int) -> dict[str, Any]:
     from msattn.infer.graphs import GraphPolicy, InferenceRunner, cudnn_benchmark
-    from msattn.infer.predict import amp_dtype_for, predict_batch
+    from msattn.infer.forward import predict_batch
+    from msattn.infer.options import InferenceOptions
 
-    amp = amp_dtype_for(dev, True)
+    amp = InferenceOptions().amp_dtype(dev)
     runner = InferenceRunner(model, amp_dtype=amp, pad_to=pad_to, policy=GraphPolicy(enabled=True))
     images = voc_like(dev, 4, pad_to)
     padded = torch.stack([torch.nn.functional.pad(img, (0, pad_to - img.shape[-1], 0, pad_to - img.shape[-2]))
@@ -135,9 +136,9 @@ def check_graph_vs_eager(model: torch.nn.Module, dev: torch.device, pad_to: int)
 def runner_speed(model: torch.nn.Module, dev: torch.device, iters: int, pad_to: int) -> dict[str, Any]:
     """The evaluate path on one image size (VOC val padded to 513 is one shape), eager and graphed."""
     from msattn.infer.graphs import GraphPolicy, InferenceRunner
-    from msattn.infer.predict import amp_dtype_for
+    from msattn.infer.options import InferenceOptions
 
-    amp = amp_dtype_for(dev, True)
+    amp = InferenceOptions().amp_dtype(dev)
     out: dict[str, Any] = {}
     for batch in (1, 8):
         images = voc_like(dev, batch, pad_to, mixed=False)

@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
 def build_step(args: argparse.Namespace) -> tuple[Any, torch.device]:
     """The engine's step on a fixed random batch (what ``msattn bench --mode train`` times)."""
     from msattn.runtime.distributed import DistInfo
-    from msattn.train.loop import NonFiniteGuard, make_optimizer, train_step
-    from msattn.models import build_model, param_groups, segmentation_loss
+    from msattn.train.step import NonFiniteGuard, make_optimizer, train_step
+    from msattn.models.loss import segmentation_loss
+    from msattn.models.params import param_groups
+    from msattn.models.scale import build_model
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"

@@ -13,9 +13,13 @@ import torch.multiprocessing as mp
 from engine_helpers import make_tiny_dataset, write_recipe
 
 from msattn.config.recipe import load_recipe
+from msattn.infer.files import Outputs
+from msattn.infer.options import InferenceOptions
 from msattn.locks import LOCK_NAME, OWNER_NAME, FolderBusyError, folder_lock
 from msattn.runtime.checkpoint import load_checkpoint
 from msattn.train.loop import train
+
+CPU = InferenceOptions(device="cpu")
 
 
 def _free_port() -> int:
@@ -146,7 +150,7 @@ def _eval_worker(rank: int, world: int, port: int, checkpoint: str, out: str) ->
          "MASTER_PORT": str(port)}
     )
     torch.set_num_threads(1)
-    evaluate_checkpoint(Path(checkpoint), json_path=Path(out), device="cpu")
+    evaluate_checkpoint(Path(checkpoint), CPU, json_path=Path(out))
 
 
 @pytest.mark.slow
@@ -158,7 +162,7 @@ def test_evaluate_under_two_ranks_shards_the_images_and_matches_one_process(tmp_
     checkpoint = train(recipe, tmp_path / "run", device="cpu")
     from msattn.infer.evaluate import evaluate_checkpoint
 
-    single = evaluate_checkpoint(checkpoint, json_path=tmp_path / "single.json", device="cpu")
+    single = evaluate_checkpoint(checkpoint, CPU, json_path=tmp_path / "single.json")
     spawn_ranks(_eval_worker, str(checkpoint), str(tmp_path / "ddp.json"))
     ddp = json.loads((tmp_path / "ddp.json").read_text())
     assert ddp["num_images"] == single["num_images"] == 5
@@ -175,8 +179,8 @@ def _predict_worker(rank: int, world: int, port: int, images: str, checkpoint: s
          "MASTER_PORT": str(port)}
     )
     torch.set_num_threads(1)
-    counts = predict_images([Path(images)], Path(checkpoint), Path(out), save_probs=True, save_attention=True,
-                            device="cpu", resume=True)
+    counts = predict_images([Path(images)], Path(out), CPU, checkpoint=Path(checkpoint), resume=True,
+                            outputs=Outputs(save_probs=True, save_attention=True))
     Path(out).parent.joinpath(f"counts{rank}.txt").write_text(str(counts))
 
 
@@ -188,8 +192,8 @@ def test_predict_under_two_ranks_splits_the_images_and_writes_what_one_process_w
     recipe = load_recipe(write_recipe(tmp_path / "r.toml", data, train={"iterations": 2}))
     checkpoint = train(recipe, tmp_path / "run", device="cpu")
     images = data / "images"  # 9 images: 5 on rank 0, 4 on rank 1
-    single = predict_images([images], checkpoint, tmp_path / "single", save_probs=True, save_attention=True,
-                            device="cpu")
+    single = predict_images([images], tmp_path / "single", CPU, checkpoint=checkpoint,
+                            outputs=Outputs(save_probs=True, save_attention=True))
     ddp = tmp_path / "ddp"
     ddp.mkdir()
     for done in (tmp_path / "single").glob("val_000*"):  # every output of one image: resume skips it

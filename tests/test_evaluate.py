@@ -11,7 +11,9 @@ from engine_helpers import CLASSES, make_tiny_dataset, save_tiny_checkpoint
 from torch import nn
 
 from msattn.data.datasets import SegmentationFolder
-from msattn.infer.evaluate import evaluate_model
+from msattn.infer.options import InferenceOptions
+from msattn.infer.scoring import evaluate_model
+from msattn.runtime.distributed import DistInfo
 from msattn.infer.forward import predict_batch
 from msattn.models.scale import build_model
 from msattn.runtime.checkpoint import make_checkpoint, save_checkpoint
@@ -67,15 +69,15 @@ def test_full_resolution_batching_flip_and_limit(tiny_data: Path) -> None:
     dataset = SegmentationFolder(tiny_data, "val")
     one = evaluate_model(ColourModel(), dataset, num_classes=3, progress=False)
     assert one["miou"] > 0.5  # the colour rule is right away from rectangle borders
-    batched = evaluate_model(ColourModel(), dataset, num_classes=3, batch_size=3, progress=False)
+    batched = evaluate_model(ColourModel(), dataset, num_classes=3, options=InferenceOptions(batch_size=3), progress=False)
     assert batched["per_class"] == one["per_class"]
-    flipped = evaluate_model(ColourModel(), dataset, num_classes=3, flip=True, progress=False)
+    flipped = evaluate_model(ColourModel(), dataset, num_classes=3, options=InferenceOptions(flip=True), progress=False)
     assert flipped["pixels"] == one["pixels"] and flipped["miou"] > 0.5
     limited = evaluate_model(ColourModel(), dataset, num_classes=3, limit=2, progress=False)
     assert limited["num_images"] == 2 and limited["pixels"] < one["pixels"]
     # two "ranks" see disjoint halves whose pixel counts add up
     halves = [
-        evaluate_model(ColourModel(), dataset, num_classes=3, rank=r, world_size=2, progress=False) for r in (0, 1)
+        evaluate_model(ColourModel(), dataset, num_classes=3, dist=DistInfo(rank=r, world_size=2), progress=False) for r in (0, 1)
     ]
     assert halves[0]["pixels"] + halves[1]["pixels"] == one["pixels"]
 
@@ -122,9 +124,9 @@ def test_cli_evaluate_batch_size_workers_and_amp_do_not_change_the_scores(
     seen = []
     real = evaluate_module.evaluate_model
 
-    def spy(*args, **kwargs):
-        seen.append((kwargs["batch_size"], kwargs["workers"], kwargs["amp_dtype"]))
-        return real(*args, **kwargs)
+    def spy(model, dataset, num_classes, names, ignore_index, options, **kwargs):
+        seen.append((options.batch_size, kwargs["workers"], options.amp_dtype(torch.device("cpu"))))
+        return real(model, dataset, num_classes, names, ignore_index, options, **kwargs)
 
     monkeypatch.setattr(evaluate_module, "evaluate_model", spy)
     results = []

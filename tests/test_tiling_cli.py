@@ -111,16 +111,16 @@ def test_bad_tiling_options_are_one_line_errors(tmp_path: Path, run_cli, args, m
 
 
 def _spy_tiles(monkeypatch) -> list[int]:
-    import msattn.tiling.run as run
+    import msattn.infer.scoring as scoring
 
     calls: list[int] = []
-    real = run.predict_tiled
+    real = scoring.predict_tiled
 
     def spy(*args, **kwargs):
         calls.append(kwargs["tiling"].tile)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(run, "predict_tiled", spy)
+    monkeypatch.setattr(scoring, "predict_tiled", spy)
     return calls
 
 

@@ -44,11 +44,10 @@ from msattn.data.info import read_dataset_info
 from msattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from msattn.errors import DataError, DependencyError, UsageError
 from msattn.geometry import padded_size
-from msattn.infer.evaluate import _checkpoint_recipe
-from msattn.infer.forward import amp_dtype_for
+from msattn.infer.options import InferenceOptions
 from msattn.io import atomic_write, check_id, file_sha256, write_json, write_text
 from msattn.locks import folder_lock
-from msattn.runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from msattn.runtime.checkpoint import checkpoint_recipe, load_checkpoint, model_from_checkpoint
 from msattn.runtime.distributed import resolve_device
 from msattn.runtime.metrics import json_safe
 
@@ -210,7 +209,7 @@ def prepare_job(checkpoint: Path, data: Path | None, settings: Settings, device:
         raise DataError(f"{root / (settings.split + '.txt')}: split list not found")
     trained = tuple(float(s) for s in state["model_args"].get("scales", [1.0]))
     scales = check_scales(model, settings.scales, trained)
-    config = _checkpoint_recipe(state)
+    config = checkpoint_recipe(state)
     if settings.pad_to is None and config is not None:
         settings.pad_to = config.eval.pad_to
     mean, std = meta.get("mean") or IMAGENET_MEAN, meta.get("std") or IMAGENET_STD
@@ -265,7 +264,7 @@ def job_for_model(
                   "images": total, "settings": settings.fingerprinted(), "msattn_version": __version__,
                   **(provenance or {})}
     return Job(model, dataset, class_names, scales, build_methods(scales, own.merge), own, skip, total, device,
-               amp_dtype_for(device, settings.amp), settings, provenance,
+               InferenceOptions(amp="bf16" if settings.amp else "off").amp_dtype(device), settings, provenance,
                palette if palette is not None else [], mean, std, model_args=model_args)
 
 

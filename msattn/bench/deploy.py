@@ -34,6 +34,7 @@ from msattn.export.format import require
 from msattn.export.onnx import export_checkpoint
 from msattn.export.runtime import OnnxBackend
 from msattn.infer.backends import TorchBackend, memory_model
+from msattn.infer.options import InferenceOptions
 from msattn.models.scale import build_model
 from msattn.runtime.checkpoint import make_checkpoint, save_checkpoint
 from msattn.sizes import format_bytes
@@ -91,7 +92,7 @@ def bench_tiled(settings: Any, context: dict[str, Any], image_size: str, tile: i
     image = _test_image(height, width)
     with tempfile.TemporaryDirectory(prefix="msattn-bench-") as tmp:
         ckpt = _checkpoint(Path(tmp), "full", FULL["num_classes"], FULL["scales"], FULL["merge"], settings.width)
-        backend = TorchBackend(ckpt, settings.device, amp=settings.amp)
+        backend = TorchBackend(ckpt, settings.device, InferenceOptions(amp="bf16" if settings.amp else "off"))
         memory = memory_model(backend)
         planner = Planner(TilingOptions(tile=tile), memory, str(settings.device))
         budget = Planner(TilingOptions(), memory, str(settings.device)).budget
@@ -136,7 +137,7 @@ def bench_onnx(size: int, settings: Any, context: dict[str, Any]) -> list[dict[s
             onnx_path = Path(tmp) / f"{name}.onnx"
             with contextlib.redirect_stdout(io.StringIO()):
                 export_checkpoint(ckpt, onnx_path, verify=False)  # msattn export, dynamic size
-            runners = {"torch": TorchBackend(ckpt, settings.device, amp=False),
+            runners = {"torch": TorchBackend(ckpt, settings.device, InferenceOptions(amp="off")),
                        "onnxruntime": OnnxBackend(onnx_path, threads=torch.get_num_threads())}  # fmt: skip
             records += _time_pair(name, spec, side, runners, settings, context)
     return records

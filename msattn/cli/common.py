@@ -6,21 +6,42 @@ several commands declare alike. Nothing heavy is imported here: ``msattn --help`
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 
+#: what an option's value is called in help, by its Python type (Typer would print ``<int range>``, ``<list[int]>``)
+_METAVARS = {int: "INT", float: "FLOAT", str: "TEXT", Path: "PATH"}
+
+
+def _metavar(param: Any) -> str | None:
+    """``INT``, ``FLOAT``, ``TEXT`` or ``PATH`` for an option's value (a list's items), None when unknown."""
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)  # Typer >= 0.25
+    if annotation is None:  # older Typer: click's own parameter type
+        name = getattr(getattr(param, "type", None), "name", "")
+        return {"integer": "INT", "integer range": "INT", "float": "FLOAT", "float range": "FLOAT", "text": "TEXT",
+                "path": "PATH"}.get(name)  # fmt: skip
+    for arg in (*typing.get_args(annotation), annotation):  # Optional[int], list[float]: the item's type
+        if arg in _METAVARS:
+            return _METAVARS[arg]
+    return None
+
+
 class _PlainHelp:
-    """Help in the usual Unix form: flags without a type (``--resume``, not ``--resume <bool>``) and
-    arguments as ``RECIPE`` / ``INPUTS...`` in the usage line (not ``{recipe}``)."""
+    """Help in the usual Unix form, whole at 80 columns: flags without a type (``--resume``, not
+    ``--resume <bool>``), values by type (``--size INT``, not ``<list[int]>``), and arguments as
+    ``RECIPE`` / ``INPUTS...`` in the usage line (not ``{recipe}``). Every command and group uses it."""
 
     def get_params(self, ctx: typer.Context) -> list:  # type: ignore[override]
         params = super().get_params(ctx)  # type: ignore[misc]
         for param in params:
             if getattr(param, "is_flag", False):
                 param.metavar = ""  # Typer shows the metavar instead of "<bool>"
+            elif param.param_type_name == "option" and param.metavar is None:
+                param.metavar = _metavar(param)
         return params
 
     def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
@@ -84,10 +105,19 @@ MaxMemory = Annotated[
 ]
 
 
-def tiling_options(tile: Optional[int], overlap: Optional[int], max_memory: Optional[str]):  # noqa: ANN201
-    """--tile/--overlap/--max-memory as :class:`msattn.tiling.TilingOptions`."""
+def inference_options(
+    scales: Optional[list[float]], flip: bool, amp: bool, pad_to: Optional[int], batch_size: Optional[int],
+    compile_graphs: bool, bucket: Optional[int], device: Optional[str], tile: Optional[int], overlap: Optional[int],
+    max_memory: Optional[str],
+) -> Any:
+    """evaluate's and predict's flags as one :class:`msattn.infer.options.InferenceOptions`."""
+    from msattn.infer.options import InferenceOptions  # here, not at the top: see msattn.cli.app's docstring
     from msattn.sizes import parse_memory
     from msattn.tiling.run import TilingOptions
 
     budget = parse_memory(max_memory) if max_memory is not None else None
-    return TilingOptions(tile=tile, overlap=overlap, max_memory=budget)
+    return InferenceOptions(
+        scales=tuple(scales) if scales else None, flip=flip, amp="bf16" if amp else "off", pad_to=pad_to,
+        batch_size=batch_size, compile_graphs=compile_graphs, bucket=bucket, device=device,
+        tiling=TilingOptions(tile=tile, overlap=overlap, max_memory=budget),
+    )  # fmt: skip

@@ -29,7 +29,10 @@ def prepare_person_part(
     out: Annotated[Path, typer.Option(help="Output dataset folder.")],
     workers: Workers = 2,
 ) -> None:
-    """PASCAL-Person-Part (6 parts + background) from the Pascal-Part annotations."""
+    """PASCAL-Person-Part (6 parts + background).
+
+    Made from the Pascal-Part annotations.
+    """
     from msattn.data.prepare.person_part import prepare_person_part as run
 
     run(source=source, out=out, workers=workers)
@@ -74,7 +77,10 @@ def prepare_demo(
                      "figure, heights up to 3x the image (where attention picks the coarser input for large figures)."),
     ] = "figures",
 ) -> None:
-    """A synthetic dataset where scale matters (figures with parts at sizes spanning 8x)."""
+    """A synthetic dataset where scale matters.
+
+    Figures with parts at sizes spanning 8x.
+    """
     from msattn.data.prepare.demo import prepare_demo as run
 
     run(out=out, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed, workers=workers, style=style)
@@ -94,7 +100,10 @@ def prepare_coco_json(
     seed: Seed = 0,
     workers: Workers = 2,
 ) -> None:
-    """Any COCO-format instances file (polygons, RLE): categories by id -> classes 1..N."""
+    """Any COCO-format instances file (polygons, RLE).
+
+    Categories by id -> classes 1..N.
+    """
     from msattn.data.prepare.coco_json import prepare_coco_json as run
 
     run(annotations=annotations, images=images, out=out, val_annotations=val_annotations, val_images=val_images,
@@ -111,7 +120,10 @@ def prepare_labelme(
     seed: Seed = 0,
     workers: Workers = 2,
 ) -> None:
-    """LabelMe JSON files: polygons, rectangles, circles, masks (lines and points ignored)."""
+    """LabelMe JSON files (polygons, rectangles, masks...).
+
+    Polygons, rectangles, circles and masks; lines and points are ignored.
+    """
     from msattn.data.prepare.labelme import prepare_labelme as run
 
     run(source=source, out=out, labels=labels, val_fraction=val_fraction, seed=seed, workers=workers)
@@ -127,7 +139,10 @@ def prepare_cvat(
     seed: Seed = 0,
     workers: Workers = 2,
 ) -> None:
-    """CVAT 'CVAT for images 1.1' XML or 'Segmentation mask 1.1' export."""
+    """CVAT exports: XML or segmentation masks.
+
+    'CVAT for images 1.1' XML or 'Segmentation mask 1.1'.
+    """
     from msattn.data.prepare.cvat import prepare_cvat as run
 
     run(source=source, out=out, images=images, val_fraction=val_fraction, seed=seed, workers=workers)
@@ -138,7 +153,10 @@ def prepare_cityscapes(
     out: Out,
     workers: Workers = 2,
 ) -> None:
-    """Cityscapes fine annotations, 19 train ids (others -> 255), official train/val."""
+    """Cityscapes fine annotations (19 train ids).
+
+    Other ids become 255 (ignored); the official train and val, whichever are present.
+    """
     from msattn.data.prepare.cityscapes import prepare_cityscapes as run
 
     run(source=source, out=out, workers=workers)
@@ -157,7 +175,10 @@ def prepare_masks(
     seed: Seed = 0,
     workers: Workers = 2,
 ) -> None:
-    """Image/mask pairs: index masks (8/16-bit, palette) or RGB colour masks."""
+    """Image/mask pairs: index masks or RGB colour masks.
+
+    Index masks may be 8 or 16 bits, grey or palette.
+    """
     from msattn.data.prepare.masks import prepare_masks as run
 
     run(images=images, masks=masks, out=out, classes=classes, ignore_value=ignore_value, mask_suffix=mask_suffix,
@@ -179,7 +200,10 @@ def check_data(
     ] = None,
     workers: Workers = 2,
 ) -> None:
-    """Check a dataset folder before training: exit 1 on errors, 0 with warnings."""
+    """Check a dataset folder before training.
+
+    Exit 1 on errors, 0 with warnings.
+    """
     from msattn.data.check_report import check_data_command
 
     check_data_command(root, full=full, report_dir=report, json_path=json_path, splits=split,
@@ -192,9 +216,9 @@ def register(app: typer.Typer, prepare_app: typer.Typer) -> None:
     prepare_app.command(cls=PlainHelpCommand, name="voc")(prepare_voc)
     prepare_app.command(cls=PlainHelpCommand, name="coco")(prepare_coco)
     prepare_app.command(cls=PlainHelpCommand, name="demo")(prepare_demo)
-    prepare_app.command("coco-json")(prepare_coco_json)
-    prepare_app.command("labelme")(prepare_labelme)
-    prepare_app.command("cvat")(prepare_cvat)
-    prepare_app.command("cityscapes")(prepare_cityscapes)
-    prepare_app.command("masks")(prepare_masks)
-    app.command("check-data")(check_data)
+    prepare_app.command(cls=PlainHelpCommand, name="coco-json")(prepare_coco_json)
+    prepare_app.command(cls=PlainHelpCommand, name="labelme")(prepare_labelme)
+    prepare_app.command(cls=PlainHelpCommand, name="cvat")(prepare_cvat)
+    prepare_app.command(cls=PlainHelpCommand, name="cityscapes")(prepare_cityscapes)
+    prepare_app.command(cls=PlainHelpCommand, name="masks")(prepare_masks)
+    app.command(cls=PlainHelpCommand, name="check-data")(check_data)

@@ -19,7 +19,10 @@ def convert_weights(
     caffemodel: Annotated[Path, typer.Argument(help="DeepLab's init.caffemodel (or another VGG-16 LargeFOV caffemodel).")],
     out: Annotated[Path, typer.Option(help="Output file (.pt) for model.pretrained.")],
 ) -> None:
-    """Convert Caffe weights to msattn's format (no Caffe needed); records the Caffe input convention."""
+    """Convert Caffe weights to msattn's format.
+
+    No Caffe needed; the Caffe input convention is recorded with the weights.
+    """
     from msattn.models.caffe import convert_weights_command
 
     convert_weights_command(caffemodel, out)
@@ -55,7 +58,10 @@ def analyze(
     pad_to: Annotated[Optional[int], typer.Option(help="Pad every image to this 8k+1 side (default: the recipe's).")] = None,
     device: Device = None,
 ) -> None:
-    """Per scale, class, object size and scale subset: what each scale contributes (report.json + index.html)."""
+    """What each scale contributes: a report.
+
+    Per scale, class, object size and scale subset (report.json + index.html).
+    """
     from msattn.analysis.objects import DEFAULT_BINS
     from msattn.analysis.run import Settings, analyze_checkpoint
 
@@ -81,7 +87,7 @@ def crf_refine(
     search: Annotated[bool, typer.Option(help="Grid-search bi_w, bi_xy_std, bi_rgb_std (those not given) against --labels.")] = False,
     workers: Workers = 2,
 ) -> None:
-    """Refine saved probabilities with the fully connected CRF."""
+    """Refine saved probabilities with the dense CRF."""
     from msattn.crf.folders import crf_refine_command
 
     crf_refine_command(
@@ -119,7 +125,10 @@ def export(
         bool, typer.Option(help="Compare onnxruntime with PyTorch on random images after writing.")
     ] = True,
 ) -> None:
-    """Export the whole multi-scale model (resizing, backbone, merge, upsampling) as one ONNX graph."""
+    """Export the multi-scale model as one ONNX graph.
+
+    Resizing, backbone, merge and upsampling, all in the graph.
+    """
     from msattn.export.onnx import export_checkpoint
 
     export_checkpoint(
@@ -154,7 +163,10 @@ def bench(
     image: Annotated[str, typer.Option(help="HEIGHTxWIDTH of the large image of --mode tiled.")] = "3000x4000",
     tile: Annotated[int, typer.Option(help="Tile side of --mode tiled (8k+1).")] = 1025,
 ) -> None:
-    """Measure latency, throughput, memory and FLOPs across scale sets and merges (progress on stderr)."""
+    """Time and size the model across scale sets and merges.
+
+    Latency, throughput, memory and FLOPs (progress on stderr).
+    """
     from msattn.bench.run import run_bench
 
     run_bench(

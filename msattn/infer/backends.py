@@ -2,7 +2,7 @@
 
 A backend turns a batch of uint8 RGB images ``[N, H, W, 3]`` into class probabilities
 ``[N, C, H, W]`` and merge weights ``[N, S, H, W]`` (or None) at image size, float32 numpy,
-with :func:`msattn.infer.predict.predict_batch`'s geometry (pad to 8k+1, crop back). It also
+with :func:`msattn.infer.forward.predict_batch`'s geometry (pad to 8k+1, crop back). It also
 says what predict needs to write and to plan tiles: ``classes``, ``palette``, ``mean``/``std``,
 ``scales``, ``merge``, ``num_classes``, ``crf_section`` (the recipe's ``[crf]``), ``model_args``
 ``weight_bytes``, ``sha256`` (the file's identity), ``note`` (a remark on the scales or None),
@@ -23,8 +23,9 @@ from msattn.data.transforms import normalize_image
 from msattn.errors import UsageError
 from msattn.export.runtime import OnnxBackend
 from msattn.infer.files import _dataset_info
-from msattn.infer.forward import amp_dtype_for, predict_batch
-from msattn.infer.graphs import InferenceRunner, graph_policy
+from msattn.infer.forward import predict_batch
+from msattn.infer.graphs import make_runner
+from msattn.infer.options import InferenceOptions
 from msattn.infer.scales import resolve_scales
 from msattn.io import file_sha256
 from msattn.runtime.checkpoint import load_checkpoint, model_from_checkpoint
@@ -37,21 +38,12 @@ class TorchBackend:
     """The checkpoint's model on a device (channels_last; bf16 autocast on CUDA with ``amp``).
 
     Batches go through an :class:`msattn.infer.graphs.InferenceRunner`: eager (exactly
-    :func:`msattn.infer.predict.predict_batch`), or on CUDA one captured graph per size bucket.
+    :func:`msattn.infer.forward.predict_batch`), or on CUDA one captured graph per size bucket.
     """
 
     name = "torch"
 
-    def __init__(
-        self,
-        checkpoint: Path,
-        device: torch.device,
-        scales: Sequence[float] | None = None,
-        amp: bool = True,
-        pad_to: int | None = None,
-        compile_graphs: bool = True,
-        bucket: int | None = None,
-    ) -> None:
+    def __init__(self, checkpoint: Path, device: torch.device, options: InferenceOptions = InferenceOptions()) -> None:
         state = load_checkpoint(checkpoint)
         self.memory_format = torch.channels_last  # faster on CUDA and CPU (benchmarks/README.md)
         self.model = model_from_checkpoint(state, checkpoint).to(device, memory_format=self.memory_format)
@@ -59,7 +51,7 @@ class TorchBackend:
         self.source = str(checkpoint)
         self.sha256 = file_sha256(Path(checkpoint))
         self.state = state
-        self.scales, self.note = resolve_scales(scales, self.model)  # an attention head's trained order
+        self.scales, self.note = resolve_scales(options.scales, self.model)  # an attention head's trained order
         self.num_classes = int(self.model.num_classes)
         info = _dataset_info(state, self.num_classes, checkpoint)  # metadata checked key by key
         self.classes, self.palette = list(info.classes), np.asarray(info.palette, dtype=np.uint8).reshape(-1, 3)
@@ -68,10 +60,9 @@ class TorchBackend:
         self.crf_section = (state.get("config") or {}).get("crf")
         self.model_args = dict(state.get("model_args") or {})
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.amp_dtype = amp_dtype_for(device, amp)
-        self.pad_to = pad_to
-        self.runner = InferenceRunner(self.model, scales=self.scales, amp_dtype=self.amp_dtype, pad_to=pad_to,
-                                      policy=graph_policy(device, compile_graphs, bucket))  # fmt: skip
+        self.amp_dtype = options.amp_dtype(device)
+        self.pad_to = options.pad_to
+        self.runner = make_runner(self.model, options.replace(flip=False), device, self.scales)
         self.group_key = self.runner.group_key
 
     def describe(self) -> str:
@@ -100,15 +91,7 @@ class TorchBackend:
 
 
 def open_backend(
-    backend: str | None,
-    checkpoint: Path | None,
-    model: Path | None,
-    device: torch.device,
-    scales: Sequence[float] | None = None,
-    amp: bool = True,
-    pad_to: int | None = None,
-    compile_graphs: bool = True,
-    bucket: int | None = None,
+    backend: str | None, checkpoint: Path | None, model: Path | None, device: torch.device, options: InferenceOptions
 ) -> Any:
     """The backend ``--backend`` names (default: torch with --checkpoint, onnxruntime with --model)."""
     if backend is None:
@@ -121,12 +104,12 @@ def open_backend(
             raise UsageError(f"--checkpoint: the torch backend needs a checkpoint (.pt){hint}")
         if model is not None:
             raise UsageError("--model: give --checkpoint for the torch backend or --model for onnxruntime, not both")
-        return TorchBackend(Path(checkpoint), device, scales, amp, pad_to, compile_graphs, bucket)
+        return TorchBackend(Path(checkpoint), device, options)
     if model is None:
         raise UsageError("--model: the onnxruntime backend needs an exported model (msattn export ... --out model.onnx)")
     if checkpoint is not None:
         raise UsageError("--checkpoint: the onnxruntime backend runs --model; give one of the two")
-    return OnnxBackend(Path(model), scales, pad_to)
+    return OnnxBackend(Path(model), options.scales, options.pad_to)
 
 
 def memory_model(backend: Any) -> Any:

@@ -2,7 +2,7 @@
 
 :func:`predict_batch` (a batch of same-size images) and :func:`predict_probs` (one image) are
 the small reusable pieces that predict, evaluate, the CUDA-graph runner and tiling build on;
-:func:`amp_dtype_for` says when to autocast. Re-exported by :mod:`msattn.infer.predict`.
+:meth:`msattn.infer.options.InferenceOptions.amp_dtype` says when to autocast.
 """
 
 from __future__ import annotations
@@ -13,11 +13,6 @@ from collections.abc import Sequence
 import torch
 
 from msattn.geometry import crop_to, pad_to_grid, resize_bilinear, resize_nearest, upsample_logits
-
-
-def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bf16 autocast on CUDA when ``amp``; never on CPU (bf16 is ~100x slower there)."""
-    return torch.bfloat16 if amp and device.type == "cuda" else None
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

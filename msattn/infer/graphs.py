@@ -18,7 +18,7 @@ captured the second time it is seen (a one-off shape runs eager), at most ``max_
 are kept (least recently used go first) and at most ``max_captures`` are ever made, so a
 stream of ever-new shapes costs no more than eager. A capture that fails turns graphs off
 for the run and says why. Everything here is off on CPU: there, inference is the eager
-:func:`msattn.infer.predict.predict_batch`, unchanged.
+:func:`msattn.infer.forward.predict_batch`, unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from msattn.errors import UsageError
 from msattn.geometry import resize_bilinear, resize_nearest, upsample_logits
 from msattn.infer.buckets import DEFAULT_BUCKET, bucket_size, check_bucket, pad_to_size
 from msattn.infer.forward import predict_batch
+from msattn.infer.options import InferenceOptions
 
 #: images per replayed batch at 513x513; larger buckets get proportionally fewer
 CUDA_BATCH = 8
@@ -216,7 +217,7 @@ class InferenceRunner:
     """Class probabilities and merge weights at image size for lists of images (evaluate, predict).
 
     Policy off (CPU, ``--no-compile``): same-size images go through
-    :func:`msattn.infer.predict.predict_batch`, exactly as before. Policy on: the images of
+    :func:`msattn.infer.forward.predict_batch`, exactly as before. Policy on: the images of
     a group share a bucket (:meth:`group_key`), are padded to it, stacked (at most
     ``BATCH_PIXELS`` pixels a batch) and run through one captured graph per batch shape;
     every result is cropped back to its image and copied out of the graph's buffers.
@@ -334,3 +335,15 @@ class InferenceRunner:
 
     def summary(self) -> str | None:
         return self.cache.summary()
+
+
+def make_runner(
+    model: torch.nn.Module, options: InferenceOptions, device: torch.device, scales: Sequence[float] | None = None
+) -> InferenceRunner:
+    """The runner of ``options`` on ``device``: CUDA graphs over size buckets where :func:`graph_policy` says so,
+    else the eager forward. ``scales`` (resolved for the model) replace ``options.scales``."""
+    return InferenceRunner(
+        model, scales=options.scales if scales is None else scales, flip=options.flip,
+        amp_dtype=options.amp_dtype(device), pad_to=options.pad_to,
+        policy=graph_policy(device, options.compile_graphs, options.bucket),
+    )  # fmt: skip

@@ -1,9 +1,8 @@
-"""Prediction: label maps, overlays, probabilities and attention maps for image files.
+"""``msattn predict``: label maps, overlays, probabilities and attention maps for image files.
 
-:func:`predict_probs` / :func:`predict_batch` are the small reusable pieces (evaluate uses
-them): normalised images in, class probabilities and merge weights at image size out; they
-live in :mod:`msattn.infer.forward` and are re-exported here.
-:func:`predict_images` is ``msattn predict``: inputs -> files in the output folder.
+:func:`predict_images` turns inputs into files in the output folder; the forward pass is
+:mod:`msattn.infer.forward` (through a backend, :mod:`msattn.infer.backends`), the files
+:mod:`msattn.infer.files`.
 """
 
 from __future__ import annotations
@@ -28,7 +27,8 @@ from msattn.images import open_image
 from msattn.infer.backends import memory_model, open_backend
 from msattn.infer.files import Outputs, _Labels, write_prediction
 from msattn.infer.graphs import inference_batch_size
-from msattn.infer.inputs import gather_inputs, unique_names  # collect_inputs, unique_names: re-exported
+from msattn.infer.inputs import gather_inputs, unique_names
+from msattn.infer.options import InferenceOptions
 from msattn.io import clean_temporaries
 from msattn.locks import folder_lock
 from msattn.outputs import Item, Mark, inputs_key, plan_outputs, refuse_inputs_in_out, settings_key, write_settings
@@ -54,34 +54,26 @@ def _crf_params(section: dict[str, Any] | None, source: Any) -> Any:
 
 def predict_images(
     inputs: Sequence[Path],
-    checkpoint: Path | None,
     out: Path,
-    save_probs: bool = False,
-    save_attention: bool = False,
-    crf: bool = False,
-    scales: Sequence[float] | None = None,
-    batch_size: int | None = None,
-    amp: bool = True,
-    device: str | None = None,
-    resume: bool = False,
-    overlay: bool = True,
-    pad_to: int | None = None,
-    images_dir: Path | None = None,
-    compile_graphs: bool = True,
-    bucket: int | None = None,
+    options: InferenceOptions = InferenceOptions(),
+    *,
+    checkpoint: Path | None = None,
     model: Path | None = None,
     backend: str | None = None,
-    tiling: Any = None,
+    outputs: Outputs = Outputs(),
+    crf: bool = False,
+    resume: bool = False,
+    images_dir: Path | None = None,
 ) -> dict[str, int]:
     """``msattn predict``: write label maps, overlays and (optionally) probabilities and attention maps.
 
-    ``overlay=False`` with neither probabilities nor attention writes the label PNGs alone (the
-    format of the PASCAL VOC evaluation server). ``pad_to`` pads every image to that 8k+1 side.
-    Inputs are files, folders and ``.txt`` lists (:mod:`msattn.infer.inputs`; ``images_dir``
-    resolves list entries and bare ids). ``backend`` (:func:`msattn.infer.backends.open_backend`):
-    ``torch`` runs ``checkpoint``, ``onnxruntime`` an exported ``model``. ``tiling``
-    (:class:`msattn.tiling.TilingOptions`: ``--tile``/``--overlap``/``--max-memory``): images over
-    the tile or the memory budget are predicted tile by tile (:mod:`msattn.tiling`).
+    ``options`` (:class:`InferenceOptions`) say how images go through the model; ``outputs``
+    which files are written (``overlay=False`` with neither probabilities nor attention writes
+    the label PNGs alone, the format of the PASCAL VOC evaluation server). Inputs are files,
+    folders and ``.txt`` lists (:mod:`msattn.infer.inputs`; ``images_dir`` resolves list entries
+    and bare ids). ``backend`` (:func:`msattn.infer.backends.open_backend`): ``torch`` runs
+    ``checkpoint``, ``onnxruntime`` an exported ``model``. Images over ``options.tiling``'s tile or
+    the memory budget are predicted tile by tile (:mod:`msattn.tiling`).
 
     The output folder is locked (one writer) and never holds the inputs; a file there that
     predict did not write is never written over (refused before any work). Every output
@@ -92,30 +84,24 @@ def predict_images(
     ``torchrun`` every rank predicts its share (``rank::world_size``) and rank 0 locks and
     reports. Returns counts over all ranks {"written", "failed", "done"}.
 
-    On CUDA, ``compile_graphs`` (the default; ``--no-compile`` turns it off) pads images to size
-    buckets of ``bucket`` pixels and replays one CUDA graph per batch shape; images of one
-    bucket then share a batch, and ``batch_size`` defaults to 8 (else 1; msattn.infer.graphs).
+    On CUDA, ``options.compile_graphs`` (the default; ``--no-compile`` turns it off) pads images
+    to size buckets and replays one CUDA graph per batch shape; images of one bucket then share a
+    batch, and the batch size defaults to 8 (else 1; :mod:`msattn.infer.graphs`).
     """
-    with process_group(device) as dist_info:
-        outputs = Outputs(save_probs=save_probs, save_attention=save_attention, overlay=overlay)
-        options = _Options(outputs, crf, scales, batch_size, amp, resume, pad_to, compile_graphs, bucket,
-                           tiling or TilingOptions(), backend)  # fmt: skip
-        return _predict_images(dist_info, inputs, (checkpoint, model), Path(out), options, images_dir)
+    job = _Job(outputs, crf, resume, backend, options.replace(tiling=options.tiling or TilingOptions()))
+    with process_group(options.device) as dist_info:
+        return _predict_images(dist_info, inputs, (checkpoint, model), Path(out), job, images_dir)
 
 
 @dataclass(frozen=True)
-class _Options:
+class _Job:
+    """What one ``msattn predict`` call was asked for."""
+
     outputs: Outputs
     crf: bool
-    scales: Sequence[float] | None
-    batch_size: int | None
-    amp: bool
     resume: bool
-    pad_to: int | None
-    compile_graphs: bool = True
-    bucket: int | None = None
-    tiling: Any = None  # msattn.tiling.TilingOptions
-    backend: str | None = None  # torch / onnxruntime (None: the one the given file needs)
+    backend: str | None  # torch / onnxruntime (None: the one the given file needs)
+    inference: InferenceOptions
 
 
 @dataclass
@@ -133,17 +119,15 @@ class _Run:
     planner: Any  # msattn.tiling.Planner: whole or tiles, per image
 
 
-def _prepare_run(files: tuple[Path | None, Path | None], options: _Options, device: torch.device) -> _Run:
+def _prepare_run(files: tuple[Path | None, Path | None], job: _Job, device: torch.device) -> _Run:
     """Open the backend and settle the scales, labels, CRF and the settings every output records."""
-    if options.pad_to is not None and (options.pad_to < 9 or (options.pad_to - 1) % 8):
-        raise UsageError(f"--pad-to: must be a side of 8k+1 pixels (e.g. 321, 513), got {options.pad_to}")
     checkpoint, model = files
-    backend = open_backend(options.backend, checkpoint, model, device, options.scales, options.amp, options.pad_to,
-                           options.compile_graphs, options.bucket)  # fmt: skip
+    options = job.inference
+    backend = open_backend(job.backend, checkpoint, model, device, options)
     if backend.num_classes > 255:
         raise UsageError(f"{backend.source}: {backend.num_classes} classes do not fit an 8-bit label PNG")
     info = _Labels(list(backend.classes), backend.palette, backend.mean, backend.std)
-    crf_params = _crf_params(backend.crf_section, backend.source) if options.crf else None
+    crf_params = _crf_params(backend.crf_section, backend.source) if job.crf else None
     tiling = options.tiling
     settings = {
         "model_sha256": backend.sha256,
@@ -156,7 +140,7 @@ def _prepare_run(files: tuple[Path | None, Path | None], options: _Options, devi
         "msattn_version": __version__,
     }  # fmt: skip
     notes = [backend.note] if backend.note else []
-    if options.outputs.save_attention and len(backend.scales) == 1:
+    if job.outputs.save_attention and len(backend.scales) == 1:
         notes.append("the model runs on one scale: there are no attention maps to save")
     policy = getattr(getattr(backend, "runner", None), "policy", None)
     batch_size = inference_batch_size(options.batch_size, 1, policy) if policy is not None else options.batch_size or 1
@@ -165,7 +149,7 @@ def _prepare_run(files: tuple[Path | None, Path | None], options: _Options, devi
 
 
 def _predict_images(
-    dist_info: DistInfo, inputs: Sequence[Path], files: tuple[Path | None, Path | None], out: Path, options: _Options,
+    dist_info: DistInfo, inputs: Sequence[Path], files: tuple[Path | None, Path | None], out: Path, job: _Job,
     images_dir: Path | None,
 ) -> dict[str, int]:
     if out.exists() and not out.is_dir():
@@ -179,22 +163,22 @@ def _predict_images(
     if not paths:
         raise DataError(f"no images found in {', '.join(str(p) for p in inputs)}")
     refuse_inputs_in_out(out, {f"input images ({d})": d for d in dict.fromkeys(p.parent for p in paths)})
-    run = _prepare_run(files, options, dist_info.device)
-    outputs, key = options.outputs, settings_key(run.settings)
+    run = _prepare_run(files, job, dist_info.device)
+    outputs, key = job.outputs, settings_key(run.settings)
     names, renames = unique_names(paths, lambda n: outputs.files(n, run.scales))
     items = [Item(tuple(outputs.files(n, run.scales)), Mark("predict", key, inputs_key([p]))) for p, n in zip(paths, names)]
     console = Console(stderr=True, highlight=False, soft_wrap=True, quiet=not dist_info.is_main)
     for note in [*found.notes, *renames, *run.notes]:
         console.print(f"note: {note}", markup=False)
     with contextlib.ExitStack() as lock:
-        plan = _shared_plan(dist_info, out, items, run.settings, options.resume, lock)
+        plan = _shared_plan(dist_info, out, items, run.settings, job.resume, lock)
         for note in plan.notes:
             console.print(f"note: {note}", markup=False)
         mine = [i for i in plan.todo if i % dist_info.world_size == dist_info.rank]  # this rank's share
         tally = _Tally()
         started = time.perf_counter()
         try:
-            _predict_loop(run, [(paths[i], names[i], items[i].mark) for i in mine], out, options, dist_info, tally)
+            _predict_loop(run, [(paths[i], names[i], items[i].mark) for i in mine], out, job.outputs, dist_info, tally)
         finally:
             if dist_info.is_main and tally.written:  # what made the files, for later runs' messages
                 _record_settings(out, key, run.settings)
@@ -248,7 +232,7 @@ def _hint(out: Path, names: Sequence[str], outputs: Outputs, scales: Sequence[fl
 
 
 def _predict_loop(
-    run: _Run, work: list[tuple[Path, str, Any]], out: Path, options: _Options, dist_info: DistInfo, tally: _Tally
+    run: _Run, work: list[tuple[Path, str, Any]], out: Path, outputs: Outputs, dist_info: DistInfo, tally: _Tally
 ) -> None:
     """Predict and write ``work`` [(image path, output name, mark)], counting into ``tally``."""
     console = Console(stderr=True, highlight=False, soft_wrap=True, quiet=not dist_info.is_main)
@@ -266,13 +250,13 @@ def _predict_loop(
             for group in _same_size_groups(loaded, run.backend.group_key):
                 whole = [g for g in group if run.planner.plan(*g[1].shape[:2]) is None]
                 for name, image, mark in (g for g in group if run.planner.plan(*g[1].shape[:2]) is not None):
-                    _predict_tiled(run, name, image, mark, out, options.outputs, progress, tally)  # too large whole
+                    _predict_tiled(run, name, image, mark, out, outputs, progress, tally)  # too large whole
                     progress.advance(bar)
                 results = _predict_group(run.backend, [(n, im) for n, im, _ in whole]) if whole else []
                 for (name, image, mark), (p, att) in zip(whole, results):
                     refined = _crf(image, p, run.crf_params) if run.crf_params is not None else p
                     labels = refined.argmax(axis=0).astype(np.uint8)
-                    problem = _write_all_or_nothing(out, name, image, p, att, labels, run, options.outputs, mark)
+                    problem = _write_all_or_nothing(out, name, image, p, att, labels, run, outputs, mark)
                     tally.count(problem, progress.console)
                     progress.advance(bar)
 

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from msattn import __version__
-from msattn.errors import CheckpointError
+from msattn.config.recipe import Recipe, recipe_from_dict
+from msattn.errors import CheckpointError, ConfigError
 from msattn.io import atomic_write
 from msattn.models.scale import ARCH_VERSION, build_model
 from msattn.models.spec import ModelSpec
@@ -165,3 +166,13 @@ def dataset_meta(state: dict[str, Any], source: str | Path = "checkpoint") -> di
         "ignore_index": ignore_index,
         "root": "" if root is None else str(root),
     }
+
+
+def checkpoint_recipe(state: dict[str, Any]) -> Recipe | None:
+    """The checkpoint's recipe, or None when it has none or this version cannot read it."""
+    if not state.get("config"):
+        return None
+    try:
+        return recipe_from_dict(state["config"], source="checkpoint config")
+    except ConfigError:
+        return None

@@ -201,13 +201,13 @@ def validation_point(s: TrainSetup, policy: CheckpointPolicy, log: MetricsLog, d
     """Score the val split (reported) and the select split (returned: it chooses best.pt)."""
     total, select_miou = s.recipe.train.iterations, None
     if s.val_set is not None:  # the scored split
-        metrics = run_validation(s.model, s.val_set, s.recipe, s.dataset_info, s.info, s.amp_dtype)
+        metrics = run_validation(s.model, s.val_set, s.recipe, s.dataset_info, s.info)
         policy.last_metrics = metrics
         log.write({"iteration": done, "val_miou": metrics["miou"], "val_pixel_accuracy": metrics["pixel_accuracy"]})
         s.console.print(f"it {done:>6}/{total}  val mIoU {format_miou(metrics['miou'])}  "
                         f"pixel acc {format_miou(metrics['pixel_accuracy'])}", markup=False)  # fmt: skip
     if s.select_set is not None:  # the held-out split that chooses best.pt
-        select_miou = run_validation(s.model, s.select_set, s.recipe, s.dataset_info, s.info, s.amp_dtype)["miou"]
+        select_miou = run_validation(s.model, s.select_set, s.recipe, s.dataset_info, s.info)["miou"]
         log.write({"iteration": done, "select_miou": select_miou})
         s.console.print(f"it {done:>6}/{total}  {s.recipe.data.select_split} mIoU {format_miou(select_miou)} "
                         "(chooses best.pt)", markup=False)  # fmt: skip

@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from msattn.config.recipe import Recipe
-from msattn.infer.evaluate import evaluate_model, print_metrics_table
+from msattn.infer.options import InferenceOptions
+from msattn.infer.scoring import evaluate_model, print_metrics_table
 from msattn.io import write_json, write_text
 from msattn.runtime.distributed import DistInfo, all_reduce_mean
 from msattn.runtime.metrics import format_miou, json_safe
@@ -141,27 +142,18 @@ def progress_bar(console: Console, enabled: bool) -> Iterator[Any]:
 
 
 def run_validation(
-    model: torch.nn.Module, dataset: Any, recipe: Recipe, dataset_info: Any, info: DistInfo, amp_dtype: Any
+    model: torch.nn.Module, dataset: Any, recipe: Recipe, dataset_info: Any, info: DistInfo
 ) -> dict[str, Any]:
-    """Validation mIoU of the current weights (sharded over ranks, reduced); moves no RNG of the process."""
+    """Validation mIoU of the current weights (sharded over ranks, reduced); moves no RNG of the process.
+
+    The recipe's ``[eval]`` with the training's autocast (``train.amp``), eager and never tiled.
+    """
+    options = InferenceOptions.from_recipe(recipe.eval, amp=recipe.train.amp)
     with rng_neutral(info.device):
         return evaluate_model(
-            model,
-            dataset,
-            num_classes=len(dataset_info.classes),
-            class_names=list(dataset_info.classes),
-            ignore_index=dataset_info.ignore_index,
-            scales=recipe.eval.scales,
-            flip=recipe.eval.flip,
-            batch_size=recipe.eval.batch_size,
-            limit=recipe.eval.limit,
-            device=info.device,
-            amp_dtype=amp_dtype,
-            rank=info.rank,
-            world_size=info.world_size,
-            progress=False,
-            pad_to=recipe.eval.pad_to,
-        )
+            model, dataset, len(dataset_info.classes), list(dataset_info.classes), dataset_info.ignore_index, options,
+            limit=recipe.eval.limit, dist=info, progress=False,
+        )  # fmt: skip
 
 
 def report_final(recipe: Recipe, out_dir: Path, metrics: dict[str, Any], dataset_info: Any, console: Console) -> None:
