@@ -99,6 +99,24 @@ def _grid_side(value: int) -> str | None:
 _scales_check = _all(_nonempty_distinct, _between(0, 4, lo_open=True))
 
 
+def _length_between(lo: int, hi: int) -> Check:
+    def check(value: Any) -> str | None:
+        return None if lo <= len(value) <= hi else f"needs {lo} to {hi} values, got {len(value)}"
+
+    return check
+
+
+def _backbone_check(value: str) -> str | None:
+    """A backbone name msattn knows (msattn.models.spec.BACKBONES) or ``timm:<name>``."""
+    from msattn.models.spec import check_backbone, known_backbones
+
+    try:
+        check_backbone(value)
+    except ValueError:
+        return f"must be one of {known_backbones()}, got {value!r}"
+    return None
+
+
 def _memory_size(value: str) -> str | None:
     """A memory budget such as "4GB" or "512MiB" (msattn.tiling.memory.parse_memory)."""
     from msattn.errors import UsageError
