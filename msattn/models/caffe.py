@@ -6,14 +6,17 @@ fields it needs:
 
 - ``NetParameter``: ``layer`` (100, ``LayerParameter``) and the old ``layers``
   (2, ``V1LayerParameter``), as DeepLab's Caffe fork writes them;
-- ``LayerParameter``: ``name`` (1), ``type`` (2), ``blobs`` (7);
+- ``LayerParameter``: ``name`` (1), ``type`` (2), ``blobs`` (7), and of its parameters only
+  ``convolution_param`` (106: ``stride`` 6, ``dilation`` 18) and ``batch_norm_param``
+  (139: ``eps`` 3), which the ResNet converter checks (:mod:`msattn.models.caffe_resnet`);
   ``V1LayerParameter``: ``name`` (4), ``type`` (5, an enum), ``blobs`` (6);
 - ``BlobProto``: ``num``/``channels``/``height``/``width`` (1-4, legacy shape),
   ``data`` (5, float32, packed or not), ``shape`` (7, ``BlobShape.dim`` = 1),
   ``double_data`` (8).
 
 Layers are mapped by name (``conv1_1`` ... ``conv5_3``, ``fc6``, ``fc7`` and, when its
-shape fits, a ``fc8*`` classifier) and every shape is checked. fc6/fc7 may be DeepLab's
+shape fits, a ``fc8*`` classifier) and every shape is checked. A caffemodel with DeepLab-v2's
+ResNet layers (``res2a_branch2a``...) goes to :func:`msattn.models.caffe_resnet.convert_resnet_layers`. fc6/fc7 may be DeepLab's
 decimated 1024-channel layers or VGG-16's 4096-wide ones (then decimated as in
 :mod:`msattn.models.convert`).
 
@@ -50,6 +53,9 @@ class CaffeLayer:
     name: str
     type: str
     blobs: list[np.ndarray]
+    stride: int | None = None  # convolution_param.stride, when the file records it
+    dilation: int | None = None  # convolution_param.dilation, likewise
+    eps: float | None = None  # batch_norm_param.eps, likewise
 
 
 # ----------------------------------------------------------------------------- protobuf wire format
@@ -138,18 +144,37 @@ def parse_blob(buf: memoryview) -> np.ndarray:
 _V1_TYPES = {4: "Convolution", 14: "InnerProduct", 39: "Deconvolution"}
 
 
+def _first_uint(buf: memoryview, number: int) -> int | None:
+    """The first value of a (possibly packed) repeated uint32 field of a message, or None."""
+    for n, wire, value in fields(buf):
+        if n == number:
+            return (_packed_varints(value) or [None])[0] if wire == 2 else int(value)
+    return None
+
+
+def _float_field(buf: memoryview, number: int) -> float | None:
+    for n, wire, value in fields(buf):
+        if n == number and wire == 5:
+            return float(np.frombuffer(bytes(value), dtype="<f4")[0])
+    return None
+
+
 def parse_layer(buf: memoryview, v1: bool) -> CaffeLayer:
     """A ``LayerParameter`` (or ``V1LayerParameter`` with ``v1``)."""
     name_field, type_field, blob_field = (4, 5, 6) if v1 else (1, 2, 7)
-    name, kind, blobs = "", "", []
+    layer = CaffeLayer("", "", [])
     for number, wire, value in fields(buf):
         if number == name_field and wire == 2:
-            name = bytes(value).decode("utf-8", errors="replace")
+            layer.name = bytes(value).decode("utf-8", errors="replace")
         elif number == type_field:
-            kind = _V1_TYPES.get(value, str(value)) if v1 else bytes(value).decode("utf-8", errors="replace")
+            layer.type = _V1_TYPES.get(value, str(value)) if v1 else bytes(value).decode("utf-8", errors="replace")
         elif number == blob_field and wire == 2:
-            blobs.append(parse_blob(value))
-    return CaffeLayer(name, kind, blobs)
+            layer.blobs.append(parse_blob(value))
+        elif number == 106 and wire == 2 and not v1:  # ConvolutionParameter
+            layer.stride, layer.dilation = _first_uint(value, 6), _first_uint(value, 18)
+        elif number == 139 and wire == 2 and not v1:  # BatchNormParameter
+            layer.eps = _float_field(value, 3)
+    return layer
 
 
 def read_caffemodel(path: str | Path) -> list[CaffeLayer]:
@@ -233,15 +258,21 @@ def _fc_layers(by_name: dict[str, CaffeLayer], conv5: int, path: Path) -> dict[s
 
 
 def convert_caffemodel(path: str | Path) -> dict[str, Any]:
-    """Read DeepLab's ``init.caffemodel`` (or any VGG-16 LargeFOV caffemodel) into an msattn weights file dict.
+    """Read DeepLab's ``init.caffemodel`` (or any VGG-16 LargeFOV caffemodel, or a DeepLab-v2 ResNet
+    caffemodel) into an msattn weights file dict.
 
-    Returns ``{"format", "input_norm": "caffe", "state_dict": LargeFOV backbone keys, "source",
-    "sha256", "layers": mapped names, "ignored": other layers}``. conv1_1 is stored for RGB input.
+    Returns ``{"format", "backbone", "input_norm": "caffe", "state_dict": backbone keys, "source",
+    "sha256", "layers": mapped names, "ignored": other layers}`` (ResNets add ``stride_in_1x1`` and
+    ``head``). conv1_1 (a ResNet's conv1) is stored for RGB input.
     Shapes are checked against each other (3 input channels, each layer taking the previous
     one's channels); the model they are loaded into checks them against its own.
     """
     path = Path(path)
     layers = read_caffemodel(path)
+    from msattn.models.caffe_resnet import convert_resnet_layers, is_resnet_caffemodel
+
+    if is_resnet_caffemodel(layers):
+        return _weights_file(path, convert_resnet_layers(layers, path))
     by_name = {layer.name: layer for layer in layers}
     missing = [n for n in (*LARGEFOV_CONV_NAMES, "fc6", "fc7") if n not in by_name]
     if missing:
@@ -259,19 +290,23 @@ def convert_caffemodel(path: str | Path) -> dict[str, Any]:
         if weight.size == weight.shape[0] * fc:  # a LargeFOV classifier (e.g. fc8_voc12); ImageNet's fc8 is not
             state["fc8.weight"], state["fc8.bias"] = _tensor(weight, (weight.shape[0], fc, 1, 1)), _tensor(bias)
             mapped.append(classifier)
+    converted = {"layers": mapped, "ignored": [n for n in by_name if n not in mapped], "state_dict": state}
+    return _weights_file(path, converted)
+
+
+def _weights_file(path: Path, converted: dict[str, Any]) -> dict[str, Any]:
+    """The msattn weights file dict around a conversion's ``layers``/``ignored``/``state_dict`` (+ backbone keys)."""
     from msattn.io import file_sha256
 
-    digest = file_sha256(path)
     return {
         "format": FORMAT,
         "format_version": 1,
+        "backbone": "vgg16_largefov",
         "input_norm": "caffe",
         "input_mean_bgr": list(CAFFE_MEAN_BGR),
         "source": str(path),
-        "sha256": digest,
-        "layers": mapped,
-        "ignored": [n for n in by_name if n not in mapped],
-        "state_dict": state,
+        "sha256": file_sha256(path),
+        **converted,
     }
 
 
@@ -309,14 +344,23 @@ def convert_weights_command(source: Path, out: Path) -> dict[str, Any]:
     console = Console(highlight=False, soft_wrap=True)
     n = sum(v.numel() for v in converted["state_dict"].values())
     console.print(
-        f"converted {len(converted['layers'])} layers ({n:,} parameters) of {source} -> {out}", markup=False
+        f"converted {len(converted['layers'])} layers ({n:,} values) of {source} -> {out} "
+        f"(backbone {converted['backbone']})",
+        markup=False,
     )
     if converted["ignored"]:
         console.print(f"not used: {', '.join(converted['ignored'])}", markup=False)
+    first = "conv1_1" if converted["backbone"] == "vgg16_largefov" else "conv1"
     console.print(
-        'input convention: RGB, 0..255 minus the Caffe mean (conv1_1 reordered from BGR); recipes using '
+        f'input convention: RGB, 0..255 minus the Caffe mean ({first} reordered from BGR); recipes using '
         f'model.pretrained = "{out}" normalise that way (model.input_norm = "caffe")',
         markup=False,
     )
+    if converted["backbone"] != "vgg16_largefov":
+        console.print(
+            f'recipe: model.backbone = "{converted["backbone"]}" (Caffe layout: the stride in the 1x1 convolution, '
+            "taken from the weights)",
+            markup=False,
+        )
     return converted
 
