@@ -433,3 +433,24 @@ def test_lite0_by_name_without_its_package_says_what_to_install(monkeypatch) -> 
 def test_segmentation_backbone_reports_its_classifier() -> None:
     net = tiny("resnet50").backbone
     assert isinstance(net, SegmentationBackbone) and net.classifier() == net.aspp.branches()
+
+
+@pytest.mark.parametrize("backbone", NEW_BACKBONES[::2])
+def test_backbones_export_with_symbolic_sizes(backbone: str) -> None:
+    """Static padding and frozen BatchNorm: torch.export keeps H and W symbolic (what msattn export needs),
+    and the exported program agrees with the module on another 8k+1 size."""
+    net = tiny(backbone, scales=(1.0,)).backbone.eval()
+    k = torch.export.Dim("k", min=2, max=64)
+    program = torch.export.export(net, (torch.randn(1, 3, 33, 41),),
+                                  dynamic_shapes=({2: 8 * k + 1, 3: torch.export.Dim.AUTO},))  # fmt: skip
+    x = torch.randn(1, 3, 65, 49)
+    torch.testing.assert_close(program.module()(x)[1], net(x)[1])
+
+
+def test_backbones_build_on_the_meta_device() -> None:
+    """msattn analyze counts FLOPs on meta models: every backbone must build and run there."""
+    for backbone in NEW_BACKBONES:
+        with torch.device("meta"):
+            model = build_model(21, (1.0, 0.5), backbone=backbone).eval()
+            out = model(torch.zeros(1, 3, 513, 513))["out"]
+        assert out.shape == (1, 21, 65, 65) and out.is_meta

