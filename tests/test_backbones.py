@@ -454,3 +454,13 @@ def test_backbones_build_on_the_meta_device() -> None:
             model = build_model(21, (1.0, 0.5), backbone=backbone).eval()
             out = model(torch.zeros(1, 3, 513, 513))["out"]
         assert out.shape == (1, 21, 65, 65) and out.is_meta
+
+
+def test_vgg16_given_another_networks_file_names_it(tmp_path: Path) -> None:
+    torch.save(torchvision_style_resnet("resnet101"), tmp_path / "resnet101-63fe2227.pth")
+    with pytest.raises(CheckpointError, match=r"torchvision ResNet weights \(resnet101\), not torchvision VGG-16 .*"
+                                              r"first missing tensor: features\.0\.weight"):  # fmt: skip
+        load_pretrained_weights(str(tmp_path / "resnet101-63fe2227.pth"), "vgg16_largefov")
+    torch.save({"model": {}, "model_args": {"num_classes": 3, "backbone": "resnet50"}}, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match=r"an msattn checkpoint \(resnet50; start from it with model.init_from\)"):
+        load_pretrained_weights(str(tmp_path / "last.pt"), "resnet50")
