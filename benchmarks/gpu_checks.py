@@ -101,8 +101,8 @@ def voc_like(dev: torch.device, n: int, pad_to: int, mixed: bool = True) -> list
 
 
 def check_graph_vs_eager(model: torch.nn.Module, dev: torch.device, pad_to: int) -> dict[str, Any]:
-    from msattn.infer.graphs import GraphPolicy, InferenceRunner, cudnn_benchmark
     from msattn.infer.forward import predict_batch
+    from msattn.infer.graphs import GraphPolicy, InferenceRunner, cudnn_benchmark
     from msattn.infer.options import InferenceOptions
 
     amp = InferenceOptions().amp_dtype(dev)

@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_step(args: argparse.Namespace) -> tuple[Any, torch.device]:
     """The engine's step on a fixed random batch (what ``msattn bench --mode train`` times)."""
-    from msattn.runtime.distributed import DistInfo
-    from msattn.train.step import NonFiniteGuard, make_optimizer, train_step
     from msattn.models.loss import segmentation_loss
     from msattn.models.params import param_groups
     from msattn.models.scale import build_model
+    from msattn.runtime.distributed import DistInfo
+    from msattn.train.step import NonFiniteGuard, make_optimizer, train_step
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"

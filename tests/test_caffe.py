@@ -14,7 +14,8 @@ from engine_helpers import make_tiny_dataset, write_recipe
 from msattn.config.recipe import load_recipe
 from msattn.data.transforms import CAFFE_MEAN, CAFFE_STD, normalize_image
 from msattn.errors import CheckpointError
-from msattn.models.caffe import convert_caffemodel, read_caffemodel
+from msattn.models.caffe import convert_caffemodel
+from msattn.models.caffe_wire import read_caffemodel
 from msattn.models.convert import LARGEFOV_CONV_NAMES, init_from_largefov
 from msattn.models.scale import build_model
 from msattn.runtime.checkpoint import load_checkpoint

@@ -11,12 +11,12 @@ from engine_helpers import CLASSES, make_tiny_dataset, save_tiny_checkpoint
 from torch import nn
 
 from msattn.data.datasets import SegmentationFolder
+from msattn.infer.forward import predict_batch
 from msattn.infer.options import InferenceOptions
 from msattn.infer.scoring import evaluate_model
-from msattn.runtime.distributed import DistInfo
-from msattn.infer.forward import predict_batch
 from msattn.models.scale import build_model
 from msattn.runtime.checkpoint import make_checkpoint, save_checkpoint
+from msattn.runtime.distributed import DistInfo
 
 
 @pytest.fixture(scope="module")

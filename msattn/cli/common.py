@@ -12,7 +12,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-
 #: what an option's value is called in help, by its Python type (Typer would print ``<int range>``, ``<list[int]>``)
 _METAVARS = {int: "INT", float: "FLOAT", str: "TEXT", Path: "PATH"}
 

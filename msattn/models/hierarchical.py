@@ -175,6 +175,3 @@ def hierarchical_forward(
         return {"out": per_scale[0], "per_scale": per_scale, "attention": None, "gates": gates, "scales": scales}
     out, weights = chain(per_scale, gates, scales)
     return {"out": out, "per_scale": per_scale, "attention": weights, "gates": gates, "scales": scales}
-
-
-__all__ = ["GATE_HIDDEN", "GateHead", "chain", "hierarchical_forward"]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from msattn.models.backbones import CLASSIFIER_PREFIXES
+
+#: parameter-name prefixes of the classifier group (VGG-16's fc8, a LargeFOV head's fc8, DeepLab-v2's ASPP branches)
+CLASSIFIER_NAMES = tuple(f"backbone.{prefix}" for prefix in CLASSIFIER_PREFIXES)
 #: parameter names of the attention heads: the softmax head (``head.``), the hierarchical gate head (``gate.``)
 ATTENTION_PREFIXES = ("head.", "gate.")
 
@@ -17,13 +21,14 @@ def param_groups(
 ) -> list[dict]:
     """Split parameters into SGD groups, each with ``lr = lr * lr_mult``:
 
-    backbone weights (x1, decayed), backbone biases (x2, no decay), classifier (fc8) weights
-    (x ``head_lr_mult``, decayed) and biases (x 2 ``head_lr_mult``, no decay), attention-head
-    weights (x ``attention_lr_mult``, None: ``head_lr_mult``) and biases (x2 that, no decay).
+    backbone weights (x1, decayed), backbone biases (x2, no decay), classifier (fc8, or
+    DeepLab-v2's ASPP branches ``backbone.aspp.*``) weights (x ``head_lr_mult``, decayed) and
+    biases (x 2 ``head_lr_mult``, no decay), attention-head weights (x ``attention_lr_mult``, None: ``head_lr_mult``) and biases (x2 that, no decay).
     The hierarchical model's gate head (``gate.*``) counts as the attention head: its conv and
     batch-norm scale weights go with the attention weights, its batch-norm shifts with the
     attention biases.
-    Schedulers must multiply each group's ``lr_mult`` by the scheduled base lr.
+    Schedulers must multiply each group's ``lr_mult`` by the scheduled base lr. Parameters that
+    need no gradient (frozen BatchNorm's) are in no group.
     """
     attention_lr_mult = head_lr_mult if attention_lr_mult is None else attention_lr_mult
     buckets: dict[str, list[nn.Parameter]] = {
@@ -35,7 +40,7 @@ def param_groups(
             continue
         part = (
             "attention" if name.startswith(ATTENTION_PREFIXES)
-            else "head" if name.startswith("backbone.fc8.") else "backbone"
+            else "head" if name.startswith(CLASSIFIER_NAMES) else "backbone"
         )  # fmt: skip
         kind = "bias" if name.endswith("bias") else "weight"
         buckets[f"{part}_{kind}"].append(param)

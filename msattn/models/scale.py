@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from msattn.geometry import resize_bilinear, scaled_size
-from msattn.models.backbone import LargeFOV, scaled
+from msattn.models.backbone import scaled
+from msattn.models.backbones import build_backbone
 from msattn.models.hierarchical import GATE_HIDDEN, GateHead, hierarchical_forward
 from msattn.models.spec import ATTENTION_INITS, ATTENTION_NORMS, ModelSpec, check_scales
 
@@ -72,9 +73,11 @@ class AttentionHead(nn.Module):
 
 
 class ScaleNet(nn.Module):
-    """DeepLab-LargeFOV shared across input scales, with max/avg/attention merging.
+    """A backbone (DeepLab-LargeFOV by default) shared across input scales, with max/avg/attention merging.
 
-    With one scale it is plain DeepLab-LargeFOV. ``forward`` returns a dict with
+    With one scale it is the plain backbone (DeepLab-LargeFOV for ``vgg16_largefov``). The
+    backbone is built from ``spec`` (:func:`msattn.models.backbones.build_backbone`) unless one
+    is given (e.g. a ``timm:`` backbone built with a stand-in timm module). ``forward`` returns a dict with
     ``"out"`` (merged logits at output stride 8 of the largest scale), ``"per_scale"``
     (one logit map per scale at its own resolution), ``"attention"`` ([N, S, h, w] merge
     weights, ``None`` with a single scale) and ``"scales"``.
@@ -89,16 +92,14 @@ class ScaleNet(nn.Module):
     map on its own grid, None for the highest scale, whose gate the chain does not use).
     """
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, backbone: nn.Module | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.num_classes = spec.num_classes
         self.scales = spec.scales
         self.merge = spec.merge
         self.extra_supervision = spec.extra_supervision
-        self.backbone = LargeFOV(
-            spec.num_classes, width=spec.width, dropout=spec.dropout, pool5a=spec.pool5a, fc6_dilation=spec.fc6_dilation
-        )
+        self.backbone = build_backbone(spec) if backbone is None else backbone
         self.head: AttentionHead | None = None
         if spec.has_attention_head:
             self.head = AttentionHead(
@@ -109,6 +110,11 @@ class ScaleNet(nn.Module):
         self.gate: GateHead | None = None
         if spec.is_hierarchical:
             self.gate = GateHead(self.backbone.feature_channels, scaled(GATE_HIDDEN, spec.width))
+
+    @property
+    def stride(self) -> int:
+        """The backbone's output stride (8): input pixels per output cell."""
+        return int(self.backbone.stride)
 
     @property
     def model_args(self) -> dict[str, Any]:
@@ -160,15 +166,17 @@ class ScaleNet(nn.Module):
         return (stacked * weights.unsqueeze(2)).sum(dim=1), weights
 
 
-def build_model(spec: ModelSpec | int | None = None, /, *args: Any, **kwargs: Any) -> ScaleNet:
+def build_model(spec: ModelSpec | int | None = None, /, *args: Any, timm_module: Any = None, **kwargs: Any) -> ScaleNet:
     """Build DeepLab-LargeFOV (one scale) or the share-net with max/avg/attention/hierarchical merging.
 
     ``build_model(spec)`` takes a :class:`ModelSpec`; ``build_model(num_classes, scales, merge,
     **options)`` (or all by keyword, as a checkpoint's ``model_args``) builds the spec from :class:`ModelSpec`'s fields first (``build_model(21)`` is the
-    paper's single-scale DeepLab-LargeFOV).
+    paper's single-scale DeepLab-LargeFOV). ``timm_module`` stands in for timm when building a
+    ``timm:`` backbone (tests).
     """
     if isinstance(spec, ModelSpec):
         if args or kwargs:
             raise TypeError("build_model(spec) takes no other arguments")
-        return ScaleNet(spec)
-    return ScaleNet(ModelSpec(*(() if spec is None else (spec,)), *args, **kwargs))
+    else:
+        spec = ModelSpec(*(() if spec is None else (spec,)), *args, **kwargs)
+    return ScaleNet(spec, None if timm_module is None else build_backbone(spec, timm_module))

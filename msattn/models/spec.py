@@ -21,6 +21,17 @@ MERGES = ("max", "avg", "attention")
 HIERARCHICAL = "hierarchical"
 #: every ``ModelSpec.merge``
 MODEL_MERGES = (*MERGES, HIERARCHICAL)
+#: the backbones msattn builds itself (``timm:<name>`` adds any timm model, see :data:`TIMM_PREFIX`)
+BACKBONES = ("vgg16_largefov", "resnet101", "resnet50", "efficientnet_lite0")
+DEFAULT_BACKBONE = "vgg16_largefov"
+TIMM_PREFIX = "timm:"
+#: classifier heads on a backbone's features: DeepLab-v2's ASPP-L or DeepLab-LargeFOV's fc6/fc7/fc8
+HEADS = ("aspp", "largefov")
+#: BatchNorm of backbones that have it: frozen (DeepLab-v2), trained per process, or synchronised (torchrun)
+BATCHNORMS = ("frozen", "train", "sync")
+#: DeepLab-v2's ASPP-L dilations
+ASPP_DILATIONS = (6, 12, 18, 24)
+RESNETS = ("resnet101", "resnet50")
 ATTENTION_INITS = ("normal", "zero")
 ATTENTION_NORMS = ("none", "l2")
 #: DeepLab-LargeFOV's fc6 dilation
@@ -33,9 +44,34 @@ _OPTIONAL_ARGS: dict[str, Any] = {
     "attention_temperature": 1.0,
     "attention_norm": "none",
     "fc6_dilation": FC6_DILATION,
+    "backbone": DEFAULT_BACKBONE,
+    "batchnorm": "frozen",
+    "stride_in_1x1": False,
+    "aspp_dilations": list(ASPP_DILATIONS),
 }
 #: options of the softmax attention head that a hierarchical model refuses when not at their defaults
 _SOFTMAX_HEAD_ARGS = ("attention_init", "attention_temperature", "attention_norm")
+
+
+def known_backbones() -> str:
+    """The backbone names, for error messages."""
+    return ", ".join((*BACKBONES, f"{TIMM_PREFIX}<name>"))
+
+
+def check_backbone(name: str) -> None:
+    """ValueError for an unknown backbone name (listing the known ones)."""
+    if not isinstance(name, str) or not (name in BACKBONES or (name.startswith(TIMM_PREFIX) and name[len(TIMM_PREFIX):].strip())):
+        raise ValueError(f"unknown backbone {name!r}: the known backbones are {known_backbones()}")
+
+
+def default_head(backbone: str) -> str:
+    """The classifier head a backbone gets unless told otherwise: LargeFOV for VGG-16, ASPP-L for the others."""
+    return "largefov" if backbone == DEFAULT_BACKBONE else "aspp"
+
+
+def has_batchnorm(backbone: str) -> bool:
+    """Whether a backbone has BatchNorm layers (VGG-16 LargeFOV has none)."""
+    return backbone != DEFAULT_BACKBONE
 
 
 @dataclass(frozen=True)
@@ -48,7 +84,16 @@ class ModelSpec:
     msattn checkpoints older than architecture version 2. ``attention_init``,
     ``attention_temperature`` and ``attention_norm`` are the attention head's options beyond the
     paper (see :class:`msattn.models.scale.AttentionHead`); ``fc6_dilation`` (DeepLab-LargeFOV: 12)
-    scales the field of view down for small images.
+    scales the field of view down for small images (LargeFOV heads).
+
+    ``backbone`` is one of :data:`BACKBONES` or ``"timm:<name>"``; ``head`` is its classifier,
+    ``"aspp"`` (DeepLab-v2's ASPP-L, four 3x3 branches with ``aspp_dilations``, summed) or
+    ``"largefov"`` (fc6/fc7/fc8); None takes the backbone's default (:func:`default_head`: LargeFOV
+    for VGG-16, ASPP-L for the others). ``batchnorm`` is ``"frozen"`` (DeepLab-v2: statistics and
+    affine fixed), ``"train"`` or ``"sync"`` (SyncBatchNorm under torchrun), for backbones with
+    BatchNorm. ``stride_in_1x1`` puts a ResNet block's stride in its first 1x1 convolution
+    (Caffe's layout, DeepLab-v2's converted weights) instead of the 3x3 (torchvision's).
+    ``width`` scales every channel count msattn chooses (timm backbones have their model's: width 1).
     """
 
     num_classes: int
@@ -64,6 +109,11 @@ class ModelSpec:
     attention_temperature: float = 1.0
     attention_norm: str = "none"
     fc6_dilation: int = FC6_DILATION
+    backbone: str = DEFAULT_BACKBONE
+    head: str | None = None
+    batchnorm: str = "frozen"
+    stride_in_1x1: bool = False
+    aspp_dilations: tuple[int, ...] = ASPP_DILATIONS
 
     def __post_init__(self) -> None:
         scales = tuple(float(s) for s in self.scales)
@@ -93,6 +143,34 @@ class ModelSpec:
                     f"{changed[0]} is an option of the softmax attention head (merge 'attention'); "
                     "a hierarchical model's gate head has no such option"
                 )
+        self._check_backbone()
+
+    def _check_backbone(self) -> None:
+        check_backbone(self.backbone)
+        if self.head is None:
+            object.__setattr__(self, "head", default_head(self.backbone))
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.backbone == DEFAULT_BACKBONE and self.head != "largefov":
+            raise ValueError(f"the {DEFAULT_BACKBONE} backbone has the LargeFOV head only, got head {self.head!r}")
+        if self.batchnorm not in BATCHNORMS:
+            raise ValueError(f"batchnorm must be one of {BATCHNORMS}, got {self.batchnorm!r}")
+        if self.batchnorm != "frozen" and not has_batchnorm(self.backbone):
+            raise ValueError(f"the {self.backbone} backbone has no BatchNorm: batchnorm {self.batchnorm!r} does not apply")
+        if not self.pool5a and self.backbone != DEFAULT_BACKBONE:
+            raise ValueError(f"pool5a belongs to {DEFAULT_BACKBONE}; the {self.backbone} backbone has none")
+        if self.stride_in_1x1 and self.backbone not in RESNETS:
+            raise ValueError(f"stride_in_1x1 is a ResNet layout ({', '.join(RESNETS)}), not one of {self.backbone}")
+        dilations = tuple(int(d) for d in self.aspp_dilations)
+        if not dilations or any(d < 1 for d in dilations) or dilations != tuple(self.aspp_dilations):
+            raise ValueError(f"aspp_dilations must be one or more integers >= 1, got {self.aspp_dilations!r}")
+        object.__setattr__(self, "aspp_dilations", dilations)
+        if self.head != "aspp" and dilations != ASPP_DILATIONS:
+            raise ValueError(f"aspp_dilations belong to the ASPP head; this model's head is {self.head!r}")
+        if self.head != "largefov" and self.fc6_dilation != FC6_DILATION:
+            raise ValueError(f"fc6_dilation belongs to the LargeFOV head; this model's head is {self.head!r}")
+        if self.backbone.startswith(TIMM_PREFIX) and self.width != 1.0:
+            raise ValueError(f"a timm backbone has its model's channel counts: width must be 1, got {self.width}")
 
     @property
     def has_attention_head(self) -> bool:
@@ -112,9 +190,12 @@ class ModelSpec:
         """The flat ``model_args`` table a checkpoint stores (keys beyond the paper only when set)."""
         args = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         args["scales"] = list(self.scales)
+        args["aspp_dilations"] = list(self.aspp_dilations)
         for key, default in _OPTIONAL_ARGS.items():
             if args[key] == default:
                 del args[key]
+        if args["head"] == default_head(self.backbone):  # None rebuilds it
+            del args["head"]
         return args
 
     @classmethod

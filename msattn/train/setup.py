@@ -228,13 +228,19 @@ def maybe_prepare(recipe: Recipe, console: Console) -> None:
         prepare_demo(out=root, num_train=240, num_val=60, image_size=96, seed=0, workers=workers, style=style)
 
 
-def model_spec(cfg: ModelConfig, num_classes: int) -> ModelSpec:
-    """The model a recipe's ``[model]`` describes, for ``num_classes`` classes."""
+def model_spec(cfg: ModelConfig, num_classes: int, stride_in_1x1: bool = False) -> ModelSpec:
+    """The model a recipe's ``[model]`` describes, for ``num_classes`` classes.
+
+    ``stride_in_1x1`` is the ResNet layout of the initial weights (Caffe's for DeepLab-v2's converted
+    caffemodels: :func:`msattn.models.pretrained.spec_for_weights`), not a recipe key.
+    """
     return ModelSpec(
         num_classes, scales=cfg.scales, merge=cfg.merge, extra_supervision=cfg.extra_supervision, width=cfg.width,
         dropout=cfg.dropout, attention_hidden=cfg.attention_hidden, attention_dropout=cfg.attention_dropout,
         pool5a=cfg.pool5a, attention_init=cfg.attention_init, attention_temperature=cfg.attention_temperature,
-        attention_norm=cfg.attention_norm, fc6_dilation=cfg.fc6_dilation,
+        attention_norm=cfg.attention_norm, fc6_dilation=cfg.fc6_dilation, backbone=cfg.backbone,
+        head=None if cfg.head == "auto" else cfg.head, batchnorm=cfg.batchnorm, aspp_dilations=cfg.aspp_dilations,
+        stride_in_1x1=stride_in_1x1,
     )  # fmt: skip
 
 
