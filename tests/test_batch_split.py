@@ -152,3 +152,39 @@ def test_micro_batch_is_a_cap_not_a_divisor(tmp_path: Path, run_cli) -> None:
     code, out, err = run_cli("train", recipe, "--dry-run", "--out", tmp_path / "run")
     assert code == 0, err
     assert "# batch 7 over 1 process, 2 micro-batches (train.micro_batch: at most 5 images per pass): 4+3 images" in out
+
+
+def test_a_run_resumed_with_another_micro_batch_continues_as_the_uninterrupted_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stopped after iteration 2 of batch 4 in passes of 2, resumed in passes of 1: the same batches and loss."""
+    import msattn.train.loop
+    from msattn.config.recipe import load_recipe
+    from msattn.runtime.checkpoint import load_checkpoint
+    from msattn.train.loop import train
+
+    data = make_tiny_dataset(tmp_path / "tiny", num_train=6, num_val=2)
+    path = write_recipe(tmp_path / "r.toml", data, train={"iterations": 4, "checkpoint_every": 2})
+    full = load_checkpoint(train(load_recipe(path), tmp_path / "full", device="cpu"))
+
+    real_loss, calls = msattn.train.loop.segmentation_loss, {"n": 0}
+
+    def stop_in_iteration_3(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2 * 2 + 1:
+            raise RuntimeError("stopped for the test")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(msattn.train.loop, "segmentation_loss", stop_in_iteration_3)
+    with pytest.raises(Exception, match="stopped for the test"):
+        train(load_recipe(path), tmp_path / "run", device="cpu")
+    monkeypatch.setattr(msattn.train.loop, "segmentation_loss", real_loss)
+    capsys.readouterr()
+    resumed = load_checkpoint(train(load_recipe(path, ["train.micro_batch=1"]), tmp_path / "run", resume=True,
+                                    device="cpu"))  # fmt: skip
+    out = capsys.readouterr().out
+    assert "with changed keys: train.micro_batch (2 -> 1); the batches are only split into other forward passes" in out
+    assert "4 micro-batches (train.micro_batch: at most 1 image per pass): 1+1+1+1 images" in out
+    assert resumed["iteration"] == 4
+    for key, value in full["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)

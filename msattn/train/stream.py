@@ -105,7 +105,7 @@ class BatchSplit:
         passes = f"{a} micro-batch{'es' if a > 1 else ''}"
         head = f"batch {self.batch} over {self.world} process{'es' if self.world > 1 else ''}, {passes}"
         head += " each" if self.world > 1 else ""
-        head += f" (train.micro_batch: at most {self.cap} images per pass)" if a > 1 else ""
+        head += f" (train.micro_batch: at most {_images(self.cap)} per pass)" if a > 1 else ""
         groups: list[tuple[int, int, tuple[int, ...]]] = []  # (first rank, last rank, sizes)
         for r, sizes in enumerate(self.sizes):
             if groups and groups[-1][2] == sizes:
@@ -114,13 +114,17 @@ class BatchSplit:
                 groups.append((r, r, sizes))
         parts = []
         for first, last, sizes in groups:
-            images = "+".join(str(n) for n in sizes)
+            images = "+".join(str(n) for n in sizes) + " images" if len(sizes) > 1 else _images(sizes[0])
             if self.world == 1:
-                parts.append(f"{images} images")
+                parts.append(images)
             else:
                 who = f"rank {first}" if first == last else f"ranks {first}-{last}"
-                parts.append(f"{who} take{'s' if first == last else ''} {images} images")
+                parts.append(f"{who} take{'s' if first == last else ''} {images}")
         return f"{head}: {', '.join(parts)}"
+
+
+def _images(count: int) -> str:
+    return f"{count} image{'' if count == 1 else 's'}"
 
 
 def split_batch(batch: int, cap: int, world: int) -> BatchSplit:
