@@ -155,7 +155,7 @@ class BatchCounts:
         """From the first pass's ``outputs`` (the grids) and every micro-batch's ``labels`` of this rank."""
         counts = valid_pixels(outputs, labels, **loss_options)
         names = list(counts)
-        images = torch.tensor(sum(lab.shape[0] for lab in labels), dtype=torch.int64, device=labels[0].device)
+        images = counts[names[0]].new_full((), sum(lab.shape[0] for lab in labels))  # a fill, not a host copy
         totals = all_reduce_total(torch.stack([*(counts[n] for n in names), images]), info)
         shares = totals.clamp(min=1).double() / info.world_size  # an all-ignored batch: loss 0
         return cls({n: shares[i].float() for i, n in enumerate(names)}, shares[-1].float())
