@@ -208,3 +208,110 @@ def test_predict_under_two_ranks_splits_the_images_and_writes_what_one_process_w
     for name in files:
         if name.endswith(".png") and "attention" not in name:
             assert (ddp / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
+
+
+# ----------------------------------------------------------------------------- issue 27: the demo recipe as written
+
+DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.toml"
+
+
+def demo_overrides(data: Path, iterations: int) -> list[str]:
+    """recipes/demo.toml as written (batch 10, no micro_batch, AdamW, poly, eval at the end), tiny and short."""
+    return [f"data.root={data}", "data.auto_prepare=none", "data.crop_size=33", "model.width=0.0625",
+            f"train.iterations={iterations}", "train.log_every=1"]  # fmt: skip
+
+
+def _demo_worker(rank: int, world: int, port: int, overrides: list[str], outs: list[str], resume: bool) -> None:
+    """Rank r trains into outs[r]: ranks other than 0 may be given a folder of their own (another machine's view)."""
+    os.environ.update(
+        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+         "MASTER_PORT": str(port)}
+    )
+    torch.set_num_threads(1)
+    train(load_recipe(DEMO, overrides), Path(outs[min(rank, len(outs) - 1)]), resume=resume, device="cpu")
+
+
+def _losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    """Equal but for float rounding: the ranks' gradients are summed in another order than one process's, and
+    AdamW's update of a near-zero gradient magnifies that (to a few 1e-6 here: under 1% of one step of lr 1e-3)."""
+    for key, value in a["model"].items():
+        assert torch.allclose(value, b["model"][key], rtol=1e-4, atol=2e-5), key
+
+
+@pytest.mark.slow
+def test_the_demo_recipe_on_two_then_three_processes_matches_one_process(tmp_path: Path) -> None:
+    """Batch 10 over 2 processes (5 + 5), then resumed over 3 (4 + 3 + 3: it does not divide) from the 2-process
+    last.pt: the same global batches, the same loss (a mean over each whole batch) and the same weights as one
+    process. Ranks 1 and 2 of the resumed run see no run folder (as on machines without a shared file system)."""
+    data = make_tiny_dataset(tmp_path / "tiny", num_train=12, num_val=4)
+    single = tmp_path / "single"
+    train(load_recipe(DEMO, demo_overrides(data, 2)), single, device="cpu")
+    at_two = load_checkpoint(single / "last.pt")
+    train(load_recipe(DEMO, demo_overrides(data, 4)), single, resume=True, device="cpu")
+
+    ddp = tmp_path / "ddp"
+    spawn_ranks(_demo_worker, demo_overrides(data, 2), [str(ddp)], False, world=2)
+    two = load_checkpoint(ddp / "last.pt")
+    assert two["iteration"] == 2 and len(two["rng"]["per_rank"]) == 2
+    _assert_same_weights(at_two, two)
+
+    elsewhere = [str(tmp_path / f"rank{r}-machine") for r in (1, 2)]
+    spawn_ranks(_demo_worker, demo_overrides(data, 4), [str(ddp), *elsewhere], True, world=3)
+    three = load_checkpoint(ddp / "last.pt")
+    assert three["iteration"] == 4 and len(three["rng"]["per_rank"]) == 3
+    _assert_same_weights(load_checkpoint(single / "last.pt"), three)
+    assert _losses(ddp) == pytest.approx(_losses(single), rel=1e-5)  # iterations 1-4, reduced over the ranks
+    assert three["metrics"]["miou"] == pytest.approx(load_checkpoint(single / "last.pt")["metrics"]["miou"], abs=1e-6)
+    written = {p.name for p in ddp.iterdir()} - {"tensorboard"}
+    assert written == {"config.json", "last.pt", "metrics.jsonl", "eval.json", LOCK_NAME, OWNER_NAME}
+    assert not any(Path(p).exists() for p in elsewhere)  # ranks 1 and 2 neither read nor wrote a run folder
+
+
+def _data_worker(rank: int, world: int, port: int, overrides: list[str], roots: list[str], out: str) -> None:
+    from msattn.errors import DataError
+
+    try:
+        _demo_worker(rank, world, port, [*overrides, f"data.root={roots[rank]}"], [out], False)
+        message = "no error"
+    except DataError as exc:
+        message = str(exc)
+    Path(out).parent.joinpath(f"data{rank}.txt").write_text(message)
+
+
+@pytest.mark.slow
+def test_a_machine_without_the_dataset_folder_stops_every_rank_with_one_line(tmp_path: Path) -> None:
+    """Rank 1 (another machine) lacks data.root's folder that rank 0 has: every rank stops before the first step."""
+    data = make_tiny_dataset(tmp_path / "tiny", num_train=4, num_val=2)
+    spawn_ranks(_data_worker, demo_overrides(data, 2), [str(data), str(tmp_path / "missing")], str(tmp_path / "run"),
+                timeout=120)  # fmt: skip
+    for rank in range(2):  # each names its own data.root: on real machines the same path
+        message = (tmp_path / f"data{rank}.txt").read_text()
+        assert f"no dataset folder on {socket.gethostname()} (rank(s) 1), though rank 0 has one" in message
+        assert "every machine of a run reads data.root at the same path" in message
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_readmes_torchrun_line_trains_the_demo_on_two_processes(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node=2 -m msattn.cli train recipes/demo.toml` (torch's own launcher, gloo on CPU),
+    made tiny with --set; a free port instead of torchrun's default 29500, which a parallel run may hold."""
+    import subprocess
+    import sys
+
+    data = make_tiny_dataset(tmp_path / "tiny", num_train=10, num_val=2)
+    sets = [word for o in demo_overrides(data, 2) for word in ("--set", o)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               "-m", "msattn.cli", "train", "recipes/demo.toml", *sets, "--out", str(tmp_path / "run"),
+               "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(command, cwd=DEMO.parents[1], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("batch 10 over 2 processes, 1 micro-batch each: ranks 0-1 take 5 images") == 1
+    assert "Traceback" not in done.stderr
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 2
+    assert (tmp_path / "run" / "eval.json").is_file()

@@ -16,7 +16,7 @@ from msattn.errors import ConfigError, TrainingError
 from msattn.runtime.checkpoint import load_checkpoint
 from msattn.train.loop import train
 from msattn.train.step import lr_factor, optimizer_kernels
-from msattn.train.stream import StreamSampler, epoch_order
+from msattn.train.stream import StreamSampler, epoch_order, split_batch
 
 
 @pytest.fixture(scope="module")
@@ -267,8 +267,8 @@ def test_tensorboard_gets_every_logged_scalar_and_purges_on_resume(tiny_data: Pa
 
 
 def test_stream_is_a_pure_function_of_seed_and_splits_across_ranks() -> None:
-    def keys(**kw):
-        return list(StreamSampler(n=7, batch=4, micro=2, seed=3, **kw))
+    def keys(world: int = 1, rank: int = 0, **kw):
+        return [key for micro in StreamSampler(7, split_batch(4, 2, world), 3, rank=rank, **kw) for key in micro]
 
     whole = keys(start=0, stop=5)
     assert len(whole) == 20 and [k for k, _ in whole] == list(range(20))

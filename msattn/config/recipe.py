@@ -176,8 +176,10 @@ class TrainConfig:
     """Length, batch, logging and hardware knobs of a run."""
 
     iterations: int = _opt(6000, _between(1, 100_000_000), "optimizer steps")
-    batch_size: int = _opt(30, _between(1, 1_000_000), "images per optimizer step, over all GPUs")
-    micro_batch: int | None = _opt(None, _between(1, 1_000_000), "images per forward pass (accumulation); none = batch")
+    batch_size: int = _opt(30, _between(1, 1_000_000), "images per optimizer step, over all GPUs (the global batch)")
+    micro_batch: int | None = _opt(
+        None, _between(1, 1_000_000), "most images per forward pass and GPU (accumulation makes up the rest); none = no cap"
+    )
     seed: int = _opt(0, _between(0, 2**32 - 1), "seed of weights init, data order, augmentation, dropout")
     log_every: int = _opt(20, _positive_int, "iterations between metrics.jsonl lines")
     val_every: int = _opt(1000, _count, "iterations between validations (0: only at the end)")
@@ -226,7 +228,7 @@ class Recipe:
 
     @property
     def micro_batch(self) -> int:
-        """Images per forward pass (``train.micro_batch`` or the whole batch)."""
+        """Most images per forward pass and process (``train.micro_batch``, or the whole batch)."""
         return self.train.micro_batch or self.train.batch_size
 
 
@@ -249,12 +251,6 @@ def _cross_checks(recipe: Recipe, origin_of: Callable[..., str]) -> None:
     lo_hi = recipe.data.scale_range
     if lo_hi is not None and lo_hi[0] > lo_hi[1]:
         raise ConfigError(f"{origin_of('data.scale_range')}: data.scale_range needs lo <= hi, got {list(lo_hi)}")
-    mb = recipe.train.micro_batch
-    if mb is not None and recipe.train.batch_size % mb:
-        raise ConfigError(
-            f"{origin_of('train.batch_size', 'train.micro_batch')}: train.batch_size ({recipe.train.batch_size}) "
-            f"must be a multiple of train.micro_batch ({mb})"
-        )
     if recipe.model.pretrained is not None and recipe.model.init_from is not None:
         raise ConfigError(
             f"{origin_of('model.pretrained', 'model.init_from')}: set model.pretrained or model.init_from, not both"

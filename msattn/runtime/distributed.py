@@ -66,6 +66,11 @@ def _env_int(name: str, default: int) -> int:
         raise UsageError(f"environment variable {name}={text!r} is not an integer") from None
 
 
+def launched_ranks() -> tuple[int, int]:
+    """(rank, world size) that torchrun gave this process, (0, 1) without torchrun; joins nothing."""
+    return _env_int("RANK", 0), max(1, _env_int("WORLD_SIZE", 1))
+
+
 def init_distributed(device: str | None = None) -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); pick this rank's device."""
     world = _env_int("WORLD_SIZE", 1)
@@ -123,6 +128,14 @@ def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= info.world_size
+    return values
+
+
+def all_reduce_total(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over ranks, on the device (the host waits for nothing; unchanged in one process)."""
+    if info.distributed:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 

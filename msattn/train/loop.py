@@ -9,9 +9,11 @@
    id of the train/val/select lists, the initial weights. Then data, model, SGD/AdamW
    optimizer and LambdaLR schedule are built.
 2. **the loop** (:func:`run_loop`, below): ``train.iterations`` optimizer steps of
-   ``train.batch_size`` images as micro-batches of ``train.micro_batch`` (gradient
-   accumulation), split over DDP ranks under ``torchrun``; the data stream is a pure function
-   of the seed (:mod:`msattn.train.stream`); the host reads the loss only at log points.
+   ``train.batch_size`` images (the global batch), dealt out to the DDP ranks under
+   ``torchrun`` in micro-batches of at most ``train.micro_batch`` (gradient accumulation;
+   :func:`msattn.train.stream.split_batch`), the loss a mean over the whole batch; the data
+   stream is a pure function of the seed (:mod:`msattn.train.stream`); the host reads the
+   loss only at log points.
 3. **the checkpoint policy** (:mod:`msattn.train.checkpoint_policy`): the one place that
    decides what is written when: ``last.pt`` / ``best.pt`` / ``failed.pt``, and ``last.pt``
    on any failure after a step finished, before the error is reported.
@@ -41,7 +43,7 @@ from msattn.train.report import LossWindow, MetricsLog, memory_mb, progress_bar,
 from msattn.train.run_folder import run_folder_lock
 from msattn.train.setup import TrainSetup, check_before_lock, dry_run_report, prepare, resolve_paths
 from msattn.train.step import lr_factor, train_step
-from msattn.train.stream import backend_flags, make_train_loader
+from msattn.train.stream import backend_flags, make_train_loader, split_batch
 
 # ----------------------------------------------------------------------------- entry points
 
@@ -172,10 +174,10 @@ def announce(s: TrainSetup) -> None:
     world = info.world_size
     s.console.print(
         f"training {cfg.iterations - s.start} iterations (from {s.start}) on {info.device}"
-        f"{f' x {world} ranks' if world > 1 else ''}: batch {cfg.batch_size} = {s.recipe.micro_batch} x "
-        f"{s.accumulation} accumulation x {world}, {len(s.train_set)} images, run folder {s.out_dir}",
+        f"{f' x {world} ranks' if world > 1 else ''}, {len(s.train_set)} images, run folder {s.out_dir}",
         markup=False,
     )
+    s.console.print(split_batch(cfg.batch_size, s.recipe.micro_batch, world).describe(), markup=False)
 
 
 def log_point(s: TrainSetup, log: MetricsLog, window: LossWindow, done: int, data_wait_s: float = 0.0) -> float:

@@ -9,6 +9,13 @@ state is restored; the continuation is exact as far as the kernels are determini
 A checkpoint that does not fit the recipe is refused with the recipe keys that differ;
 keys that changed but fit (more iterations, another lr) are named in a warning that says
 what the change does to the continuation.
+
+Another number of processes (or another ``train.micro_batch``) is fine: iteration ``t``
+reads the same global batch whatever the split (:func:`msattn.train.stream.split_batch`),
+its loss is a mean over that whole batch, and weights, optimizer, schedule and scaler are
+the same on every rank. The run then continues as the uninterrupted one up to float
+rounding; what cannot carry over is each rank's RNG (dropout masks: drawn afresh, with a
+warning) and, for BatchNorm layers that learn per process, the statistics of other passes.
 """
 
 from __future__ import annotations
@@ -88,6 +95,10 @@ def restore_training_state(
     return iteration, (best if isinstance(best, float) else -math.inf), metrics
 
 
+#: keys that change how a batch is split into forward passes, not what a step computes
+SPLIT_ONLY = ("train.micro_batch",)
+
+
 def _warn_changes(changes: list[str] | None, recipe: Recipe, source: Path, console: Console) -> None:
     if changes is None:
         console.print(f"warning: {source}: the checkpoint's recipe is unreadable by this version; resuming anyway",
@@ -96,7 +107,9 @@ def _warn_changes(changes: list[str] | None, recipe: Recipe, source: Path, conso
     if not changes:
         return
     note = "the run will not match an uninterrupted one"
-    if any(c.startswith("train.iterations ") for c in changes) and recipe.optim.schedule == "poly":
+    if all(c.split(" ", 1)[0] in SPLIT_ONLY for c in changes):
+        note = "the batches are only split into other forward passes: the same batches and loss up to float rounding"
+    elif any(c.startswith("train.iterations ") for c in changes) and recipe.optim.schedule == "poly":
         note += f" (the poly schedule now decays to 0 at iteration {recipe.train.iterations})"
     console.print(f"warning: resuming {source} with changed keys: {', '.join(changes)}; {note}", markup=False)
 
@@ -123,7 +136,8 @@ def _restore_rng_states(state: dict[str, Any], recipe: Recipe, info: DistInfo, c
         return
     if len(states) != info.world_size:
         console.print(f"warning: checkpoint has RNG states of {len(states)} rank(s), this run has "
-                      f"{info.world_size}: data order is exact, dropout masks are not")  # fmt: skip
+                      f"{info.world_size}: the batches, their loss and the weights continue exactly (up to float "
+                      "rounding), dropout masks are drawn afresh", markup=False)  # fmt: skip
     else:
         console.print(f"warning: the checkpoint was saved after a failure without rank {info.rank}'s RNG state: "
                       "data order is exact, this rank's dropout masks are not")  # fmt: skip

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,12 @@ from msattn.errors import ConfigError, DataError, UsageError
 from msattn.models.params import param_groups
 from msattn.models.scale import build_model
 from msattn.models.spec import ModelSpec
-from msattn.runtime.distributed import DistInfo, barrier
+from msattn.runtime.distributed import DistInfo, all_gather_objects, barrier, launched_ranks
 from msattn.runtime.loader import resolve_workers
 from msattn.train.resume import load_resume_state, restore_training_state, resume_input_norm
 from msattn.train.run_folder import RUN_FILES, check_inputs_apart, check_run_folder, on_rank0, refuse_reuse
 from msattn.train.step import lr_factor, make_optimizer
-from msattn.train.stream import backend_record, seed_everything
+from msattn.train.stream import backend_record, seed_everything, split_batch
 from msattn.train.weights import apply_initial_weights, load_initial_weights, resolve_input_norm
 
 
@@ -77,10 +78,11 @@ def prepare(
     """
     accumulation = check_batch(recipe, info)
     replaced = on_rank0(info, lambda: check_run_folder(out_dir, resume, overwrite))
-    state = load_resume_state(out_dir, resume, console)
+    state = on_rank0(info, lambda: load_resume_state(out_dir, resume, console))  # the run folder is rank 0's
     if info.is_main:
         maybe_prepare(recipe, console)
     barrier(info)
+    check_data_on_every_machine(recipe, info)
     dataset_info = read_dataset(recipe)
     initial = load_initial_weights(recipe) if state is None else None
     warn = functools.partial(console.print, markup=False)
@@ -109,20 +111,51 @@ def prepare(
 
 def check_before_lock(recipe: Recipe, out_dir: Path, resume: bool, overwrite: bool, info: DistInfo,
                       recipe_path: Path | None = None) -> None:  # fmt: skip
-    """What needs no lock and must not leave one behind: the batch split, outputs apart from inputs, no reuse."""
+    """What needs no lock and must not leave one behind: the batch split, outputs apart from inputs, no reuse.
+
+    The run folder is read on rank 0 alone (its verdict reaches every rank): on several
+    machines without a shared file system it exists only on rank 0's.
+    """
     check_batch(recipe, info)
-    check_inputs_apart(out_dir, recipe, recipe_path, resume)
-    refuse_reuse(out_dir, resume, overwrite)
+
+    def run_folder_checks() -> None:
+        check_inputs_apart(out_dir, recipe, recipe_path, resume)
+        refuse_reuse(out_dir, resume, overwrite)
+
+    on_rank0(info, run_folder_checks)
 
 
 def check_batch(recipe: Recipe, info: DistInfo) -> int:
-    """Micro-batches per rank per iteration; the batch must split evenly over micro-batches and ranks."""
-    cfg, micro, world = recipe.train, recipe.micro_batch, info.world_size
-    if cfg.batch_size % (micro * world):
-        raise ConfigError(
-            f"train.batch_size ({cfg.batch_size}) must be a multiple of train.micro_batch x GPUs ({micro} x {world})"
-        )
-    return cfg.batch_size // (micro * world)
+    """Micro-batches per rank per iteration: :func:`split_batch` of the batch over ``info``'s ranks (or its error)."""
+    return split_batch(recipe.train.batch_size, recipe.micro_batch, info.world_size).accumulation
+
+
+def check_data_on_every_machine(recipe: Recipe, info: DistInfo) -> None:
+    """Under torchrun, stop every rank at once when rank 0 sees the dataset folder and another machine does not."""
+    if not info.distributed:
+        return
+    root = Path(recipe.data.root)
+    seen = all_gather_objects(((root / "dataset.json").is_file(), socket.gethostname()), info)
+    missing = [rank for rank, (found, _) in enumerate(seen) if not found]
+    if not missing or missing[0] == 0:  # rank 0 lacks it too: read_dataset says so
+        return
+    hosts = sorted({seen[rank][1] for rank in missing})
+    raise DataError(
+        f"{root}: no dataset folder on {', '.join(hosts)} (rank(s) {format_ranks(missing)}), though rank 0 has one: "
+        "every machine of a run reads data.root at the same path; put it on a shared file system or copy it to "
+        "each machine"
+    )
+
+
+def format_ranks(ranks: list[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``"1-3, 5"``."""
+    runs: list[list[int]] = []
+    for rank in ranks:
+        if runs and rank == runs[-1][1] + 1:
+            runs[-1][1] = rank
+        else:
+            runs.append([rank, rank])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def read_dataset(recipe: Recipe) -> Any:
@@ -297,8 +330,14 @@ def dry_run_report(
     recipe: Recipe, out_dir: Path, resume: bool = False, console: Console | None = None, overwrite: bool = False,
     recipe_path: Path | None = None,
 ) -> list[str]:  # fmt: skip
-    """Print the resolved recipe and what training would do; returns the warnings printed."""
-    console = console or Console(highlight=False, soft_wrap=True)
+    """Print the resolved recipe and what training would do; returns the warnings printed.
+
+    Under torchrun the batch is split over its processes as a real start would (the same
+    error when it cannot be), and rank 0 alone prints; no process group is joined.
+    """
+    rank, world = launched_ranks()
+    dealt = split_batch(recipe.train.batch_size, recipe.micro_batch, world)
+    console = console or Console(highlight=False, soft_wrap=True, quiet=rank != 0)
     recipe = resolve_paths(recipe)
     warnings: list[str] = []
     root = Path(recipe.data.root)
@@ -317,15 +356,11 @@ def dry_run_report(
         if value and value != "torchvision" and not Path(value).expanduser().is_file():
             warnings.append(f"model.{key}: {value} not found")
     warnings += _run_folder_warnings(recipe, out_dir, resume, overwrite, recipe_path)
-    accumulation = recipe.train.batch_size // recipe.micro_batch
     console.print(f"# resolved recipe (run folder: {out_dir})", markup=False)
     console.print(format_recipe(recipe), markup=False)
-    console.print(
-        f"# batch {recipe.train.batch_size} = micro-batch {recipe.micro_batch} x {accumulation} accumulation "
-        "step(s) (divided further over DDP ranks)"
-    )
+    console.print(f"# {dealt.describe()}", markup=False)
     for text in warnings:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"warning: {text}", markup=False)
+        Console(stderr=True, highlight=False, soft_wrap=True, quiet=rank != 0).print(f"warning: {text}", markup=False)
     console.print("recipe OK (dry run: nothing trained)")
     return warnings
 

@@ -2,10 +2,12 @@
 
 The loader position needs no state. Global sample number ``k`` (counting images over all
 iterations) is image ``perm(seed, k // n)[k % n]`` of an ``n``-image split, augmented with a
-generator seeded from ``(seed, k)``; micro-batch ``j`` of iteration ``t`` holds samples
-``t*B + j*m ... t*B + (j+1)*m - 1`` and goes to rank ``j % world``. Iteration ``t`` thus reads
-the same images with the same augmentation whatever the worker count, the rank it runs on
-or the iteration the process started from: a checkpoint only needs its iteration.
+generator seeded from ``(seed, k)``; iteration ``t`` reads samples ``t*B ... t*B + B - 1``
+(``B = train.batch_size``, the global batch). :func:`split_batch` deals them out to the ranks
+and their micro-batches (:class:`BatchSplit`). Iteration ``t`` thus reads the same images with
+the same augmentation whatever the worker count, the number of processes, the micro-batch
+cap or the iteration the process started from: a checkpoint only needs its iteration, and a
+run resumes exactly with another world size.
 
 Everything else random lives in the process: dropout draws from torch's CPU generator (CPU
 runs) or the CUDA generator of the device, and numpy/python generators may be used by
@@ -24,6 +26,7 @@ import contextlib
 import os
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from msattn.config.recipe import TrainConfig
+from msattn.errors import ConfigError
 
 _AUG_STREAM = 1  # SeedSequence spawn keys: keep the augmentation and order streams apart
 _ORDER_STREAM = 2
@@ -63,43 +67,132 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(n)
 
 
-class StreamSampler(Sampler):
-    """Yields ``(k, index)`` keys of this rank's micro-batches for iterations ``start`` .. ``stop - 1``."""
+@dataclass(frozen=True)
+class BatchSplit:
+    """How one global batch of ``batch`` images is dealt out: ``sizes[r][a]`` images in micro-batch ``a`` of rank ``r``.
 
-    def __init__(self, n: int, batch: int, micro: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1):
-        self.n, self.batch, self.micro, self.seed = n, batch, micro, seed
-        self.start, self.stop, self.rank, self.world = start, stop, rank, world
-        self.per_rank = batch // (micro * world)  # micro-batches per rank per iteration
+    Every rank runs the same number of micro-batches (DDP and SyncBatchNorm run one collective
+    per forward pass on every rank). Within an iteration the samples go out round by round:
+    micro-batch 0 of rank 0, of rank 1, ..., then micro-batch 1 of every rank, and so on.
+    """
+
+    batch: int
+    cap: int
+    sizes: tuple[tuple[int, ...], ...]
+
+    @property
+    def world(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches (forward passes) per rank per iteration."""
+        return len(self.sizes[0])
+
+    def firsts(self, rank: int) -> list[int]:
+        """Offset in the iteration's batch of the first sample of each of ``rank``'s micro-batches."""
+        offsets, at = [], 0
+        for a in range(self.accumulation):
+            for r in range(self.world):
+                if r == rank:
+                    offsets.append(at)
+                at += self.sizes[r][a]
+        return offsets
+
+    def describe(self) -> str:
+        """One line: the batch over the processes and each process's micro-batches."""
+        a = self.accumulation
+        passes = f"{a} micro-batch{'es' if a > 1 else ''}"
+        head = f"batch {self.batch} over {self.world} process{'es' if self.world > 1 else ''}, {passes}"
+        head += " each" if self.world > 1 else ""
+        head += f" (train.micro_batch: at most {_images(self.cap)} per pass)" if a > 1 else ""
+        groups: list[tuple[int, int, tuple[int, ...]]] = []  # (first rank, last rank, sizes)
+        for r, sizes in enumerate(self.sizes):
+            if groups and groups[-1][2] == sizes:
+                groups[-1] = (groups[-1][0], r, sizes)
+            else:
+                groups.append((r, r, sizes))
+        parts = []
+        for first, last, sizes in groups:
+            images = "+".join(str(n) for n in sizes) + " images" if len(sizes) > 1 else _images(sizes[0])
+            if self.world == 1:
+                parts.append(images)
+            else:
+                who = f"rank {first}" if first == last else f"ranks {first}-{last}"
+                parts.append(f"{who} take{'s' if first == last else ''} {images}")
+        return f"{head}: {', '.join(parts)}"
+
+
+def _images(count: int) -> str:
+    return f"{count} image{'' if count == 1 else 's'}"
+
+
+def split_batch(batch: int, cap: int, world: int) -> BatchSplit:
+    """Deal a global batch of ``batch`` images out to ``world`` ranks in micro-batches of at most ``cap``.
+
+    Rank ``r`` takes ``batch // world`` images, one more when ``r < batch % world``; every rank
+    runs the fewest micro-batches that keep each within ``cap`` (the same count on every rank),
+    sized as evenly as possible, larger first. An even share whose size the count divides is
+    thus split into equal micro-batches. Refused: fewer images than ranks, and an uneven batch
+    with ``cap`` 1 (a rank would need an empty micro-batch). The step's loss and gradient do not depend on the
+    split (:func:`msattn.train.step.train_step` normalises over the whole batch).
+    """
+    if batch < world:
+        raise ConfigError(
+            f"train.batch_size ({batch}) is smaller than the number of processes ({world}): every process needs "
+            f"at least one image per step; use train.batch_size >= {world} or fewer processes"
+        )
+    shares = [batch // world + (1 if r < batch % world else 0) for r in range(world)]
+    count = -(-shares[0] // cap)  # ceil: rank 0 holds the largest share
+    if shares[-1] < count:  # only with train.micro_batch = 1 and an uneven batch: an empty forward pass
+        lower, upper = batch // world * world, (batch // world + 1) * world
+        raise ConfigError(
+            f"train.batch_size ({batch}) does not split evenly over {world} processes, and with train.micro_batch = "
+            f"{cap} the processes with fewer images would run fewer forward passes; use train.batch_size = {lower} or "
+            f"{upper}, or train.micro_batch >= 2"
+        )
+    sizes = tuple(tuple(n // count + (1 if a < n % count else 0) for a in range(count)) for n in shares)
+    return BatchSplit(batch, cap, sizes)
+
+
+class StreamSampler(Sampler):
+    """Yields this rank's micro-batches, as lists of ``(k, index)`` keys, for iterations ``start`` .. ``stop - 1``."""
+
+    def __init__(self, n: int, split: BatchSplit, seed: int, start: int, stop: int, rank: int = 0):
+        self.n, self.split, self.seed = n, split, seed
+        self.start, self.stop, self.rank = start, stop, rank
 
     def __len__(self) -> int:
-        return (self.stop - self.start) * self.per_rank * self.micro
+        return (self.stop - self.start) * self.split.accumulation
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, order = -1, np.empty(0, dtype=np.int64)
+        firsts, sizes = self.split.firsts(self.rank), self.split.sizes[self.rank]
         for t in range(self.start, self.stop):
-            for a in range(self.per_rank):
-                j = a * self.world + self.rank  # micro-batch j of the iteration goes to rank j % world
-                first = t * self.batch + j * self.micro
-                for k in range(first, first + self.micro):
+            for first, size in zip(firsts, sizes):
+                keys = []
+                for k in range(t * self.split.batch + first, t * self.split.batch + first + size):
                     if k // self.n != epoch:
                         epoch = k // self.n
                         order = epoch_order(self.seed, epoch, self.n)
-                    yield k, int(order[k % self.n])
+                    keys.append((k, int(order[k % self.n])))
+                yield keys
 
 
 def make_train_loader(
     train_set: Dataset, batch_size: int, micro: int, seed: int, start: int, stop: int,
     rank: int, world: int, workers: int, pin_memory: bool,
 ) -> DataLoader:  # fmt: skip
-    """A DataLoader over this rank's part of the seeded stream, iterations ``start`` .. ``stop - 1``."""
-    sampler = StreamSampler(len(train_set), batch_size, micro, seed, start, stop, rank, world)
+    """A DataLoader over this rank's part of the seeded stream, iterations ``start`` .. ``stop - 1``.
+
+    ``micro`` is the cap of a micro-batch (:func:`split_batch`).
+    """
+    sampler = StreamSampler(len(train_set), split_batch(batch_size, micro, world), seed, start, stop, rank)
     return DataLoader(
         TrainStream(train_set, seed),
-        batch_size=micro,
-        sampler=sampler,
+        batch_sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
-        drop_last=False,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
         generator=torch.Generator().manual_seed(seed),  # never draws from the global RNG
