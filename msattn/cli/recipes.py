@@ -54,7 +54,7 @@ def copy(
     from msattn.config.bundled import copy_recipe
 
     target = copy_recipe(name, dest)
-    typer.echo(f"wrote {target} (the bundled {name}); edit it, then: msattn train {target}")
+    typer.echo(f"wrote {target} (the bundled {name.removesuffix('.toml')}); edit it, then: msattn train {target}")
 
 
 recipes_app.command(cls=PlainHelpCommand)(show)
