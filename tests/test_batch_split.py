@@ -137,7 +137,7 @@ def test_dry_run_under_torchrun_splits_the_batch_over_its_processes(tmp_path: Pa
     monkeypatch.setenv("RANK", "0")
     code, out, err = run_cli(*args)
     assert code == 0, err
-    assert "# batch 10 over 4 processes, 1 micro-batch each: ranks 0-1 take 3 images, ranks 2-3 take 2 images" in out
+    assert "batch 10 over 4 processes, 1 micro-batch each: ranks 0-1 take 3 images, ranks 2-3 take 2 images" in err
     monkeypatch.setenv("RANK", "3")
     code, out, err = run_cli(*args)
     assert code == 0 and out == "" and err == ""
@@ -151,7 +151,7 @@ def test_micro_batch_is_a_cap_not_a_divisor(tmp_path: Path, run_cli) -> None:
     recipe = write_recipe(tmp_path / "r.toml", tmp_path / "none", train={"batch_size": 7, "micro_batch": 5})
     code, out, err = run_cli("train", recipe, "--dry-run", "--out", tmp_path / "run")
     assert code == 0, err
-    assert "# batch 7 over 1 process, 2 micro-batches (train.micro_batch: at most 5 images per pass): 4+3 images" in out
+    assert "batch 7 over 1 process, 2 micro-batches (train.micro_batch: at most 5 images per pass): 4+3 images" in err
 
 
 def test_a_run_resumed_with_another_micro_batch_continues_as_the_uninterrupted_one(

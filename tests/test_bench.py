@@ -179,6 +179,10 @@ def test_case_filter_and_bad_cases_or_workers(run_cli, tmp_path: Path) -> None:
     records = read_records(out)
     assert [(r["scales"], r["merge"]) for r in records] == [([1.0], None), ([1.0, 0.5], "max")]
     assert records[1]["latency_ratio"] > 0 and records[1]["capture_s"] is None
+    code, _, stderr = run_cli("bench", *TINY, "--size", "33", "--mode", "inference", "--case", "2,1:attention",
+                              "--case", "1", "--case", "1", "--json", out)  # one case outside the standard sets
+    assert code == 0, stderr
+    assert [(r["scales"], r["merge"]) for r in read_records(out)] == [([1.0], None), ([2.0, 1.0], "attention")]
     for args, message in ((["--case", "1,0.5"], "name the merge"), (["--case", "one"], "expected scales"),
                           (["--mode", "train-e2e", "--workers", "many"], "--workers many")):
         code, _, stderr = run_cli("bench", *TINY, "--size", "33", *args)

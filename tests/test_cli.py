@@ -17,14 +17,15 @@ def test_version(run_cli) -> None:
 def test_help_lists_every_command(run_cli) -> None:
     code, out, _ = run_cli("--help")
     assert code == 0
-    for command in ("prepare-data", "train", "evaluate", "predict", "crf-refine", "bench"):
+    for command in ("prepare-data", "train", "evaluate", "predict", "crf-refine", "bench", "recipes"):
         assert command in out
 
 
 def test_help_does_not_import_heavy_modules() -> None:
     code = (
         "import sys; from msattn.cli.app import main\n"
-        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "for args in (['--help'], ['recipes']):\n"
+        "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
         "heavy = sorted(m for m in ('torch', 'numpy', 'PIL', 'scipy', 'pycocotools') if m in sys.modules)\n"
         "print('HEAVY', heavy)"
     )

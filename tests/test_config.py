@@ -264,8 +264,8 @@ def test_cli_dry_run_prints_config_and_warns_about_missing_data(run_cli, tmp_pat
     path = write(tmp_path, f'[data]\nroot = "{tmp_path / "nodata"}"\n')
     code, out, err = run_cli("train", path, "--dry-run", "--out", tmp_path / "run", "--set", "model.merge=max")
     assert code == 0, err
-    assert "[model]" in out and 'merge = "max"' in out and "recipe OK" in out
-    assert "# batch 30 over 1 process, 1 micro-batch: 30 images" in out
+    assert "[model]" in out and 'merge = "max"' in out and "recipe OK" in err
+    assert "batch 30 over 1 process, 1 micro-batch: 30 images" in err
     assert "warning" in err and "nodata" in err
     assert not (tmp_path / "run").exists()
 

@@ -176,12 +176,17 @@ def test_predict_backend_onnxruntime_writes_what_torch_writes(exported, tmp_path
 
 @onnx_extra
 @pytest.mark.slow
-def test_static_max_merge_export_with_argmax(tmp_path) -> None:
+def test_static_max_merge_export_with_argmax(tmp_path, capsys) -> None:
     from msattn.export.onnx import export_checkpoint
     from msattn.export.runtime import OnnxSession
 
     model = checkpoint(tmp_path / "m.pt", scales=(1.0, 0.5), merge="max")
     summary = export_checkpoint(tmp_path / "m.pt", tmp_path / "m.onnx", dynamic=False, size="40x48", argmax=True)
+    out, err = capsys.readouterr()
+    stages = [line.split(":")[0] for line in err.splitlines()]  # a line as each stage starts and ends, on stderr
+    assert stages == ["export", "export", "verify"], err
+    assert "torch.export, then ONNX" in err and "wrote" in err.splitlines()[1] and "onnxruntime" in err
+    assert out.startswith(f"wrote {tmp_path / 'm.onnx'}") and len(out.splitlines()) == 1
     assert summary["outputs"] == ["probs", "attention", "labels"] and summary["verify"]["max_abs_diff"] <= 1e-3
     session = OnnxSession(tmp_path / "m.onnx")
     images = random_images(1, 40, 48)

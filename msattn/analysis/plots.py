@@ -81,8 +81,21 @@ def weights_by_size(report: dict[str, Any]) -> bytes | None:
     return _png(fig)
 
 
-def class_bars(report: dict[str, Any]) -> bytes:
-    """Per class: IoU of every single scale, the model's merge and the oracle; mean weights per scale when any."""
+def clipped_spread(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Whisker lengths (below, above) of mean ± std for weights: clipped to [0, 1], where a weight lives."""
+    mean, std = np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
+    return np.minimum(std, np.clip(mean, 0, 1)), np.minimum(std, np.clip(1 - mean, 0, 1))
+
+
+def _legend_above_bars(ax: Any, top: float, entries: int) -> None:
+    """The legend in a band above the bars' range (``top``): it never covers a bar."""
+    ax.set_ylim(0, top * 1.3)
+    ax.set_yticks(np.linspace(0, top, 6))
+    ax.legend(fontsize=7, loc="upper center", ncol=min(entries, 4), frameon=False, borderaxespad=0.2)
+
+
+def class_bars_figure(report: dict[str, Any]) -> Any:
+    """The per-class figure: IoU of every single scale, the model's merge and the oracle; mean weights per scale."""
     plt = _pyplot()
     classes = report["classes"]
     by_class = report["attention_by_class"]
@@ -99,21 +112,25 @@ def class_bars(report: dict[str, Any]) -> bytes:
     ax.set_xticks(x, classes, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("IoU (%)")
     ax.set_title("IoU per class")
-    ax.legend(fontsize=7)
+    _legend_above_bars(ax, 100.0, len(rows))
     if by_class:
         ax = axes[0][1]
         width = 0.8 / len(report["scales"])
         for i, s in enumerate(report["scales"]):
             mean = [by_class["classes"][c]["mean"][i] if by_class["classes"][c]["mean"] else 0.0 for c in classes]
             std = [by_class["classes"][c]["std"][i] if by_class["classes"][c]["std"] else 0.0 for c in classes]
-            ax.bar(x - 0.4 + width * (i + 0.5), mean, width, yerr=std, color=scale_colour(i), label=_scale_name(s),
-                   capsize=2)
-        ax.set_ylim(0, 1.05)
+            ax.bar(x - 0.4 + width * (i + 0.5), mean, width, yerr=clipped_spread(np.array(mean), np.array(std)),
+                   color=scale_colour(i), label=_scale_name(s), capsize=2)
         ax.set_xticks(x, classes, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("mean weight on the class's pixels (± std)")
         ax.set_title("attention weight per class")
-        ax.legend(fontsize=7)
-    return _png(fig)
+        _legend_above_bars(ax, 1.0, len(report["scales"]))
+    return fig
+
+
+def class_bars(report: dict[str, Any]) -> bytes:
+    """:func:`class_bars_figure` as PNG bytes."""
+    return _png(class_bars_figure(report))
 
 
 def pareto(report: dict[str, Any]) -> bytes | None:

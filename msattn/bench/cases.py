@@ -86,11 +86,16 @@ def parse_case(text: str) -> tuple[tuple[float, ...], str | None]:
 def selected_pairs(
     settings: Settings, pairs: Sequence[tuple[tuple[float, ...], str | None]] | None = None
 ) -> list[tuple[tuple[float, ...], str | None]]:
-    """The (scales, merge) pairs to run: ``pairs`` (default: every pair of SCALE_SETS) filtered by ``--case``."""
+    """The (scales, merge) pairs to run: ``pairs`` (default: every pair of SCALE_SETS), or every ``--case`` asked for.
+
+    Cases asked for run in ``pairs``' order (the single scale first: the ratios' reference), then
+    the others in the order given; a case asked twice runs once.
+    """
     pairs = list(pairs if pairs is not None else scale_merge_pairs())
     if settings.cases is None:
         return pairs
-    return [p for p in pairs if p in settings.cases] or list(settings.cases)
+    asked = list(dict.fromkeys(settings.cases))
+    return [p for p in pairs if p in asked] + [p for p in asked if p not in pairs]
 
 
 def case_name(scales: Sequence[float], merge: str | None) -> str:

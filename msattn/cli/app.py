@@ -39,6 +39,7 @@ from msattn.cli.common import (
     inference_options,
 )
 from msattn.cli.data import register as register_data_commands
+from msattn.cli.recipes import recipes_app
 from msattn.errors import MsattnError
 from msattn.io import max_pixels_limit
 
@@ -91,7 +92,10 @@ def root(
 
 
 def train(
-    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file, e.g. recipes/voc.toml.")],
+    recipe: Annotated[
+        str, typer.Argument(help="Recipe TOML file (recipes/voc.toml), or the name of a bundled recipe (demo; "
+                            "msattn recipes lists them). A file wins over a bundled recipe of the same name.")
+    ],
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value (repeatable).")
     ] = None,
@@ -241,6 +245,7 @@ app.command(cls=PlainHelpCommand)(predict)
 app.command(cls=PlainHelpCommand, name="crf-refine")(cli_tools.crf_refine)
 app.command(cls=PlainHelpCommand, name="export")(cli_tools.export)
 app.command(cls=PlainHelpCommand)(cli_tools.bench)
+app.add_typer(recipes_app, name="recipes")  # list, show, copy the bundled recipes
 # the prepare-data group (the paper's datasets, the demo, users' own data) and check-data
 register_data_commands(app, prepare_app)
 

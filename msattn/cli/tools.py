@@ -157,7 +157,8 @@ def bench(
     ] = None,
     case: Annotated[
         Optional[list[str]],
-        typer.Option("--case", help="Only these cases: scales[:merge], e.g. 1 or 1,0.75,0.5:attention (repeatable)."),
+        typer.Option("--case", help="Only these cases: scales[:merge], e.g. 1 or 2,1:attention (repeatable; "
+                     "any scale set, every case given runs)."),
     ] = None,
     workers: Annotated[str, typer.Option(help="train-e2e's loader workers: a number or auto.")] = "auto",
     image: Annotated[str, typer.Option(help="HEIGHTxWIDTH of the large image of --mode tiled.")] = "3000x4000",

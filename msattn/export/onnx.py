@@ -225,6 +225,8 @@ def export_checkpoint(
         console.print(f"warning: {warning}", markup=False)
     graph = build_graph(state, checkpoint, scales, argmax)
     start = time.perf_counter()
+    shape = "any size" if dynamic else f"{static_size[0]}x{static_size[1]}"
+    console.print(f"export: {checkpoint} -> {out}: torch.export, then ONNX ({shape}; about 10 s)...", markup=False)
     with console.status("exporting (torch.export, then ONNX)"):
         model = to_onnx(trace(graph, dynamic, static_size), graph.output_names(), opset)
     written_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset or 0)
@@ -232,10 +234,13 @@ def export_checkpoint(
     with atomic_write(out, "wb") as handle:
         handle.write(model.SerializeToString())
     seconds = time.perf_counter() - start
+    console.print(f"export: wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s", markup=False)
     summary = {"out": str(out), "opset": written_opset, "dynamic": dynamic, "scales": list(graph.scales),
                "outputs": graph.output_names(), "seconds": round(seconds, 1)}  # fmt: skip
     if verify:
-        summary["verify"] = verify_export(out, graph, None if dynamic else static_size)
+        console.print("verify: the file in onnxruntime against PyTorch on random odd-sized images...", markup=False)
+        with console.status("verifying in onnxruntime"):
+            summary["verify"] = verify_export(out, graph, None if dynamic else static_size)
     Console(highlight=False, soft_wrap=True).print(_summary_line(summary), markup=False)
     return summary
 

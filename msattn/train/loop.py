@@ -27,11 +27,13 @@ TensorBoard events when tensorboard is installed, all from the first finished st
 from __future__ import annotations
 
 import functools
+import os
 import shlex
 from pathlib import Path
 
 from rich.console import Console
 
+from msattn.config.bundled import resolve_recipe
 from msattn.config.recipe import Recipe, load_recipe
 from msattn.errors import UsageError
 from msattn.models.loss import segmentation_loss
@@ -49,7 +51,7 @@ from msattn.train.stream import backend_flags, make_train_loader, split_batch
 
 
 def train_from_recipe(
-    recipe_path: Path,
+    recipe_path: str | os.PathLike[str],
     overrides: list[str],
     out: Path | None = None,
     resume: bool = False,
@@ -59,17 +61,22 @@ def train_from_recipe(
 ) -> Path | None:
     """``msattn train``: load and validate the recipe, then train (or only print it with ``dry_run``).
 
-    The run folder defaults to ``runs/<recipe file stem>``. Returns the final checkpoint path.
+    ``recipe_path`` is a file or a bundled recipe's name (:func:`msattn.config.bundled.resolve_recipe`:
+    a file wins, and a note on stderr says which was used). The run folder defaults to
+    ``runs/<recipe file stem>``. Returns the final checkpoint path.
     """
-    recipe = load_recipe(recipe_path, overrides)
-    out_dir = Path(out) if out is not None else Path("runs") / Path(recipe_path).stem
+    path, note = resolve_recipe(recipe_path)
+    if note and os.environ.get("RANK", "0") in ("0", ""):  # once under torchrun
+        Console(stderr=True, highlight=False, soft_wrap=True).print(note, markup=False)
+    recipe = load_recipe(path, overrides)
+    out_dir = Path(out) if out is not None else Path("runs") / path.stem
     if dry_run:
-        dry_run_report(recipe, out_dir, resume=resume, overwrite=overwrite, recipe_path=Path(recipe_path))
+        dry_run_report(recipe, out_dir, resume=resume, overwrite=overwrite, recipe_path=path)
         return None
-    words = ["msattn", "train", str(recipe_path), *(f"--set={o}" for o in overrides), "--out", str(out_dir)]
+    words = ["msattn", "train", os.fspath(recipe_path), *(f"--set={o}" for o in overrides), "--out", str(out_dir)]
     try:
         return train(recipe, out_dir, resume=resume, device=device, overwrite=overwrite,
-                     recipe_path=Path(recipe_path), command=shlex.join(words))  # fmt: skip
+                     recipe_path=path, command=shlex.join(words))  # fmt: skip
     except KeyboardInterrupt as exc:
         if not str(exc):
             raise

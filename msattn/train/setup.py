@@ -333,18 +333,21 @@ def dry_run_report(
     """Print the resolved recipe and what training would do; returns the warnings printed.
 
     Under torchrun the batch is split over its processes as a real start would (the same
-    error when it cannot be), and rank 0 alone prints; no process group is joined.
+    error when it cannot be), and rank 0 alone prints; no process group is joined. The
+    resolved recipe alone goes to stdout (``--dry-run > resolved.toml`` is a recipe); what
+    training would do, the warnings and the verdict go to stderr.
     """
     rank, world = launched_ranks()
     dealt = split_batch(recipe.train.batch_size, recipe.micro_batch, world)
     console = console or Console(highlight=False, soft_wrap=True, quiet=rank != 0)
+    status = Console(stderr=True, highlight=False, soft_wrap=True, quiet=rank != 0)
     recipe = resolve_paths(recipe)
     warnings: list[str] = []
     root = Path(recipe.data.root)
     if not (root / "dataset.json").is_file():
         if recipe.data.auto_prepare:
-            console.print(f"data: {root} is missing; training will prepare it (data.auto_prepare = "
-                          f"{recipe.data.auto_prepare!r})", markup=False)  # fmt: skip
+            status.print(f"data: {root} is missing; training will prepare it (data.auto_prepare = "
+                         f"{recipe.data.auto_prepare!r})", markup=False)  # fmt: skip
         else:
             warnings.append(f"data folder {root} not found or has no dataset.json (run msattn prepare-data first)")
     else:
@@ -356,12 +359,13 @@ def dry_run_report(
         if value and value != "torchvision" and not Path(value).expanduser().is_file():
             warnings.append(f"model.{key}: {value} not found")
     warnings += _run_folder_warnings(recipe, out_dir, resume, overwrite, recipe_path)
-    console.print(f"# resolved recipe (run folder: {out_dir})", markup=False)
+    source = f" of {recipe_path}" if recipe_path is not None else ""
+    console.print(f"# the resolved recipe{source} (msattn train --dry-run; run folder: {out_dir})", markup=False)
     console.print(format_recipe(recipe), markup=False)
-    console.print(f"# {dealt.describe()}", markup=False)
+    status.print(dealt.describe(), markup=False)
     for text in warnings:
-        Console(stderr=True, highlight=False, soft_wrap=True, quiet=rank != 0).print(f"warning: {text}", markup=False)
-    console.print("recipe OK (dry run: nothing trained)")
+        status.print(f"warning: {text}", markup=False)
+    status.print("recipe OK (dry run: nothing trained)")
     return warnings
 
 
