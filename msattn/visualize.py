@@ -174,8 +174,13 @@ def attention_heatmap(
 
 
 def scale_title(scale: float, merge: str = "attention") -> str:
-    """Panel title for one scale's weight map ("scale 0.75"; for max merging, where it won)."""
-    return f"scale {scale:g} won" if merge == "max" else f"scale {scale:g}"
+    """Panel title for one scale's weight map: "scale 0.75"; for max merging "scale 0.75 won" (where it
+    won); for hierarchical attention "scale 0.75 (chain)" (the effective weight: the chain's product)."""
+    if merge == "max":
+        return f"scale {scale:g} won"
+    if merge == "hierarchical":
+        return f"scale {scale:g} (chain)"
+    return f"scale {scale:g}"
 
 
 def attention_figure(

@@ -36,9 +36,10 @@ def test_inference_and_train_cover_every_scale_set_and_merge(run_cli, tmp_path: 
                                    "--json", out)
     assert code == 0, stderr
     records = read_records(out)
-    expected = [(list(s), m) for s, m in scale_merge_pairs()]
-    assert len(expected) == 7 and expected[0] == ([1.0], None)
     for mode in ("inference", "train"):
+        expected = [(list(s), m) for s, m in scale_merge_pairs(mode)]
+        assert expected[0] == ([1.0], None) and len(expected) == (9 if mode == "inference" else 8)
+        assert (([1.0, 0.75, 0.5], "hierarchical") in expected) == (mode == "inference")  # it trains on two
         rows = [r for r in records if r["mode"] == mode]
         assert [(r["scales"], r["merge"]) for r in rows] == expected
         assert all(r["size"] == 33 and r["width"] == 0.0625 and r["gflops"] > 0 for r in rows)
@@ -143,7 +144,7 @@ def test_progress_goes_to_stderr_and_every_table_fits_100_columns(run_cli, tmp_p
                                    "train", "--mode", "data", "--mode", "train-e2e", "--workers", "0", "--json", out)
     assert code == 0, stderr
     progress = [line for line in stderr.splitlines() if line.startswith("bench: ")]
-    for expected in ("building case 7/7", "round 1/1 (timed)", "memory and FLOPs, case 7/7", "decode + augment",
+    for expected in ("building case 9/9", "round 1/1 (timed)", "memory and FLOPs, case 9/9", "decode + augment",
                      "train-e2e 33 {1, 0.75, 0.5} attention: 0 loader worker(s)"):
         assert any(expected in line for line in progress), (expected, progress)
     assert max(len(line) for line in stdout.splitlines()) <= 100
@@ -153,7 +154,7 @@ def test_progress_goes_to_stderr_and_every_table_fits_100_columns(run_cli, tmp_p
     assert ["scales", "merge", "workers", "img/s", "data", "wait", "decode", "img/s", "mem", "MB"] in headers
     assert "…" not in stdout  # nothing cut short
     records = read_records(out)
-    assert [r["mode"] for r in records].count("inference") == 7 and {r["graph"] for r in records
+    assert [r["mode"] for r in records].count("inference") == 9 and {r["graph"] for r in records
                                                                     if r["mode"] == "inference"} == {False}
 
 

@@ -70,13 +70,38 @@ def test_voc_recipe_is_the_papers_best_model() -> None:
     assert r.model.attention_dropout == 0.5 and r.optim.attention_lr_mult == 10.0
 
 
-@pytest.mark.parametrize("name", ["voc.toml", "person_part.toml", "coco.toml"])
+@pytest.mark.parametrize("name", ["voc.toml", "person_part.toml", "coco.toml", "voc-hier.toml", "cityscapes-hier.toml"])
 def test_paper_recipes_read_the_lists_prepare_data_writes(name: str) -> None:
     from msattn.data.prepare.common import SPLITS
 
     r = load_recipe(ROOT / "recipes" / name)
     assert r.data.train_split in SPLITS and r.data.val_split in SPLITS, (r.data.train_split, r.data.val_split)
     assert r.data.select_split is None and r.model.input_norm == "auto"
+
+
+def test_hierarchical_recipes_are_their_models_recipes_with_the_merge_changed() -> None:
+    """voc-hier and demo-scales-hier differ from voc and demo-scales only where their comments say."""
+    for plain, hier, changed in (
+        ("voc.toml", "voc-hier.toml", {"model.scales", "model.merge", "model.extra_supervision_weight", "eval.scales"}),
+        ("demo-scales.toml", "demo-scales-hier.toml", {"model.scales", "model.merge", "eval.scales"}),
+    ):
+        a, b = (recipe_to_dict(load_recipe(ROOT / "recipes" / name)) for name in (plain, hier))
+        differ = {f"{section}.{key}" for section in a for key in a[section] if a[section][key] != b[section][key]}
+        differ -= {"model.attention_dropout"}  # an option of the softmax head only
+        assert differ == changed, (hier, differ)
+        r = load_recipe(ROOT / "recipes" / hier)
+        assert r.model.merge == "hierarchical" and r.model.scales == (1.0, 0.5) and r.eval.scales == (2.0, 1.0, 0.5)
+
+
+def test_the_cityscapes_recipe_takes_nvidias_settings() -> None:
+    r = load_recipe(ROOT / "recipes" / "cityscapes-hier.toml")
+    assert (r.model.merge, r.model.scales, r.eval.scales) == ("hierarchical", (1.0, 0.5), (0.5, 1.0, 2.0))
+    assert r.model.extra_supervision and r.model.extra_supervision_weight == 0.05
+    assert (r.model.backbone, r.model.batchnorm, r.data.scale_range) == ("resnet101", "sync", (0.5, 2.0))
+    assert (r.optim.optimizer, r.optim.lr, r.optim.momentum, r.optim.weight_decay) == ("sgd", 5e-3, 0.9, 1e-4)
+    assert (r.optim.schedule, r.optim.power, r.optim.head_lr_mult, r.optim.attention_lr_mult) == ("poly", 2.0, 1, 1)
+    assert r.train.batch_size == 8 and r.train.iterations == 65_100  # 175 epochs of 2,975 images
+    assert r.train.label_mode == "upsample"
 
 
 def matrix_rows() -> list[list[str]]:

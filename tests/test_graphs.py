@@ -160,19 +160,23 @@ def test_policy_off_is_exactly_predict_batch() -> None:
     assert runner.group_key((40, 37)) == (40, 37) and runner.summary() is None
 
 
-@pytest.mark.parametrize(("merge", "flip"), [("attention", False), ("attention", True), ("max", True), ("avg", False)])
-def test_graphs_give_what_eager_gives_on_the_bucket(merge: str, flip: bool) -> None:
+@pytest.mark.parametrize(
+    ("merge", "flip", "scales"),
+    [("attention", False, None), ("attention", True, None), ("max", True, None), ("avg", False, None),
+     ("hierarchical", True, (2.0, 1.0, 0.5))],
+)  # fmt: skip
+def test_graphs_give_what_eager_gives_on_the_bucket(merge: str, flip: bool, scales: tuple[float, ...] | None) -> None:
     """Mixed sizes of one bucket, batched: each result is the eager prediction padded to the bucket."""
     model = tiny(merge)
     keys: list = []
-    runner = InferenceRunner(model, flip=flip, policy=ON)
+    runner = InferenceRunner(model, scales=scales, flip=flip, policy=ON)
     runner.cache.capture = static_capture(runner, keys)
     batch = images((40, 40), (33, 50), (60, 21))
     assert {runner.group_key(img.shape[-2:]) for img in batch} == {(65, 65)}
     for _ in range(3):  # eager, capture + replay, replay
         results = runner.predict(batch)
         for img, (p, a) in zip(batch, results):
-            ref_p, ref_a = predict_batch(model, img[None], flip=flip, pad_to=65)
+            ref_p, ref_a = predict_batch(model, img[None], scales=scales, flip=flip, pad_to=65)
             assert p.shape == ref_p[0].shape and torch.allclose(p, ref_p[0], atol=1e-6)
             assert torch.allclose(a, ref_a[0], atol=1e-6)
             assert torch.allclose(p.sum(0), torch.ones_like(p[0]), atol=1e-5)

@@ -378,9 +378,17 @@ def test_torch_export_traces_the_chain_over_a_static_scale_list() -> None:
     torch.testing.assert_close(weights, expected_weights)
 
 
-def test_the_onnx_graph_refuses_a_hierarchical_model_instead_of_averaging() -> None:
-    from msattn.errors import UsageError
+def test_the_onnx_graph_chains_instead_of_averaging() -> None:
+    """The deploy graph runs the chain (tests/test_hierarchical_commands.py: equal to predict_batch), not avg."""
     from msattn.export.graph import DeployGraph
 
-    with pytest.raises(UsageError, match="hierarchical model .* not supported yet"):
-        DeployGraph(tiny(), (1.0, 0.5), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    model = tiny().eval()
+    graph = DeployGraph(model, (2.0, 1.0, 0.5), (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)).eval()
+    assert graph.merge == "hierarchical" and graph.gate is model.gate
+    image = torch.randint(0, 256, (1, SIDE, SIDE, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        probs, weights = graph(image)
+        out = model(image.permute(0, 3, 1, 2).float(), scales=(2.0, 1.0, 0.5))
+    torch.testing.assert_close(probs, torch.softmax(F.interpolate(out["out"], size=(SIDE, SIDE), mode="bilinear",
+                                                                  align_corners=True), dim=1))  # fmt: skip
+    torch.testing.assert_close(weights, up(out["attention"], (SIDE, SIDE)))

@@ -150,16 +150,23 @@ def test_a_nonfinite_loss_halts_every_later_update(fused: bool | None) -> None:
         assert torch.equal(optimizer.state[p]["momentum_buffer"], m)
 
 
-@pytest.mark.parametrize("merge", ["attention", "max", "avg"])
+def merge_model(merge: str) -> tuple[torch.nn.Module, tuple[float, ...]]:
+    """A three-scale model of ``merge`` and its test-time scales (hierarchical: trained on two, run on three)."""
+    if merge == "hierarchical":
+        return tiny_model(merge, scales=(1.0, 0.5)), (1.0, 0.75, 0.5)
+    return tiny_model(merge, scales=(1.0, 0.75, 0.5)), (1.0, 0.75, 0.5)
+
+
+@pytest.mark.parametrize("merge", ["attention", "max", "avg", "hierarchical"])
 def test_the_forward_and_predict_batch_never_sync(merge: str) -> None:
-    model = tiny_model(merge, scales=(1.0, 0.75, 0.5))
+    model, scales = merge_model(merge)
     images = torch.randn(2, 3, 40, 40)
     with SyncRecorder() as rec:
         model.train()
         out = model(images)
         segmentation_loss(out, torch.randint(0, 3, (2, 40, 40)))[0].backward()
         model.eval()
-        probs, attention = predict_batch(model, images, flip=True)
+        probs, attention = predict_batch(model, images, scales=scales, flip=True)
     assert rec.ops == []
     assert probs.shape == (2, 3, 40, 40) and attention is not None and attention.shape == (2, 3, 40, 40)
 
@@ -177,7 +184,7 @@ def test_the_confusion_matrix_fills_without_syncing_and_counts_right() -> None:
     assert torch.equal(matrix.mat, expected)
 
 
-@pytest.mark.parametrize("merge", ["attention", "max"])
+@pytest.mark.parametrize("merge", ["attention", "max", "hierarchical"])
 def test_what_a_cuda_graph_captures_and_the_batches_moved_to_the_device_never_sync(merge: str) -> None:
     """A sync inside torch.cuda.graph capture is an error: the captured forward must have none."""
     from _graph_helpers import static_capture
@@ -186,8 +193,8 @@ def test_what_a_cuda_graph_captures_and_the_batches_moved_to_the_device_never_sy
     from msattn.infer.graphs import GraphPolicy, InferenceRunner
     from msattn.runtime.loader import DeviceBatches
 
-    model = tiny_model(merge, scales=(1.0, 0.75, 0.5)).eval()
-    runner = InferenceRunner(model, flip=True, policy=GraphPolicy(enabled=True))
+    model, scales = merge_model(merge)
+    runner = InferenceRunner(model.eval(), scales=scales, flip=True, policy=GraphPolicy(enabled=True))
     runner.cache.capture = static_capture(runner)
     images = [torch.randn(3, 40, 40), torch.randn(3, 33, 47)]
     batch = {"image": torch.randint(0, 256, (2, 3, 9, 9), dtype=torch.uint8),

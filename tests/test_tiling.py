@@ -150,19 +150,37 @@ def test_memory_mapped_stores_live_in_the_scratch_folder_and_are_removed(tmp_pat
 def test_tiled_matches_whole_with_enough_overlap() -> None:
     """>= 99.5% of pixels keep their label; without overlap tile borders show (see README: why not 100%)."""
     image, _ = scene(289, 417)  # padded sides 8k+1 with k a multiple of 4: every scale's grid is exact whole
-    for scales, merge in (((1.0, 0.75, 0.5), "attention"), ((1.0, 0.5), "max")):
-        model = local_model(scales, merge)
-        whole, whole_att = predict_batch(model, image)
+    cases = (((1.0, 0.75, 0.5), "attention", None), ((1.0, 0.5), "max", None),
+             ((1.0, 0.5), "hierarchical", (2.0, 1.0, 0.5)))  # hierarchical: trained on two, run on three
+    for trained, merge, run in cases:
+        model = local_model(trained, merge)
+        scales = run or trained
+        whole, whole_att = predict_batch(model, image, scales=run)
         labels = whole.argmax(1)
         quantum = scale_quantum(scales)
-        tiled, tiled_att = predict_tiled(model, image, tiling=make_tiling(193, 64, quantum))
-        assert tiled.shape == whole.shape and tiled_att.shape == whole_att.shape
+        tiled, tiled_att = predict_tiled(model, image, scales=run, tiling=make_tiling(193, 64, quantum))
+        assert tiled.shape == whole.shape and tiled_att.shape == whole_att.shape == (1, len(scales), 289, 417)
         agree = (tiled.argmax(1) == labels).float().mean().item()
         assert agree >= 0.995, (scales, merge, agree)
         np.testing.assert_allclose(tiled.sum(1).numpy(), 1.0, atol=1e-5)
         np.testing.assert_allclose(tiled_att.sum(1).numpy(), 1.0, atol=1e-5)
-        no_overlap = predict_tiled(model, image, tiling=make_tiling(129, 0, quantum))[0]
+        no_overlap = predict_tiled(model, image, scales=run, tiling=make_tiling(129, 0, quantum))[0]
         assert (no_overlap.argmax(1) == labels).float().mean().item() < agree
+
+
+def test_tiling_stitches_the_chains_weights_and_ignores_its_gates() -> None:
+    """A hierarchical model's output dict also holds "gates" (one map per scale on its own grid, None for the
+    highest): tiling stitches "out" and the effective weights only, which match the whole image's."""
+    model = local_model((1.0, 0.5), "hierarchical")
+    with torch.no_grad():
+        for p in model.gate.parameters():  # gates spread over (0, 1): the weights vary over the image
+            p.normal_(0, 1)
+    image, _ = scene(161, 225)
+    assert model(image, scales=(2.0, 1.0, 0.5))["gates"][0] is None
+    whole_att = predict_batch(model, image, scales=(2.0, 1.0, 0.5))[1]
+    tiled_att = predict_tiled(model, image, scales=(2.0, 1.0, 0.5), tiling=make_tiling(129, 64, scale_quantum((2.0, 1.0, 0.5))))[1]
+    assert tiled_att.shape == whole_att.shape and whole_att.std() > 0.05
+    assert (tiled_att - whole_att).abs().mean() < 0.02
 
 
 def test_predict_tiled_of_a_single_scale_model_has_no_attention() -> None:

@@ -125,3 +125,4 @@ def test_attention_figure_has_a_panel_per_scale_and_a_class_key() -> None:
 def test_scale_titles() -> None:
     assert scale_title(0.75) == "scale 0.75"
     assert scale_title(1.0, "max") == "scale 1 won"
+    assert scale_title(0.5, "hierarchical") == "scale 0.5 (chain)"  # the chain's effective weight

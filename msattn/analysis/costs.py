@@ -19,14 +19,21 @@ from msattn.bench.measure import count_flops
 from msattn.errors import DataError
 from msattn.io import read_json
 from msattn.models.scale import build_model
-from msattn.models.spec import ModelSpec
+from msattn.models.spec import HIERARCHICAL, ModelSpec
 
 
-def _meta_model(model_args: dict[str, Any], method: Method) -> torch.nn.Module:
+def _meta_model(model_args: dict[str, Any], method: Method) -> tuple[torch.nn.Module, tuple[float, ...] | None]:
+    """A meta-device model that computes ``method`` and the scales to call it with (None: its own).
+
+    A hierarchical model's chain runs on any scales holding 1.0 but trains on two: the trained
+    spec is built and called with the method's scales.
+    """
     spec = ModelSpec.from_args(model_args)
-    merge = method.merge if method.merge in ("max", "avg") else "avg" if method.merge == SINGLE else spec.merge
     with torch.device("meta"):
-        return build_model(spec.replace(scales=tuple(method.scales), merge=merge)).eval()
+        if method.merge == HIERARCHICAL:
+            return build_model(spec).eval(), tuple(method.scales)
+        merge = method.merge if method.merge in ("max", "avg") else "avg" if method.merge == SINGLE else spec.merge
+        return build_model(spec.replace(scales=tuple(method.scales), merge=merge)).eval(), None
 
 
 def method_flops(model_args: dict[str, Any] | None, methods: Sequence[Method], sizes: dict[str, int]) -> dict[str, float]:
@@ -41,13 +48,13 @@ def method_flops(model_args: dict[str, Any] | None, methods: Sequence[Method], s
     for method in methods:
         if method.merge == ORACLE:
             continue
-        model = _meta_model(model_args, method)
+        model, scales = _meta_model(model_args, method)
         flops = 0.0
         for key, count in sizes.items():
             h, w = (int(v) for v in key.split("x"))
             x = torch.zeros(1, 3, h, w, device="meta")
             with torch.inference_mode():
-                flops += count * count_flops(lambda: model(x))  # noqa: B023 - called at once
+                flops += count * count_flops(lambda: model(x, scales=scales))  # noqa: B023 - called at once
         out[method.key] = flops / total_images / 1e9
     return out
 

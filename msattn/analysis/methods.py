@@ -2,14 +2,18 @@
 
 A *method* is a key such as ``scale:2`` (one branch alone), ``max:2+1`` / ``avg:2+1`` (max or
 average merging of a subset of the scales), ``attention:2+1`` (the learned merge, only on
-the scales its head was trained on) and ``oracle:2+1`` (per pixel the right class when any
-scale's own map has it; else the most confident scale's class: an upper bound on what a
-per-pixel choice of scale can reach).
+the scales its head was trained on), ``hierarchical:2+1`` (the chain of a hierarchical
+model, :mod:`msattn.models.hierarchical`, on any subset that holds 1.0) and ``oracle:2+1``
+(per pixel the right class when any scale's own map has it; else the most confident scale's
+class: an upper bound on what a per-pixel choice of scale can reach).
 
 Every max/avg subset is computed from the per-scale maps of the one forward pass over all
 scales: a scale's map does not depend on the other scales, and the merge follows
 :class:`msattn.models.scale.ScaleNet` exactly (maps resized to the grid of the subset's
 largest scale, then max or mean), so the result is what a model run on that subset gives.
+The same holds for a hierarchical model's subsets: each scale's scores and gate depend on
+that scale alone, and :func:`msattn.models.hierarchical.chain` of the subset's maps is what
+the model run on the subset returns.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from dataclasses import dataclass
 import torch
 
 from msattn.geometry import crop_to, pad_to_grid, resize_bilinear, resize_nearest, shrink_labels, upsample_logits
+from msattn.models.hierarchical import chain
+from msattn.models.spec import HIERARCHICAL
 
 SINGLE, ORACLE = "scale", "oracle"
 
 
 @dataclass(frozen=True)
 class Method:
-    """One way of predicting: ``merge`` in {scale, max, avg, attention, oracle} over ``scales``."""
+    """One way of predicting: ``merge`` in {scale, max, avg, attention, hierarchical, oracle} over ``scales``."""
 
     merge: str
     scales: tuple[float, ...]
@@ -44,7 +50,8 @@ class Method:
 
 
 def model_merge(model: torch.nn.Module, scales: Sequence[float]) -> str:
-    """What the model's own ``out`` is on ``scales``: ``scale`` (one scale), ``max``, ``avg`` or ``attention``."""
+    """What the model's own ``out`` is on ``scales``: ``scale`` (one scale), ``max``, ``avg``, ``attention``
+    or ``hierarchical``."""
     if len(scales) == 1:
         return SINGLE
     merge = getattr(model, "merge", "avg")
@@ -54,14 +61,17 @@ def model_merge(model: torch.nn.Module, scales: Sequence[float]) -> str:
 
 
 def build_methods(scales: Sequence[float], own_merge: str) -> list[Method]:
-    """Every single scale, max and avg of every subset of two or more, the model's attention, the oracle."""
+    """Every single scale, max and avg of every subset of two or more, the model's attention (all the
+    scales) or hierarchical chain (every subset of two or more that holds 1.0), the oracle."""
     scales = tuple(float(s) for s in scales)
     methods = [Method(SINGLE, (s,)) for s in scales]
-    for size in range(2, len(scales) + 1):
-        for subset in itertools.combinations(scales, size):
-            methods += [Method("max", subset), Method("avg", subset)]
+    subsets = [sub for size in range(2, len(scales) + 1) for sub in itertools.combinations(scales, size)]
+    for subset in subsets:
+        methods += [Method("max", subset), Method("avg", subset)]
     if own_merge == "attention":
         methods.append(Method("attention", scales))
+    if own_merge == HIERARCHICAL:
+        methods += [Method(HIERARCHICAL, subset) for subset in subsets if 1.0 in subset]
     if len(scales) > 1:
         methods.append(Method(ORACLE, scales))
     return methods
@@ -100,8 +110,13 @@ def _to_image(logits: torch.Tensor, full: Sequence[int], size: Sequence[int]) ->
     return crop_to(upsample_logits(logits.float(), full), size)
 
 
-def _merge_subset(per_scale: dict[float, torch.Tensor], method: Method) -> torch.Tensor:
-    """Max or mean of the subset's maps on the grid of its largest scale (as ScaleNet merges)."""
+def _merge_subset(
+    per_scale: dict[float, torch.Tensor], gates: dict[float, torch.Tensor | None], method: Method
+) -> torch.Tensor:
+    """The subset's merged scores as the model run on the subset gives them: max or mean of its maps on
+    the grid of its largest scale (as ScaleNet merges), or the hierarchical chain on the 1.0 grid."""
+    if method.merge == HIERARCHICAL:
+        return chain([per_scale[s] for s in method.scales], [gates[s] for s in method.scales], method.scales)[0]
     ref = per_scale[max(method.scales)].shape[-2:]
     stacked = torch.stack([resize_bilinear(per_scale[s].float(), ref) for s in method.scales], dim=1)
     return stacked.max(dim=1).values if method.merge == "max" else stacked.mean(dim=1)
@@ -130,13 +145,14 @@ def forward_maps(
         output = model(padded, scales=list(scales))
     order = [float(s) for s in output.get("scales", scales)]
     per_scale = {s: logits.float() for s, logits in zip(order, output["per_scale"])}
+    gates = {s: None if g is None else g.float() for s, g in zip(order, output.get("gates") or [None] * len(order))}
     preds: dict[str, torch.Tensor] = {}
     confidence: dict[str, torch.Tensor] = {}
     for method in methods:
         if method.merge == SINGLE:
             logits = _to_image(per_scale[method.scales[0]], full, size)
-        elif method.merge in ("max", "avg") and method != own:
-            logits = _to_image(_merge_subset(per_scale, method), full, size)
+        elif method.merge in ("max", "avg", HIERARCHICAL) and method != own:
+            logits = _to_image(_merge_subset(per_scale, gates, method), full, size)
         elif method == own:
             logits = _to_image(output["out"], full, size)
         else:

@@ -141,7 +141,7 @@ def pareto(report: dict[str, Any]) -> bytes | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for row in rows:
-        marker = {"scale": "o", "max": "^", "avg": "s", "attention": "D"}.get(row["merge"], "o")
+        marker = {"scale": "o", "max": "^", "avg": "s", "attention": "D", "hierarchical": "h"}.get(row["merge"], "o")
         ax.scatter(row["gflops"], 100 * row["miou"], marker=marker, s=60,
                    color="crimson" if row["pareto"] else "grey", zorder=3)
         ax.annotate(row["key"], (row["gflops"], 100 * row["miou"]), fontsize=7, xytext=(4, 3),
@@ -152,7 +152,7 @@ def pareto(report: dict[str, Any]) -> bytes | None:
         ax.legend(fontsize=8)
     ax.set_xlabel("GFLOPs per image")
     ax.set_ylabel("mIoU (%)")
-    ax.set_title("accuracy against cost (o single, ^ max, s avg, D attention)")
+    ax.set_title("accuracy against cost (o single, ^ max, s avg, D attention, h hierarchical)")
     ax.grid(alpha=0.3)
     return _png(fig)
 

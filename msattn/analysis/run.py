@@ -47,6 +47,7 @@ from msattn.geometry import padded_size
 from msattn.infer.options import InferenceOptions
 from msattn.io import atomic_write, check_id, file_sha256, write_json, write_text
 from msattn.locks import folder_lock
+from msattn.models.spec import HIERARCHICAL, hierarchical_inference_problem
 from msattn.runtime.checkpoint import checkpoint_recipe, load_checkpoint, model_from_checkpoint
 from msattn.runtime.distributed import resolve_device
 from msattn.runtime.metrics import json_safe
@@ -208,8 +209,8 @@ def prepare_job(checkpoint: Path, data: Path | None, settings: Settings, device:
     if not (root / f"{settings.split}.txt").is_file():
         raise DataError(f"{root / (settings.split + '.txt')}: split list not found")
     trained = tuple(float(s) for s in state["model_args"].get("scales", [1.0]))
-    scales = check_scales(model, settings.scales, trained)
     config = checkpoint_recipe(state)
+    scales = check_scales(model, settings.scales, default_scales(model, trained, config))
     if settings.pad_to is None and config is not None:
         settings.pad_to = config.eval.pad_to
     mean, std = meta.get("mean") or IMAGENET_MEAN, meta.get("std") or IMAGENET_STD
@@ -268,13 +269,26 @@ def job_for_model(
                palette if palette is not None else [], mean, std, model_args=model_args)
 
 
+def default_scales(model: torch.nn.Module, trained: tuple[float, ...], config: Any) -> tuple[float, ...]:
+    """The scales of a pass without ``--scales``: the trained ones; for a hierarchical model (trained on
+    two, run on any list holding 1.0) the recipe's ``eval.scales`` when it names them, as evaluate does."""
+    if getattr(model, "merge", None) == HIERARCHICAL and config is not None and config.eval.scales:
+        return tuple(float(s) for s in config.eval.scales)
+    return trained
+
+
 def check_scales(model: torch.nn.Module, scales: Sequence[float] | None, trained: tuple[float, ...]) -> tuple[float, ...]:
-    """The scales of the pass: ``--scales`` (checked) or the trained ones."""
+    """The scales of the pass: ``--scales`` (checked) or ``trained`` (the default, :func:`default_scales`)."""
     if not scales:
         return trained
     scales = tuple(float(s) for s in scales)
     if any(not (0 < s <= 4) for s in scales) or len(set(scales)) != len(scales):
         raise UsageError(f"--scales: need distinct values in (0, 4], got {list(scales)}")
+    if getattr(model, "merge", None) == HIERARCHICAL:
+        problem = hierarchical_inference_problem(scales)
+        if problem:
+            raise UsageError(f"--scales: {problem}; add 1.0 (every subset holding it is in the report)")
+        return scales
     if getattr(model, "head", None) is not None and sorted(scales) != sorted(trained):
         raise UsageError(f"--scales: this attention model runs on its trained scales {list(trained)} only "
                          "(max/avg subsets of them are in the report)")

@@ -23,14 +23,13 @@ from typing import Any
 
 import torch
 
-from msattn.bench.cases import NUM_CLASSES, Settings, case_name, selected_pairs
+from msattn.bench.cases import Settings, case_model, case_name, selected_pairs
 from msattn.bench.measure import MB, LoadMonitor, MemoryProbe, synchronize
 from msattn.data.datasets import SegmentationFolder
 from msattn.data.prepare.demo import prepare_demo
 from msattn.data.transforms import TrainTransform
 from msattn.models.loss import segmentation_loss
 from msattn.models.params import param_groups
-from msattn.models.scale import build_model
 from msattn.runtime.distributed import DistInfo
 from msattn.runtime.loader import DeviceBatches, measure_decode_rate, resolve_workers
 from msattn.train.step import NonFiniteGuard, make_optimizer, train_step
@@ -122,7 +121,7 @@ def bench_train_e2e(size: int, settings: Settings, context: dict[str, Any], work
         dataset = SegmentationFolder(root, "train", transform=transform)
         rate = measure_decode_rate(dataset, items=min(8, num_train))
         plan = resolve_workers(workers, settings.device, decode_rate=lambda: rate)
-        for scales, merge in selected_pairs(settings, E2E_PAIRS):
+        for scales, merge in selected_pairs(settings, E2E_PAIRS, mode="train-e2e"):
             settings.say(f"train-e2e {size} {case_name(scales, merge)}: {plan.count} loader worker(s), "
                          f"{settings.warmup}+{settings.iters} steps of {batch}")
             record = _e2e_case(dataset, scales, merge, size, plan.count, settings)
@@ -176,7 +175,7 @@ def _engine_step(
     """(step(batch) = the training engine's train_step on one micro-batch, bytes of weights + momentum)."""
     torch.manual_seed(0)
     dev = settings.device
-    model = build_model(NUM_CLASSES, scales=scales, merge=merge or "avg", width=settings.width)
+    model, _ = case_model(scales, merge, settings.width, "train-e2e")
     model = model.to(device=dev, memory_format=settings.memory_format).train()
     optimizer = make_optimizer(param_groups(model, lr=1e-3, weight_decay=5e-4), "sgd", 1e-3, 0.9, dev)
     run = functools.partial(

@@ -20,12 +20,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from msattn.bench.cases import IGNORE_INDEX, NUM_CLASSES, Case, Settings, area_ratio, case_name, selected_pairs
+from msattn.bench.cases import (
+    IGNORE_INDEX,
+    NUM_CLASSES,
+    Case,
+    Settings,
+    area_ratio,
+    case_model,
+    case_name,
+    selected_pairs,
+)
 from msattn.bench.measure import LoadMonitor, matmul_case, probe_case, run_interleaved, synchronize
 from msattn.infer.graphs import capture_cuda_graph
 from msattn.models.loss import segmentation_loss
 from msattn.models.params import param_groups
-from msattn.models.scale import build_model
 from msattn.runtime.distributed import DistInfo
 from msattn.train.step import NonFiniteGuard, make_optimizer, train_step
 
@@ -39,10 +47,10 @@ def build_cases(mode: str, size: int, settings: Settings) -> list[Case]:
     labels[:, : max(1, size // 16)] = IGNORE_INDEX  # a band of ignored pixels, as in padded crops
     backbone: nn.Module | None = None
     cases = []
-    pairs = selected_pairs(settings)
+    pairs = selected_pairs(settings, mode=mode)
     for number, (scales, merge) in enumerate(pairs, 1):
         settings.say(f"{mode} {size}: building case {number}/{len(pairs)} ({case_name(scales, merge)})")
-        model = build_model(NUM_CLASSES, scales=scales, merge=merge or "avg", width=settings.width)
+        model, run_scales = case_model(scales, merge, settings.width, mode)
         if backbone is None:
             backbone = model.backbone
         else:
@@ -51,7 +59,7 @@ def build_cases(mode: str, size: int, settings: Settings) -> list[Case]:
         if mode == "inference":
             model.eval()
             optimizer = None
-            make_step = functools.partial(_inference_step, images=images, settings=settings)
+            make_step = functools.partial(_inference_step, images=images, settings=settings, scales=run_scales)
         else:
             model.train()
             optimizer = make_optimizer(param_groups(model, lr=1e-3, weight_decay=5e-4), "sgd", 1e-3, 0.9, dev)
@@ -61,27 +69,32 @@ def build_cases(mode: str, size: int, settings: Settings) -> list[Case]:
         compiled = torch.compile(model) if settings.compile_model else model
         step = make_step(compiled) if settings.compile_model else eager_step
         case = Case(scales, merge, step, eager_step, _state_bytes(model, optimizer))
+        case.trained_scales = tuple(model.scales) if run_scales is not None else None
         if mode == "inference" and settings.graph:  # the (compiled) forward, captured: compiles during the capture
-            _capture_case(case, compiled, images, settings)
+            _capture_case(case, compiled, images, settings, run_scales)
         cases.append(case)
     return cases
 
 
-def _inference_step(model: nn.Module, images: torch.Tensor, settings: Settings) -> Callable[[], None]:
+def _inference_step(
+    model: nn.Module, images: torch.Tensor, settings: Settings, scales: tuple[float, ...] | None = None
+) -> Callable[[], None]:
     def step() -> None:
         with torch.inference_mode(), settings.autocast():
-            model(images)
+            model(images, scales=scales)
 
     return step
 
 
-def _capture_case(case: Case, model: Callable[..., Any], images: torch.Tensor, settings: Settings) -> None:
+def _capture_case(
+    case: Case, model: Callable[..., Any], images: torch.Tensor, settings: Settings, scales: tuple[float, ...] | None
+) -> None:
     """Make ``case.step`` a CUDA graph replay of the forward (copy the input in, replay); time the capture."""
     def forward(x: torch.Tensor) -> Any:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if settings.amp \
             else contextlib.nullcontext()
         with autocast:
-            return model(x)
+            return model(x, scales=scales)
 
     start = time.perf_counter()
     with torch.inference_mode():
@@ -157,6 +170,7 @@ def bench_model(mode: str, size: int, settings: Settings, context: dict[str, Any
             "mode": mode,
             "scales": list(case.scales),
             "merge": case.merge,
+            **({"trained_scales": list(case.trained_scales)} if case.trained_scales else {}),
             "size": size,
             **context,
             "latency_ms": per_image * 1e3,

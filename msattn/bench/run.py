@@ -36,7 +36,7 @@ import torch
 from rich.console import Console
 
 from msattn.bench import deploy as bench_deploy
-from msattn.bench.cases import Settings, parse_case
+from msattn.bench.cases import Settings, check_cases, parse_case
 from msattn.bench.data import bench_data, bench_train_e2e
 from msattn.bench.model import add_ratios, bench_model
 from msattn.bench.report import REPORT_WIDTH, ProgressLog, print_report
@@ -74,6 +74,7 @@ def run_bench(
     if not console.is_terminal:  # a log file or pipe: the tables are made for 100 columns
         console = Console(width=REPORT_WIDTH, highlight=False)
     check_options(modes, sizes, width, batch, iters, warmup)
+    check_cases([parse_case(c) for c in cases or ()], modes)  # a hierarchical case no chosen mode can run
     if json_path is not None:
         check_json(Path(json_path))  # a folder or an unwritable place fails now, not after minutes of timing
     settings, workers_value = _settings(errors, device, batch, amp, compile_model, channels_last, width, iters, warmup,

@@ -34,7 +34,8 @@ def analyze(
     data: Data = None,
     scales: Annotated[
         Optional[list[float]],
-        typer.Option("--scales", help="Scales of the pass (default: the trained ones; attention models need those)."),
+        typer.Option("--scales", help="Scales of the pass (default: the trained ones, a hierarchical model's "
+                     "eval.scales; attention models need the trained ones)."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Report folder (index.html, report.json, the resumable state).")] = Path(
         "report"

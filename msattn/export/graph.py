@@ -8,7 +8,10 @@
 3. for every scale: resized to ``8 * round(k * s) + 1`` pixels per side (the corner-aligned
    rule of :func:`msattn.geometry.scaled_side`), the shared LargeFOV backbone;
 4. every scale's score map (and fc7 features) resized to the grid of the largest scale;
-5. the merge: max, average, or the attention head and its softmax over scales;
+5. the merge: max, average, or the attention head and its softmax over scales; for a
+   hierarchical model (:mod:`msattn.models.hierarchical`) instead every scale's gate (but the
+   highest's) and :func:`msattn.models.hierarchical.chain` with this module's resize, on the
+   1.0 grid (the inference scales, any list holding 1.0, are built in);
 6. the merged scores upsampled (corner-aligned) to the padded size, softmax, cropped to
    ``H x W``: ``probs`` ``[N, C, H, W]``; the merge weights the same way: ``attention``
    ``[N, S, H, W]`` (bilinear; nearest for max merging); optionally ``labels`` ``[N, H, W]``
@@ -34,6 +37,8 @@ from torch import nn
 
 from msattn.errors import UsageError
 from msattn.geometry import STRIDE
+from msattn.models.hierarchical import chain
+from msattn.models.spec import hierarchical_inference_problem
 
 #: denominators allowed when turning a float scale into a fraction (0.75 -> 3/4)
 MAX_DENOMINATOR = 10_000
@@ -86,13 +91,15 @@ class DeployGraph(nn.Module):
         argmax: bool = False,
     ) -> None:
         super().__init__()
-        if getattr(model, "gate", None) is not None:  # its chain is not in _merge: refuse rather than average
-            raise UsageError("exporting a hierarchical model (merge 'hierarchical') is not supported yet")
         scales = tuple(float(s) for s in scales)
         trained = tuple(getattr(model, "scales", scales))
         if getattr(model, "head", None) is not None and sorted(scales) == sorted(trained):
             scales = trained  # the attention head's channels follow the training order (as ScaleNet does)
+        self.gate = getattr(model, "gate", None) if len(scales) > 1 else None  # hierarchical: the gate head
+        if getattr(model, "gate", None) is not None and hierarchical_inference_problem(scales):
+            raise UsageError(f"--scales: {hierarchical_inference_problem(scales)}; add 1.0 (e.g. 2.0, 1.0, 0.5)")
         self.backbone = model.backbone
+        self.num_classes = int(model.num_classes)
         self.head = getattr(model, "head", None) if len(scales) > 1 else None
         self.merge = getattr(model, "merge", "attention") if len(scales) > 1 else "none"
         self.scales = scales
@@ -116,7 +123,14 @@ class DeployGraph(nn.Module):
             f, score = self.backbone(xs)
             feats.append(f)
             logits.append(score)
-        out, weights = self._merge(feats, logits)
+        if self.gate is not None:
+            top = self.scales.index(max(self.scales))  # its gate is never used (as the model's eval forward)
+            # contiguous: the graph runs channels-last (the input is NHWC), and a channels-last map of one
+            # channel (the gate) has strides that torch.export can only order by guarding the width != 1
+            gates = [None if i == top else self.gate(f.contiguous()) for i, f in enumerate(feats)]
+            out, weights = chain(logits, gates, self.scales, resize=_resize)  # on the 1.0 grid
+        else:
+            out, weights = self._merge(feats, logits)
         rows = torch.arange(height, device=x.device)
         cols = torch.arange(width, device=x.device)
         probs = torch.softmax(_resize(out, (full_h, full_w)), dim=1).index_select(2, rows).index_select(3, cols)

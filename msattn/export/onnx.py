@@ -44,6 +44,7 @@ from msattn.export.format import FORMAT, INSTALL_HINT, require
 from msattn.export.graph import DeployGraph
 from msattn.export.runtime import OnnxSession
 from msattn.io import atomic_write, file_sha256
+from msattn.models.spec import HIERARCHICAL, hierarchical_inference_problem
 from msattn.runtime.checkpoint import load_checkpoint, model_from_checkpoint, old_arch_warning
 from msattn.visualize import voc_palette
 
@@ -89,6 +90,9 @@ def _run_scales(model: Any, scales: list[float] | None) -> tuple[float, ...]:
             f"--scales: this attention model was trained on {len(model.scales)} scales {list(model.scales)}; "
             "give as many or none"
         )
+    if getattr(model, "merge", None) == HIERARCHICAL and hierarchical_inference_problem(run):
+        raise UsageError(f"--scales: {hierarchical_inference_problem(run)}; add 1.0 (e.g. --scales 2 --scales 1 "
+                         "--scales 0.5)")  # fmt: skip
     return run
 
 
@@ -162,11 +166,12 @@ def _name_dims(model: Any) -> None:
 
 def metadata(state: dict[str, Any], checkpoint: Path, graph: Any, dynamic: bool, opset: int) -> dict[str, str]:
     """The ``metadata_props`` written into the ONNX file."""
-    info = dataset_info(state, int(graph.backbone.fc8.out_channels))
+    info = dataset_info(state, graph.num_classes)
     crf = (state.get("config") or {}).get("crf")
     outputs = {"probs": "float32 [N, C, H, W] class probabilities (softmax)"}
     if "attention" in graph.output_names():
-        outputs["attention"] = "float32 [N, S, H, W] merge weights per scale (one-hot where max merging won)"
+        outputs["attention"] = ("float32 [N, S, H, W] merge weights per scale (one-hot where max merging won; "
+                                "for hierarchical attention the chain's effective weights)")
     if graph.argmax:
         outputs["labels"] = "uint8 [N, H, W] argmax of probs"
     return {

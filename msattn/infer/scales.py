@@ -3,7 +3,8 @@
 An attention model's head outputs one weight map per scale, in the order of the scales it
 was trained with: its channel ``i`` belongs to trained scale ``i``. A ``--scales`` list in
 another order is put back into the trained order (with a note); scales the head never saw
-are refused. Max/avg merging and single-scale models take any set of scales.
+are refused. Max/avg merging and single-scale models take any set of scales. A hierarchical
+model (:mod:`msattn.models.hierarchical`) takes any list that holds 1.0, in any order.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from msattn.errors import UsageError
+from msattn.models.spec import HIERARCHICAL, hierarchical_inference_problem
 
 #: The largest test-time scale accepted (a 500-pixel image at scale 4 is already 2,000 pixels wide).
 MAX_SCALE = 4.0
@@ -39,12 +41,18 @@ def resolve_scales(
 
     ``given`` None: the model's own (trained) scales. For a model with an attention head
     (``model.head``), ``given`` must be the trained scales in any order; they are returned in
-    the trained order, so that attention map ``i`` is the weight of scale ``i``.
+    the trained order, so that attention map ``i`` is the weight of scale ``i``. A hierarchical
+    model takes any list holding 1.0, kept in the order given (its weights follow that order).
     """
     trained = tuple(float(s) for s in model.scales)
     if given is None or len(given) == 0:
         return trained, None
     scales = check_scales(given, option)
+    if getattr(model, "merge", None) == HIERARCHICAL:
+        problem = hierarchical_inference_problem(scales)
+        if problem:
+            raise UsageError(f"{option}: {problem}; add 1.0 (any other scales may join it, e.g. 2.0, 1.0, 0.5)")
+        return scales, None  # any list holding 1.0, in any order: the chain sorts them
     if getattr(model, "head", None) is None:
         return scales, None  # max/avg merging and one-scale models: any set, any order
     if sorted(scales) != sorted(trained):

@@ -29,6 +29,7 @@ from msattn.data.info import read_dataset_info
 from msattn.data.prepare.demo import prepare_demo
 from msattn.data.transforms import EvalTransform, TrainTransform
 from msattn.errors import ConfigError, DataError, UsageError
+from msattn.models.norm import sync_batchnorm
 from msattn.models.params import param_groups
 from msattn.models.scale import build_model
 from msattn.models.spec import ModelSpec
@@ -300,6 +301,7 @@ def wrap_for_training(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) 
     """DDP under torchrun, torch.compile with train.compile (the training step only; checkpoints use ``model``)."""
     wrapped = model
     if info.distributed:
+        sync_batchnorm(model)  # batchnorm = "sync": every BatchNorm2d (a hierarchical gate's too) -> SyncBatchNorm
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if cfg.compile:
