@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from msattn.errors import UsageError
-from msattn.models.spec import MERGES
+from msattn.models.spec import DEFAULT_BACKBONE, MERGES, TIMM_PREFIX, check_backbone
 
 SCALE_SETS: tuple[tuple[float, ...], ...] = ((1.0,), (1.0, 0.5), (1.0, 0.75, 0.5))
 NUM_CLASSES = 21  # PASCAL VOC: the paper's network has 20,505,429 parameters with 21 classes
@@ -27,6 +27,7 @@ class Case:
     state_bytes: Callable[[], int]  # resident state of this case: weights (+ optimizer momentum)
     times: list[float] = field(default_factory=list)
     capture_s: float | None = None  # CUDA graph capture (and compile) time, once
+    params: int = 0  # parameters of the case's model (backbone, classifier, attention head)
 
 
 def scale_merge_pairs() -> list[tuple[tuple[float, ...], str | None]]:
@@ -57,6 +58,11 @@ class Settings:
     graph: bool = False  # inference as captured CUDA graphs
     cases: tuple[tuple[tuple[float, ...], str | None], ...] | None = None  # --case filter; None: all
     say: Callable[..., None] = field(default=lambda text, force=True: None, compare=False)  # progress on stderr
+    backbone: str = DEFAULT_BACKBONE  # --backbone: every model of the run is built on it
+
+    def model_kwargs(self) -> dict[str, object]:
+        """What every benchmarked model is built with besides classes, scales and merge (backbone and width)."""
+        return {"backbone": self.backbone, "width": self.width}
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -67,6 +73,16 @@ class Settings:
         if not self.amp:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+
+def check_bench_backbone(backbone: str, width: float) -> None:
+    """``--backbone``: a known name (UsageError listing them); a timm model has its own channels (width 1)."""
+    try:
+        check_backbone(backbone)
+    except ValueError as exc:
+        raise UsageError(f"--backbone: {exc}") from None
+    if backbone.startswith(TIMM_PREFIX) and width != 1.0:
+        raise UsageError(f"--width {width:g}: a timm backbone has its model's channel counts; use --width 1")
 
 
 def parse_case(text: str) -> tuple[tuple[float, ...], str | None]:
