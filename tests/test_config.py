@@ -100,6 +100,14 @@ def test_deeplab_v2_recipes_are_msc_on_resnet101_and_read_the_lists_prepare_data
     assert load_recipe(ROOT / "recipes" / name, ["model.merge=attention"]).model.merge == "attention"
 
 
+def test_the_lite0_demo_starts_from_the_packaged_imagenet_weights() -> None:
+    r = load_recipe(ROOT / "recipes" / "demo-lite0.toml")
+    assert (r.model.backbone, r.model.pretrained, r.model.width) == ("efficientnet_lite0", "efficientnet_lite0", 1.0)
+    assert r.data.auto_prepare == "demo-silhouettes" and r.model.input_norm == "auto"
+    scratch = load_recipe(ROOT / "recipes" / "demo-lite0.toml", ["model.pretrained=none", "model.batchnorm=train"])
+    assert scratch.model.pretrained is None and scratch.model.batchnorm == "train"
+
+
 def test_cocostuff_labels_import_with_prepare_data_masks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """COCO-Stuff's PNG label maps (value = id - 1, 255 unlabeled) through the recipe's class table: 171 classes,
     the 11 ids COCO never annotates ignored, split folders linked as train/ and val/ (the recipe's comment)."""
