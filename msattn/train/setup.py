@@ -264,7 +264,9 @@ def model_spec(cfg: ModelConfig, num_classes: int, stride_in_1x1: bool = False) 
     )  # fmt: skip
 
 
-def training_spec(recipe: Recipe, num_classes: int, initial: Any, resumed_args: dict[str, Any] | None = None) -> ModelSpec:
+def training_spec(
+    recipe: Recipe, num_classes: int, initial: Any, resumed_args: dict[str, Any] | None = None
+) -> ModelSpec:
     """The spec training builds: the recipe's, with the backbone checked against the initial weights (or a
     checkpoint to start from) and their ResNet stride layout; on resume, the layout ``last.pt`` was built with."""
     spec = model_spec(recipe.model, num_classes)
@@ -306,7 +308,7 @@ def wrap_for_training(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) 
     """DDP under torchrun, torch.compile with train.compile (the training step only; checkpoints use ``model``)."""
     wrapped = model
     if info.distributed:
-        if cfg_batchnorm(model) == "sync":  # BatchNorm2d -> SyncBatchNorm (same parameters and state-dict keys)
+        if model_batchnorm(model) == "sync":  # BatchNorm2d -> SyncBatchNorm (same parameters and state-dict keys)
             wrapped = sync_batchnorm(model)
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
@@ -315,7 +317,7 @@ def wrap_for_training(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) 
     return wrapped
 
 
-def cfg_batchnorm(model: torch.nn.Module) -> str:
+def model_batchnorm(model: torch.nn.Module) -> str:
     """The BatchNorm mode a model was built with (its spec's)."""
     spec = getattr(model, "spec", None)
     return str(getattr(spec, "batchnorm", "frozen"))
