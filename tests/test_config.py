@@ -102,6 +102,69 @@ def test_the_cityscapes_recipe_takes_nvidias_settings() -> None:
     assert (r.optim.schedule, r.optim.power, r.optim.head_lr_mult, r.optim.attention_lr_mult) == ("poly", 2.0, 1, 1)
     assert r.train.batch_size == 8 and r.train.iterations == 65_100  # 175 epochs of 2,975 images
     assert r.train.label_mode == "upsample"
+#: the DeepLab-v2 ResNet-101 recipes (issue #23) and their iterations
+DEEPLAB_V2_RECIPES = {"voc-resnet101.toml": 20_000, "cocostuff164k-resnet101.toml": 100_000}
+
+
+@pytest.mark.parametrize("name", sorted(DEEPLAB_V2_RECIPES))
+def test_deeplab_v2_recipes_are_msc_on_resnet101_and_read_the_lists_prepare_data_writes(name: str) -> None:
+    """DeepLab-v2's MSC: ResNet-101 + ASPP-L, scales 1 / 0.75 / 0.5, max, per-scale losses, poly 2.5e-4, batch 10."""
+    from msattn.data.prepare.common import SPLITS
+
+    r = load_recipe(ROOT / "recipes" / name)
+    assert (r.model.backbone, r.model.head, r.model.aspp_dilations, r.model.batchnorm) == (
+        "resnet101", "aspp", (6, 12, 18, 24), "frozen")  # fmt: skip
+    assert r.model.scales == (1.0, 0.75, 0.5) and r.model.merge == "max" and r.model.extra_supervision
+    assert (r.optim.optimizer, r.optim.lr, r.optim.schedule, r.optim.power) == ("sgd", 2.5e-4, "poly", 0.9)
+    assert (r.optim.momentum, r.optim.weight_decay, r.optim.head_lr_mult) == (0.9, 5e-4, 10.0)
+    assert r.train.batch_size == 10 and r.train.iterations == DEEPLAB_V2_RECIPES[name]
+    assert r.data.crop_size == 321 and r.data.scale_range == (0.5, 1.5) and r.eval.pad_to == 513
+    assert r.data.train_split in SPLITS and r.data.val_split in SPLITS and r.model.input_norm == "auto"
+    assert load_recipe(ROOT / "recipes" / name, ["model.merge=attention"]).model.merge == "attention"
+
+
+def test_the_lite0_demo_starts_from_the_packaged_imagenet_weights() -> None:
+    r = load_recipe(ROOT / "recipes" / "demo-lite0.toml")
+    assert (r.model.backbone, r.model.pretrained, r.model.width) == ("efficientnet_lite0", "efficientnet_lite0", 1.0)
+    assert r.data.auto_prepare == "demo-silhouettes" and r.model.input_norm == "auto"
+    scratch = load_recipe(ROOT / "recipes" / "demo-lite0.toml", ["model.pretrained=none", "model.batchnorm=train"])
+    assert scratch.model.pretrained is None and scratch.model.batchnorm == "train"
+
+
+def test_cocostuff_labels_import_with_prepare_data_masks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """COCO-Stuff's PNG label maps (value = id - 1, 255 unlabeled) through the recipe's class table: 171 classes,
+    the 11 ids COCO never annotates ignored, split folders linked as train/ and val/ (the recipe's comment)."""
+    import json
+    import os
+
+    import numpy as np
+    from _data_helpers import run_cli
+    from _import_helpers import read_label, write_image
+    from PIL import Image
+
+    coco = tmp_path / "coco"
+    values = np.array([[0, 91, 181, 255], [11, 182 - 1, 0, 90]], dtype=np.uint8).repeat(3, 0).repeat(3, 1)
+    for split in ("train2017", "val2017"):
+        write_image(coco / split / "000000000009.jpg", *values.shape)
+        (coco / "stuffthingmaps_trainval2017" / split).mkdir(parents=True)
+        Image.fromarray(values).save(coco / "stuffthingmaps_trainval2017" / split / "000000000009.png")
+    for kind, source in (("images", coco), ("masks", coco / "stuffthingmaps_trainval2017")):
+        (tmp_path / "cocostuff" / kind).mkdir(parents=True)
+        for split in ("train", "val"):
+            os.symlink(source / f"{split}2017", tmp_path / "cocostuff" / kind / split)
+    out = tmp_path / "data"
+    code, _, err = run_cli(capsys, "prepare-data", "masks", "--images", tmp_path / "cocostuff" / "images", "--masks",
+                           tmp_path / "cocostuff" / "masks", "--classes", ROOT / "recipes" / "cocostuff164k-classes.json",
+                           "--out", out, "-j", "0")  # fmt: skip
+    assert code == 0, err
+    info = json.loads((out / "dataset.json").read_text())
+    assert len(info["classes"]) == 171 and info["classes"][0] == "person" and info["classes"][-1] == "wood"
+    assert info["classes"][91 - 11] == "banner"  # id 92 (value 91), after the 11 unused thing ids below it
+    label = read_label(out / "labels" / "000000000009.png")
+    expected = np.array([[0, 80, 170, 255], [255, 170, 0, 255]]).repeat(3, 0).repeat(3, 1)  # 11, 90: never annotated
+    assert np.array_equal(label, expected)
+    recipe = load_recipe(ROOT / "recipes" / "cocostuff164k-resnet101.toml", [f"data.root={json.dumps(str(out))}"])
+    assert all((out / f"{split}.txt").is_file() for split in (recipe.data.train_split, recipe.data.val_split))
 
 
 def matrix_rows() -> list[list[str]]:

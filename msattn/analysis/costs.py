@@ -3,7 +3,10 @@
 FLOPs are counted on a copy of the model built on the ``meta`` device (shapes only, no
 arithmetic, no memory), once per padded image size of the pass, and averaged over the
 images. Latency comes from a ``msattn bench --json`` file: the inference record with the
-same scale set and merge (and the checkpoint's width), at the size closest to the images'.
+same scale set and merge, the checkpoint's backbone (records without one are VGG-16's) and
+width (not for a ``timm:`` backbone, whose channels are its model's), at the size closest to
+the images'. Counting a ``timm:`` model's FLOPs builds it on the meta device, so it needs timm
+(as loading its checkpoint does).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from msattn.bench.measure import count_flops
 from msattn.errors import DataError
 from msattn.io import read_json
 from msattn.models.scale import build_model
-from msattn.models.spec import HIERARCHICAL, ModelSpec
+from msattn.models.spec import DEFAULT_BACKBONE, HIERARCHICAL, TIMM_PREFIX, ModelSpec
 
 
 def _meta_model(model_args: dict[str, Any], method: Method) -> tuple[torch.nn.Module, tuple[float, ...] | None]:
@@ -67,9 +70,23 @@ def read_bench(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+#: what a latency says about the bench record it came from
+SOURCE_KEYS = ("size", "batch", "device_name", "backbone", "width", "amp", "date")
+
+
+def _same_model(record: dict[str, Any], backbone: str, width: float | None) -> bool:
+    """A bench record of this backbone (records before ``--backbone``: VGG-16) and width (not for timm)."""
+    if str(record.get("backbone") or DEFAULT_BACKBONE) != backbone:
+        return False
+    if backbone.startswith(TIMM_PREFIX) or width is None or record.get("width") is None:
+        return True
+    return float(record["width"]) == float(width)
+
+
 def method_latency(
-    records: list[dict[str, Any]], methods: Sequence[Method], width: float | None, side: float
-) -> dict[str, dict[str, Any]]:
+    records: list[dict[str, Any]], methods: Sequence[Method], width: float | None, side: float,
+    backbone: str = DEFAULT_BACKBONE,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Per method key: ``latency_ms`` and where it came from, for the methods the bench measured."""
     out: dict[str, dict[str, Any]] = {}
     for method in methods:
@@ -81,7 +98,7 @@ def method_latency(
             if r.get("mode") == "inference"
             and sorted(float(s) for s in r.get("scales") or []) == sorted(method.scales)
             and (r.get("merge") if len(method.scales) > 1 else None) == merge
-            and (width is None or r.get("width") is None or float(r["width"]) == float(width))
+            and _same_model(r, backbone, width)
             and isinstance(r.get("latency_ms"), (int, float))
         ]
         if not matches:
@@ -89,7 +106,7 @@ def method_latency(
         best = min(matches, key=lambda r: abs(float(r.get("size", side)) - side))
         out[method.key] = {
             "latency_ms": float(best["latency_ms"]),
-            "latency_source": {k: best.get(k) for k in ("size", "batch", "device_name", "width", "amp", "date")},
+            "latency_source": {k: best.get(k) for k in SOURCE_KEYS},
         }
     return out
 
@@ -107,6 +124,7 @@ def method_costs(
         total = sum(sizes.values()) or 1
         side = sum(count * max(int(v) for v in key.split("x")) for key, count in sizes.items()) / total
         width = (model_args or {}).get("width")
-        for key, value in method_latency(bench, methods, width, side).items():
+        backbone = str((model_args or {}).get("backbone", DEFAULT_BACKBONE))
+        for key, value in method_latency(bench, methods, width, side, backbone).items():
             costs.setdefault(key, {}).update(value)
     return costs

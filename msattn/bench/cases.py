@@ -17,7 +17,15 @@ import torch
 
 from msattn.errors import UsageError
 from msattn.models.scale import build_model
-from msattn.models.spec import HIERARCHICAL, MERGES, MODEL_MERGES, hierarchical_training_problem
+from msattn.models.spec import (
+    DEFAULT_BACKBONE,
+    HIERARCHICAL,
+    MERGES,
+    MODEL_MERGES,
+    TIMM_PREFIX,
+    check_backbone,
+    hierarchical_training_problem,
+)
 
 SCALE_SETS: tuple[tuple[float, ...], ...] = ((1.0,), (1.0, 0.5), (1.0, 0.75, 0.5))
 #: the scales a hierarchical inference case's model is trained on (the paper's)
@@ -40,6 +48,7 @@ class Case:
     times: list[float] = field(default_factory=list)
     capture_s: float | None = None  # CUDA graph capture (and compile) time, once
     trained_scales: tuple[float, ...] | None = None  # a hierarchical inference case: its model's training scales
+    params: int = 0  # parameters of the case's model (backbone, classifier, attention head)
 
 
 def scale_merge_pairs(mode: str = "inference") -> list[tuple[tuple[float, ...], str | None]]:
@@ -62,12 +71,19 @@ def runs_in_mode(scales: Sequence[float], merge: str | None, mode: str) -> bool:
 
 
 def case_model(
-    scales: tuple[float, ...], merge: str | None, width: float, mode: str, num_classes: int = NUM_CLASSES
+    scales: tuple[float, ...],
+    merge: str | None,
+    mode: str,
+    model_kwargs: dict[str, Any],
+    num_classes: int = NUM_CLASSES,
 ) -> tuple[Any, tuple[float, ...] | None]:
-    """The (CPU) model of a case and the scales its forward is called with (None: the model's own)."""
+    """The (CPU) model of a case and the scales its forward is called with (None: the model's own).
+
+    ``model_kwargs``: what every model of the run shares (:meth:`Settings.model_kwargs`: backbone, width).
+    """
     if merge == HIERARCHICAL and mode not in TRAINING_MODES:
-        return build_model(num_classes, scales=HIERARCHICAL_TRAINING, merge=merge, width=width), tuple(scales)
-    return build_model(num_classes, scales=scales, merge=merge or "avg", width=width), None
+        return build_model(num_classes, scales=HIERARCHICAL_TRAINING, merge=merge, **model_kwargs), tuple(scales)
+    return build_model(num_classes, scales=scales, merge=merge or "avg", **model_kwargs), None
 
 
 def area_ratio(scales: Sequence[float]) -> float:
@@ -90,6 +106,11 @@ class Settings:
     graph: bool = False  # inference as captured CUDA graphs
     cases: tuple[tuple[tuple[float, ...], str | None], ...] | None = None  # --case filter; None: all
     say: Callable[..., None] = field(default=lambda text, force=True: None, compare=False)  # progress on stderr
+    backbone: str = DEFAULT_BACKBONE  # --backbone: every model of the run is built on it
+
+    def model_kwargs(self) -> dict[str, object]:
+        """What every benchmarked model is built with besides classes, scales and merge (backbone and width)."""
+        return {"backbone": self.backbone, "width": self.width}
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -100,6 +121,16 @@ class Settings:
         if not self.amp:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+
+def check_bench_backbone(backbone: str, width: float) -> None:
+    """``--backbone``: a known name (UsageError listing them); a timm model has its own channels (width 1)."""
+    try:
+        check_backbone(backbone)
+    except ValueError as exc:
+        raise UsageError(f"--backbone: {exc}") from None
+    if backbone.startswith(TIMM_PREFIX) and width != 1.0:
+        raise UsageError(f"--width {width:g}: a timm backbone has its model's channel counts; use --width 1")
 
 
 def parse_case(text: str) -> tuple[tuple[float, ...], str | None]:

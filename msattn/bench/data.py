@@ -175,7 +175,7 @@ def _engine_step(
     """(step(batch) = the training engine's train_step on one micro-batch, bytes of weights + momentum)."""
     torch.manual_seed(0)
     dev = settings.device
-    model, _ = case_model(scales, merge, settings.width, "train-e2e")
+    model, _ = case_model(scales, merge, "train-e2e", settings.model_kwargs())
     model = model.to(device=dev, memory_format=settings.memory_format).train()
     optimizer = make_optimizer(param_groups(model, lr=1e-3, weight_decay=5e-4), "sgd", 1e-3, 0.9, dev)
     run = functools.partial(

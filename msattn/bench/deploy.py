@@ -1,16 +1,17 @@
 """``msattn bench --mode tiled`` and ``--mode onnx``: huge images and the exported model.
 
 - ``tiled``: one ``--image`` (default 3000x4000, i.e. 4000 wide) through the predict pipeline
-  of :mod:`msattn.tiling` (3-scale attention, 21 classes, ``--width``): whole-image prediction
-  when the estimate fits the memory budget of the device, and tiles of ``--tile`` pixels
-  (quarter overlap). Time per image, peak memory (:class:`msattn.bench.run.MemoryProbe`:
-  RSS growth on CPU, allocator peak on CUDA, plus the weights), tiles, the estimate, and the
-  labels' agreement between the two.
+  of :mod:`msattn.tiling` (3-scale attention, 21 classes, ``--backbone``, ``--width``):
+  whole-image prediction when the estimate fits the memory budget of the device, and tiles of
+  ``--tile`` pixels (quarter overlap). Time per image, peak memory
+  (:class:`msattn.bench.run.MemoryProbe`: RSS growth on CPU, allocator peak on CUDA, plus the
+  weights), tiles, the estimate, and the labels' agreement between the two.
 - ``onnx``: PyTorch vs onnxruntime (CPU, the same number of threads) on the demo model (the
   demo recipe's: width 1/8, scales 2 and 1, 5 classes, 96x96 images) and the full-size model
-  (``--width``, scales 1, 0.75, 0.5, attention, 21 classes, ``--size`` images), each exported
-  with ``msattn export``'s graph and timed interleaved with its PyTorch twin; the ratio is the
-  median over rounds of onnxruntime's time over PyTorch's in the same round.
+  (``--backbone``, ``--width``, scales 1, 0.75, 0.5, attention, 21 classes, ``--size``
+  images), each exported with ``msattn export``'s graph and timed interleaved with its
+  PyTorch twin; the ratio is the median over rounds of onnxruntime's time over PyTorch's in
+  the same round.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from msattn.export.runtime import OnnxBackend
 from msattn.infer.backends import TorchBackend, memory_model
 from msattn.infer.options import InferenceOptions
 from msattn.models.scale import build_model
+from msattn.models.spec import DEFAULT_BACKBONE
 from msattn.runtime.checkpoint import make_checkpoint, save_checkpoint
 from msattn.sizes import format_bytes
 from msattn.tiling.images import predict_image_tiled
@@ -48,10 +50,11 @@ FULL = {"num_classes": 21, "scales": (1.0, 0.75, 0.5), "merge": "attention"}
 DEMO = {"num_classes": 5, "scales": (2.0, 1.0), "merge": "attention", "width": 0.125, "side": 96}
 
 
-def _checkpoint(folder: Path, name: str, num_classes: int, scales: Any, merge: str, width: float) -> Path:
+def _checkpoint(folder: Path, name: str, num_classes: int, scales: Any, merge: str, width: float,
+                backbone: str = DEFAULT_BACKBONE) -> Path:  # fmt: skip
     """A randomly initialised checkpoint (speed does not depend on the weights)."""
     torch.manual_seed(0)
-    model = build_model(num_classes, scales=scales, merge=merge, width=width).eval()
+    model = build_model(num_classes, scales=scales, merge=merge, width=width, backbone=backbone).eval()
     dataset = {"name": "bench", "classes": [f"c{i}" for i in range(num_classes)], "ignore_index": 255, "root": ""}
     path = folder / f"{name}.pt"
     save_checkpoint(path, make_checkpoint(model, dataset))
@@ -91,7 +94,8 @@ def bench_tiled(settings: Any, context: dict[str, Any], image_size: str, tile: i
     height, width = parse_image(image_size)
     image = _test_image(height, width)
     with tempfile.TemporaryDirectory(prefix="msattn-bench-") as tmp:
-        ckpt = _checkpoint(Path(tmp), "full", FULL["num_classes"], FULL["scales"], FULL["merge"], settings.width)
+        ckpt = _checkpoint(Path(tmp), "full", FULL["num_classes"], FULL["scales"], FULL["merge"], settings.width,
+                           settings.backbone)  # fmt: skip
         backend = TorchBackend(ckpt, settings.device, InferenceOptions(amp="bf16" if settings.amp else "off"))
         memory = memory_model(backend)
         planner = Planner(TilingOptions(tile=tile), memory, str(settings.device))
@@ -129,11 +133,13 @@ def bench_onnx(size: int, settings: Any, context: dict[str, Any]) -> list[dict[s
     require("onnx", "onnxscript", "onnxruntime", what="msattn bench --mode onnx")
     if settings.device.type != "cpu":
         raise UsageError("--mode onnx compares onnxruntime and PyTorch on CPU: use --device cpu")
-    models = {"demo": ({**DEMO}, DEMO["side"]), "full": ({**FULL, "width": settings.width}, size)}
+    models = {"demo": ({**DEMO}, DEMO["side"]),
+              "full": ({**FULL, "width": settings.width, "backbone": settings.backbone}, size)}  # fmt: skip
     records = []
     with tempfile.TemporaryDirectory(prefix="msattn-bench-") as tmp:
         for name, (spec, side) in models.items():
-            ckpt = _checkpoint(Path(tmp), name, spec["num_classes"], spec["scales"], spec["merge"], spec["width"])
+            ckpt = _checkpoint(Path(tmp), name, spec["num_classes"], spec["scales"], spec["merge"], spec["width"],
+                               spec.get("backbone", DEFAULT_BACKBONE))  # fmt: skip
             onnx_path = Path(tmp) / f"{name}.onnx"
             with contextlib.redirect_stdout(io.StringIO()):
                 export_checkpoint(ckpt, onnx_path, verify=False)  # msattn export, dynamic size

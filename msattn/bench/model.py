@@ -50,7 +50,7 @@ def build_cases(mode: str, size: int, settings: Settings) -> list[Case]:
     pairs = selected_pairs(settings, mode=mode)
     for number, (scales, merge) in enumerate(pairs, 1):
         settings.say(f"{mode} {size}: building case {number}/{len(pairs)} ({case_name(scales, merge)})")
-        model, run_scales = case_model(scales, merge, settings.width, mode)
+        model, run_scales = case_model(scales, merge, mode, settings.model_kwargs())
         if backbone is None:
             backbone = model.backbone
         else:
@@ -68,7 +68,8 @@ def build_cases(mode: str, size: int, settings: Settings) -> list[Case]:
         eager_step = make_step(model)
         compiled = torch.compile(model) if settings.compile_model else model
         step = make_step(compiled) if settings.compile_model else eager_step
-        case = Case(scales, merge, step, eager_step, _state_bytes(model, optimizer))
+        case = Case(scales, merge, step, eager_step, _state_bytes(model, optimizer),
+                    params=sum(p.numel() for p in model.parameters()))  # fmt: skip
         case.trained_scales = tuple(model.scales) if run_scales is not None else None
         if mode == "inference" and settings.graph:  # the (compiled) forward, captured: compiles during the capture
             _capture_case(case, compiled, images, settings, run_scales)
@@ -177,6 +178,7 @@ def bench_model(mode: str, size: int, settings: Settings, context: dict[str, Any
             "latency_ms_min": min(case.times) / settings.batch * 1e3,
             "times_ms": [t / settings.batch * 1e3 for t in case.times],  # per image, one per timed round
             "images_per_s": 1.0 / per_image,
+            "params": case.params,
             "gflops": gflops,
             "gflops_per_s": gflops / per_image,
             # per round: this case's GFLOP/s over the matmul's, both timed moments apart

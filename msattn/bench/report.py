@@ -48,7 +48,8 @@ def _flags(context: dict[str, Any]) -> str:
     flags = [f"batch {context['batch']}", "bf16 autocast" if context["amp"] else "fp32"]
     flags += ["channels_last" if context["channels_last"] else "contiguous"]
     flags += ["torch.compile"] * bool(context["compile"])
-    return ", ".join(flags + [f"width {context['width']:g}", f"{context['threads']} threads"])
+    backbone = [str(context.get("backbone") or "vgg16_largefov")]
+    return ", ".join(backbone + flags + [f"width {context['width']:g}", f"{context['threads']} threads"])
 
 
 def _table(title: str, columns: tuple[str, ...], left: tuple[str, ...] = ("scales", "merge", "stage")) -> Any:

@@ -27,6 +27,7 @@ before it; on CPU the peak RSS growth during the call (``VmHWM``, reset per call
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,12 +37,13 @@ import torch
 from rich.console import Console
 
 from msattn.bench import deploy as bench_deploy
-from msattn.bench.cases import Settings, check_cases, parse_case
+from msattn.bench.cases import Settings, check_bench_backbone, check_cases, parse_case
 from msattn.bench.data import bench_data, bench_train_e2e
 from msattn.bench.model import add_ratios, bench_model
 from msattn.bench.report import REPORT_WIDTH, ProgressLog, print_report
 from msattn.bench.setup import check_json, check_options, resolve_device, run_context, workers_option
 from msattn.io import write_json
+from msattn.models.spec import DEFAULT_BACKBONE
 
 
 def run_bench(
@@ -62,23 +64,26 @@ def run_bench(
     workers: str = "auto",
     image: str = "3000x4000",
     tile: int = 1025,
+    backbone: str = DEFAULT_BACKBONE,
 ) -> list[dict[str, Any]]:
     """Run the benchmark, print progress (stderr), the tables and the ratios, optionally write JSON.
 
     ``graph`` (None: on for CUDA) replays inference as CUDA graphs; ``cases`` (``--case``) picks
     (scales, merge) pairs; ``workers`` (an integer or ``auto``) is train-e2e's loader. ``image``
     (HxW) and ``tile`` are the large image and tile side of the ``tiled`` mode
-    (:mod:`msattn.bench.deploy`).
+    (:mod:`msattn.bench.deploy`). ``backbone`` (``--backbone``) is the network every case is built on.
     """
     console, errors = Console(highlight=False), Console(stderr=True, highlight=False)
     if not console.is_terminal:  # a log file or pipe: the tables are made for 100 columns
         console = Console(width=REPORT_WIDTH, highlight=False)
     check_options(modes, sizes, width, batch, iters, warmup)
     check_cases([parse_case(c) for c in cases or ()], modes)  # a hierarchical case no chosen mode can run
+    check_bench_backbone(backbone, width)
     if json_path is not None:
         check_json(Path(json_path))  # a folder or an unwritable place fails now, not after minutes of timing
     settings, workers_value = _settings(errors, device, batch, amp, compile_model, channels_last, width, iters, warmup,
                                         graph, cases, workers)  # fmt: skip
+    settings = dataclasses.replace(settings, backbone=backbone)
     context = run_context(settings.device, settings)
     records = _run_modes(settings, context, sizes, modes, workers_value, image, tile)
     _report(records, context, console, json_path)

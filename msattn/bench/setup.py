@@ -94,6 +94,7 @@ def run_context(dev: torch.device, settings: Settings) -> dict[str, Any]:
         "amp": settings.amp,
         "channels_last": settings.channels_last,
         "compile": settings.compile_model,
+        "backbone": settings.backbone,
         "width": settings.width,
         "iters": settings.iters,
         "warmup": settings.warmup,

@@ -16,12 +16,17 @@ from msattn.cli.common import Checkpoint, Data, Device, Split, Workers
 
 
 def convert_weights(
-    caffemodel: Annotated[Path, typer.Argument(help="DeepLab's init.caffemodel (or another VGG-16 LargeFOV caffemodel).")],
+    caffemodel: Annotated[
+        Path,
+        typer.Argument(help="A DeepLab caffemodel: VGG-16 LargeFOV (init.caffemodel) or DeepLab-v2 ResNet-101 "
+                       "(ImageNet init or the released VOC / COCO models)."),
+    ],
     out: Annotated[Path, typer.Option(help="Output file (.pt) for model.pretrained.")],
 ) -> None:
-    """Convert Caffe weights to msattn's format.
+    """Convert DeepLab's Caffe weights to msattn's format.
 
-    No Caffe needed; the Caffe input convention is recorded with the weights.
+    VGG-16 LargeFOV or DeepLab-v2 ResNet-101; no Caffe needed. The backbone
+    and the Caffe input convention are recorded with the weights.
     """
     from msattn.models.caffe import convert_weights_command
 
@@ -164,6 +169,10 @@ def bench(
     workers: Annotated[str, typer.Option(help="train-e2e's loader workers: a number or auto.")] = "auto",
     image: Annotated[str, typer.Option(help="HEIGHTxWIDTH of the large image of --mode tiled.")] = "3000x4000",
     tile: Annotated[int, typer.Option(help="Tile side of --mode tiled (8k+1).")] = 1025,
+    backbone: Annotated[
+        str,
+        typer.Option(help="Network of every case: vgg16_largefov, resnet101, resnet50, efficientnet_lite0, timm:NAME."),
+    ] = "vgg16_largefov",
 ) -> None:
     """Time and size the model across scale sets and merges.
 
@@ -188,4 +197,5 @@ def bench(
         workers=workers,
         image=image,
         tile=tile,
+        backbone=backbone,
     )

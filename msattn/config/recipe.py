@@ -151,7 +151,8 @@ class ModelConfig:
         None, _not_blank, "start from an msattn checkpoint's weights (another class count: classifier re-drawn)"
     )
     input_norm: str = _opt(
-        "auto", _one_of("auto", "torchvision", "caffe"), "input normalisation; auto = what the initial weights expect"
+        "auto", _one_of("auto", "torchvision", "caffe", "efficientnet_lite"),
+        "input normalisation; auto = what the initial weights expect (timm weights: their own mean/std)",
     )
 
 

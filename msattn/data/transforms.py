@@ -23,10 +23,15 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: written on [0, 1] RGB like the others (conv1_1 of converted Caffe weights takes RGB)
 CAFFE_MEAN: tuple[float, float, float] = (122.675 / 255, 116.669 / 255, 104.008 / 255)
 CAFFE_STD: tuple[float, float, float] = (1 / 255, 1 / 255, 1 / 255)
+#: EfficientNet-Lite's convention (TensorFlow's efficientnet_lite_builder: MEAN_RGB 127, STDDEV_RGB 128 on
+#: 0..255, "inception-style" for post-quantization), i.e. about 0.498 / 0.502 on [0, 1]
+LITE_MEAN: tuple[float, float, float] = (127 / 255, 127 / 255, 127 / 255)
+LITE_STD: tuple[float, float, float] = (128 / 255, 128 / 255, 128 / 255)
 #: model.input_norm -> (mean, std)
 INPUT_NORMS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "torchvision": (IMAGENET_MEAN, IMAGENET_STD),
     "caffe": (CAFFE_MEAN, CAFFE_STD),
+    "efficientnet_lite": (LITE_MEAN, LITE_STD),
 }
 
 

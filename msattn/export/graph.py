@@ -4,10 +4,13 @@
 
 1. ``image`` uint8 ``[N, H, W, 3]`` -> float ``[N, 3, H, W]`` normalised with the
    checkpoint's mean and std (``(x / 255 - mean) / std``, as :func:`normalize_image`);
-2. padded at the bottom/right with 0 (the mean colour) to the next 8k+1 side;
+2. padded at the bottom/right with 0 (the mean colour) to the next 8k+1 side (the model's
+   stride: 8 for every backbone);
 3. for every scale: resized to ``8 * round(k * s) + 1`` pixels per side (the corner-aligned
-   rule of :func:`msattn.geometry.scaled_side`), the shared LargeFOV backbone;
-4. every scale's score map (and fc7 features) resized to the grid of the largest scale;
+   rule of :func:`msattn.geometry.scaled_side`), the shared backbone (VGG-16 LargeFOV, a
+   DeepLab-v2 ResNet, EfficientNet-Lite0 or a timm model, with its classifier head);
+4. every scale's score map (and the features before the classifier) resized to the grid of
+   the largest scale;
 5. the merge: max, average, or the attention head and its softmax over scales; for a
    hierarchical model (:mod:`msattn.models.hierarchical`) instead every scale's gate (but the
    highest's) and :func:`msattn.models.hierarchical.chain` with this module's resize, on the
@@ -23,6 +26,12 @@ graph works for every image size. This is the one place outside :mod:`msattn.geo
 that resizes with ``F.interpolate``: geometry's helpers compare and convert sizes to Python
 ints, which would bake the example's size into the graph; :func:`scaled_grid_side` is
 checked against :func:`msattn.geometry.scaled_side` by the tests.
+
+Frozen BatchNorm (the default of the ResNet, EfficientNet and timm backbones) computes
+``x * scale + shift`` from its constant statistics; the exported graph keeps those few
+element-wise operations on constants, which onnxruntime's session optimisations (constant
+folding, Conv-Mul/Add fusion) may fold into the convolutions; nothing is folded here (what
+onnxruntime does with them was not inspected; ``msattn bench --mode onnx`` times the result).
 """
 
 from __future__ import annotations
@@ -50,15 +59,15 @@ def scale_fraction(scale: float) -> tuple[int, int]:
     return fraction.numerator, fraction.denominator
 
 
-def grid_steps(side: Any) -> Any:
+def grid_steps(side: Any, stride: int = STRIDE) -> Any:
     """k of the padded side ``8k + 1`` of an image side (``ceil((side - 1) / 8)``), integer arithmetic."""
-    return (side + STRIDE - 2) // STRIDE
+    return (side + stride - 2) // stride
 
 
-def scaled_grid_side(k: Any, scale: float) -> Any:
+def scaled_grid_side(k: Any, scale: float, stride: int = STRIDE) -> Any:
     """Side of a grid side ``8k + 1`` at ``scale``: ``8 * round_half_up(k * scale) + 1``, in integers."""
     p, q = scale_fraction(scale)
-    return STRIDE * ((2 * k * p + q) // (2 * q)) + 1
+    return stride * ((2 * k * p + q) // (2 * q)) + 1
 
 
 def _resize(x: torch.Tensor, size: Any) -> torch.Tensor:
@@ -100,6 +109,7 @@ class DeployGraph(nn.Module):
             raise UsageError(f"--scales: {hierarchical_inference_problem(scales)}; add 1.0 (e.g. 2.0, 1.0, 0.5)")
         self.backbone = model.backbone
         self.num_classes = int(model.num_classes)
+        self.stride = int(getattr(model, "stride", STRIDE))  # 8 for every backbone msattn builds
         self.head = getattr(model, "head", None) if len(scales) > 1 else None
         self.merge = getattr(model, "merge", "attention") if len(scales) > 1 else "none"
         self.scales = scales
@@ -114,12 +124,13 @@ class DeployGraph(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = image.permute(0, 3, 1, 2).float().div(255.0).sub(self.mean).div(self.std)  # [N, 3, H, W]
         height, width = x.shape[-2], x.shape[-1]
-        kh, kw = grid_steps(height), grid_steps(width)
-        full_h, full_w = STRIDE * kh + 1, STRIDE * kw + 1
+        kh, kw = grid_steps(height, self.stride), grid_steps(width, self.stride)
+        full_h, full_w = self.stride * kh + 1, self.stride * kw + 1
         x = F.pad(x, (0, full_w - width, 0, full_h - height))  # mean colour below and right
         feats, logits = [], []
         for scale in self.scales:
-            xs = x if scale == 1.0 else _resize(x, (scaled_grid_side(kh, scale), scaled_grid_side(kw, scale)))
+            size = (scaled_grid_side(kh, scale, self.stride), scaled_grid_side(kw, scale, self.stride))
+            xs = x if scale == 1.0 else _resize(x, size)
             f, score = self.backbone(xs)
             feats.append(f)
             logits.append(score)

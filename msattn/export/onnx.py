@@ -16,7 +16,7 @@ falls back to a static graph), which is why the program is exported first.
 
 **Metadata** (``metadata_props``, all strings, JSON where structured): ``msattn.format``,
 ``msattn.version``, ``msattn.checkpoint`` and ``msattn.checkpoint_sha256``, ``msattn.classes``,
-``msattn.palette``, ``msattn.scales``, ``msattn.merge``, ``msattn.model_args``, ``msattn.input``,
+``msattn.palette``, ``msattn.scales``, ``msattn.merge``, ``msattn.model_args``, ``msattn.backbone``, ``msattn.input``,
 ``msattn.normalization`` (``inside``: done by the graph; ``msattn.mean``/``msattn.std`` for
 reference), ``msattn.outputs``, ``msattn.dynamic``, ``msattn.opset``, ``msattn.crf``
 (the recipe's dense-CRF settings), ``msattn.exporter``.
@@ -44,7 +44,7 @@ from msattn.export.format import FORMAT, INSTALL_HINT, require
 from msattn.export.graph import DeployGraph
 from msattn.export.runtime import OnnxSession
 from msattn.io import atomic_write, file_sha256
-from msattn.models.spec import HIERARCHICAL, hierarchical_inference_problem
+from msattn.models.spec import DEFAULT_BACKBONE, HIERARCHICAL, TIMM_PREFIX, hierarchical_inference_problem
 from msattn.runtime.checkpoint import load_checkpoint, model_from_checkpoint, old_arch_warning
 from msattn.visualize import voc_palette
 
@@ -131,7 +131,11 @@ def trace(graph: Any, dynamic: bool, size: tuple[int, int]) -> Any:
             return torch.export.export(graph, (example,), dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"torch.export could not trace the model with dynamic sizes: {first}") from None
+        hint = ""
+        if dynamic and str(getattr(graph.backbone, "name", "")).startswith(TIMM_PREFIX):
+            hint = " (timm models that pad dynamically, e.g. the tf_* ports, export with --static --size HxW)"
+        raise UsageError(f"torch.export could not trace the model with {'dynamic' if dynamic else 'static'} sizes: "
+                         f"{first}{hint}") from None
 
 
 def to_onnx(program: Any, output_names: list[str], opset: int | None) -> Any:
@@ -184,6 +188,7 @@ def metadata(state: dict[str, Any], checkpoint: Path, graph: Any, dynamic: bool,
         "msattn.scales": json.dumps(list(graph.scales)),
         "msattn.merge": graph.merge,
         "msattn.model_args": json.dumps(state.get("model_args") or {}),
+        "msattn.backbone": str((state.get("model_args") or {}).get("backbone", DEFAULT_BACKBONE)),
         "msattn.input": "image: uint8 [N, H, W, 3] RGB, any H and W >= 1 (padded to 8k+1 inside the graph)",
         "msattn.normalization": "inside",
         "msattn.mean": json.dumps(info["mean"]),
@@ -199,7 +204,8 @@ def metadata(state: dict[str, Any], checkpoint: Path, graph: Any, dynamic: bool,
 def _add_metadata(model: Any, props: dict[str, str]) -> None:
     model.producer_name = "msattn"
     model.producer_version = __version__
-    model.doc_string = "msattn: Attention to Scale (DeepLab-LargeFOV share-net), the whole multi-scale model"
+    backbone = props.get("msattn.backbone", DEFAULT_BACKBONE)
+    model.doc_string = f"msattn: Attention to Scale (share-net on {backbone}), the whole multi-scale model"
     del model.metadata_props[:]
     for key, value in props.items():
         entry = model.metadata_props.add()

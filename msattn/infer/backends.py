@@ -22,6 +22,7 @@ import torch
 from msattn.data.transforms import normalize_image
 from msattn.errors import UsageError
 from msattn.export.runtime import OnnxBackend
+from msattn.geometry import STRIDE
 from msattn.infer.files import _dataset_info
 from msattn.infer.forward import predict_batch
 from msattn.infer.graphs import make_runner
@@ -116,4 +117,7 @@ def memory_model(backend: Any) -> Any:
     """The tiling estimate's view of a backend's model (:class:`msattn.tiling.memory.MemoryModel`)."""
     args = dict(backend.model_args or {})
     args.setdefault("num_classes", backend.num_classes)
-    return memory_model_from_args(args, backend.scales, backend.weight_bytes)
+    model = getattr(backend, "model", None)  # the torch backend's ScaleNet (an ONNX file: its metadata only)
+    stride = int(getattr(model, "stride", STRIDE))
+    exact = bool(getattr(getattr(model, "backbone", None), "grid_exact", True))
+    return memory_model_from_args(args, backend.scales, backend.weight_bytes, stride, exact)

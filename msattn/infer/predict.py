@@ -145,6 +145,7 @@ def _prepare_run(files: tuple[Path | None, Path | None], job: _Job, device: torc
     policy = getattr(getattr(backend, "runner", None), "policy", None)
     batch_size = inference_batch_size(options.batch_size, 1, policy) if policy is not None else options.batch_size or 1
     planner = Planner(tiling, memory_model(backend), str(device))
+    notes += [planner.note] if planner.note and (tiling.tile is not None or tiling.max_memory is not None) else []
     return _Run(backend, info, tuple(backend.scales), backend.merge, crf_params, settings, notes, batch_size, planner)
 
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from msattn.config.crf import CRFParams
 from msattn.crf.dense import dense_crf
 from msattn.data.labels import WarningLog
+from msattn.geometry import STRIDE
 from msattn.infer.graphs import make_runner
 from msattn.infer.options import InferenceOptions
 from msattn.infer.tiled import predict_tiled
@@ -104,7 +105,9 @@ def _planner(model: torch.nn.Module, options: InferenceOptions, device: torch.de
     """The tiling planner (--tile, --max-memory: whole or tiles per image) for ``model``."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     args = getattr(model, "model_args", None) or {"num_classes": model.num_classes, "scales": list(model.scales)}
-    return Planner(options.tiling, memory_model_from_args(args, options.scales, weights), str(device))
+    exact = bool(getattr(getattr(model, "backbone", None), "grid_exact", True))
+    memory = memory_model_from_args(args, options.scales, weights, int(getattr(model, "stride", STRIDE)), exact)
+    return Planner(options.tiling, memory, str(device))
 
 
 def _loader(dataset: Any, indices: list[int], batch_size: int, workers: int, device: torch.device) -> Any:

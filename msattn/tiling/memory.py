@@ -3,10 +3,18 @@
 **The estimate** (bytes for one forward pass of an ``H x W`` image, padded to 8k+1 sides,
 area ``A``), measured on CPU in fp32 with ``msattn bench``'s peak-RSS probe and rounded up:
 
-- network activations: the first VGG block dominates (two 64-channel maps at full
-  resolution plus the convolution's working copy), ``700 * width`` bytes per pixel of the
-  largest scale (``A * max(scales)^2``; measured 406 for one scale and 690 for three-scale
-  attention at width 1, 513x513);
+- network activations: ``B * width`` bytes per pixel of the largest scale (``A * max(scales)^2``),
+  ``B`` per backbone, for one scale and for several (:data:`ACTIVATION_BYTES`). VGG-16: the
+  first block dominates (two 64-channel maps at full resolution plus the convolution's working
+  copy), ``B = 700`` (measured 406 for one scale and 690 for three-scale attention at width 1,
+  513x513). The other backbones: the same probe (peak RSS growth of one forward after a
+  warm-up, width 1, 21 classes, 513 and 769 pixels, one scale and {1, 0.75, 0.5} attention,
+  torch 2.13 CPU, 2026-12), the larger of the two sizes, rounded up to 100. ResNet-50: 921 /
+  1004 one scale, 1673 / 1676 three; ResNet-101: 1023 / 956 and 2002 / 1473; Lite0: 760 / 382
+  and 2042 / 933 (its maps are small, its peak is mostly the attention head on 3 x 1280
+  channels and fixed buffers, hence the drop at 769). The same run gave VGG-16 768 / 768 and
+  1026 / 768: its older figure is kept. A ``timm:`` backbone is unknown to the table and gets
+  the largest figures;
 - the output stage: merged logits upsampled to the image, their softmax and the merge weights
   at image size, ``16 * C + 12 * S + 32`` bytes per pixel (measured 290-340 for C = 21, S = 3);
 - the peak is the larger of the two, plus ``24`` bytes per pixel for the normalised and padded
@@ -66,18 +74,43 @@ def default_budget(device: str = "cpu") -> int:
     return int((ram if ram is not None else 16 * 2**30) * CPU_SHARE)
 
 
+#: activation bytes per pixel of the largest scale at width 1, per backbone: (one scale, several scales)
+ACTIVATION_BYTES: dict[str, tuple[float, float]] = {
+    "vgg16_largefov": (700.0, 700.0),
+    "resnet50": (1100.0, 1700.0),
+    "resnet101": (1100.0, 2100.0),
+    "efficientnet_lite0": (800.0, 2100.0),
+}
+#: a backbone the table does not know (``timm:<name>``): the largest figures
+UNKNOWN_BACKBONE_BYTES = (max(v[0] for v in ACTIVATION_BYTES.values()), max(v[1] for v in ACTIVATION_BYTES.values()))
+
+
+def activation_bytes(backbone: str, num_scales: int = 1) -> float:
+    """Activation bytes per pixel at width 1 of ``backbone`` (:data:`ACTIVATION_BYTES`, else the largest)."""
+    single, several = ACTIVATION_BYTES.get(backbone, UNKNOWN_BACKBONE_BYTES)
+    return single if num_scales == 1 else several
+
+
 @dataclass(frozen=True)
 class MemoryModel:
-    """What the estimate needs to know about a model (from a checkpoint or an ONNX file's metadata)."""
+    """What the estimate needs to know about a model (from a checkpoint or an ONNX file's metadata).
+
+    ``stride`` is the model's output stride (8 for every backbone msattn builds: tiles are
+    ``8k + 1`` pixels and start on multiples of it); ``grid_exact`` is False for a timm model
+    whose outputs do not sit on the 8k+1 grid (tiles are then blended approximately).
+    """
 
     width: float
     num_classes: int
     scales: tuple[float, ...]
     weight_bytes: int = 0
+    backbone: str = "vgg16_largefov"
+    stride: int = STRIDE
+    grid_exact: bool = True
 
     def bytes_per_pixel(self) -> float:
         """Peak bytes per (padded) image pixel of one forward pass (see the module docstring)."""
-        activations = 700.0 * self.width * max(self.scales) ** 2
+        activations = activation_bytes(self.backbone, len(self.scales)) * self.width * max(self.scales) ** 2
         outputs = 16.0 * self.num_classes + 12.0 * len(self.scales) + 32.0
         return max(activations, outputs) + 24.0
 
@@ -132,7 +165,12 @@ def _fitting_overlap(tile: int, overlap: int | None, quantum: int) -> int:
     return min(quantum * math.ceil(overlap / quantum), quantum * ((tile - 1 - quantum) // quantum))
 
 
-def memory_model_from_args(model_args: dict, scales: Sequence[float] | None = None, weight_bytes: int = 0) -> MemoryModel:
-    """A :class:`MemoryModel` from a checkpoint's ``model_args`` (and the scales actually run)."""
+def memory_model_from_args(
+    model_args: dict, scales: Sequence[float] | None = None, weight_bytes: int = 0, stride: int = STRIDE,
+    grid_exact: bool = True,
+) -> MemoryModel:  # fmt: skip
+    """A :class:`MemoryModel` from a checkpoint's ``model_args`` (and the scales actually run, the model's
+    stride and whether its grid is exact)."""
     run = tuple(float(s) for s in (scales or model_args.get("scales") or (1.0,)))
-    return MemoryModel(float(model_args.get("width", 1.0)), int(model_args["num_classes"]), run, int(weight_bytes))
+    return MemoryModel(float(model_args.get("width", 1.0)), int(model_args["num_classes"]), run, int(weight_bytes),
+                       str(model_args.get("backbone", "vgg16_largefov")), int(stride), bool(grid_exact))  # fmt: skip

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from msattn.errors import UsageError
+from msattn.geometry import STRIDE
 from msattn.tiling.layout import Tiling, Window, axis_starts, make_tiling, scale_quantum, tile_weights, windows
 from msattn.tiling.memory import MemoryModel, choose_tile, default_budget
 from msattn.tiling.stitch import LabelSink, Scratch, Stitcher, StoreSink, new_store
@@ -54,6 +55,13 @@ class Planner:
     def __init__(self, options: TilingOptions, memory: MemoryModel, device: str = "cpu") -> None:
         self.options = options
         self.memory = memory
+        if memory.stride != STRIDE:  # tiles are 8k+1 and start on multiples of 8: the geometry of every backbone
+            raise UsageError(f"tiling needs a model of output stride {STRIDE}; this one has stride {memory.stride}")
+        #: a remark for the user when tiles are blended approximately (a timm model off the 8k+1 grid), else None
+        self.note = None if memory.grid_exact else (
+            f"the {memory.backbone} backbone's outputs do not sit on the 8k+1 grid: tiled predictions are "
+            "blended from approximately placed outputs and differ from whole ones more than for exact backbones"
+        )  # fmt: skip
         quantum = scale_quantum(memory.scales)
         self.fixed = make_tiling(options.tile, options.overlap, quantum) if options.tile is not None else None
         if options.overlap is not None and options.overlap < 0:

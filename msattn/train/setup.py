@@ -31,15 +31,22 @@ from msattn.data.transforms import EvalTransform, TrainTransform
 from msattn.errors import ConfigError, DataError, UsageError
 from msattn.models.norm import sync_batchnorm
 from msattn.models.params import param_groups
+from msattn.models.pretrained import WEIGHT_NAMES
 from msattn.models.scale import build_model
-from msattn.models.spec import ModelSpec
+from msattn.models.spec import DEFAULT_BACKBONE, RESNETS, ModelSpec
 from msattn.runtime.distributed import DistInfo, all_gather_objects, barrier, launched_ranks
 from msattn.runtime.loader import resolve_workers
 from msattn.train.resume import load_resume_state, restore_training_state, resume_input_norm
 from msattn.train.run_folder import RUN_FILES, check_inputs_apart, check_run_folder, on_rank0, refuse_reuse
 from msattn.train.step import lr_factor, make_optimizer
 from msattn.train.stream import backend_record, seed_everything, split_batch
-from msattn.train.weights import apply_initial_weights, load_initial_weights, resolve_input_norm
+from msattn.train.weights import (
+    apply_initial_weights,
+    load_initial_weights,
+    random_batchnorm_warning,
+    resolve_input_norm,
+    spec_for_initial,
+)
 
 
 @dataclasses.dataclass
@@ -87,11 +94,12 @@ def prepare(
     dataset_info = read_dataset(recipe)
     initial = load_initial_weights(recipe) if state is None else None
     warn = functools.partial(console.print, markup=False)
-    norm = resume_input_norm(state) if state is not None else resolve_input_norm(recipe, initial.input_norm, warn=warn)
+    norm = resume_input_norm(state) if state is not None else resolve_input_norm(recipe, initial, warn=warn)
     train_set, val_set, select_set = build_datasets(recipe, dataset_info, console, norm)
     preflight_data_checks(recipe, [s for s in (train_set, val_set, select_set) if s is not None], console)
 
-    parts = build_training(recipe, len(dataset_info.classes), initial, info, console)
+    parts = build_training(recipe, len(dataset_info.classes), initial, info, console,
+                           resumed_args=None if state is None else state.get("model_args"))  # fmt: skip
     model, optimizer, scheduler, scaler, amp_dtype = parts
     start, best_miou, last_metrics = 0, -math.inf, {}
     if state is None:
@@ -127,7 +135,9 @@ def check_before_lock(recipe: Recipe, out_dir: Path, resume: bool, overwrite: bo
 
 
 def check_batch(recipe: Recipe, info: DistInfo) -> int:
-    """Micro-batches per rank per iteration: :func:`split_batch` of the batch over ``info``'s ranks (or its error)."""
+    """Micro-batches per rank per iteration: :func:`split_batch` of the batch over ``info``'s ranks (or its error).
+    Also refuses ``model.batchnorm = "sync"`` where SyncBatchNorm cannot run (:func:`check_sync_batchnorm`)."""
+    check_sync_batchnorm(recipe, info)
     return split_batch(recipe.train.batch_size, recipe.micro_batch, info.world_size).accumulation
 
 
@@ -157,6 +167,15 @@ def format_ranks(ranks: list[int]) -> str:
         else:
             runs.append([rank, rank])
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def check_sync_batchnorm(recipe: Recipe, info: DistInfo) -> None:
+    """SyncBatchNorm runs on CUDA only: ``model.batchnorm = "sync"`` under torchrun on CPU (gloo) is refused."""
+    if recipe.model.batchnorm == "sync" and info.distributed and info.device.type != "cuda":
+        raise ConfigError(
+            f'model.batchnorm = "sync": SyncBatchNorm runs on CUDA GPUs only, this run has {info.world_size} processes '
+            f'on {info.device.type}; use model.batchnorm = "train" (BatchNorm per process) or train on GPUs'
+        )
 
 
 def read_dataset(recipe: Recipe) -> Any:
@@ -278,11 +297,32 @@ def model_spec(cfg: ModelConfig, num_classes: int, stride_in_1x1: bool = False) 
     )  # fmt: skip
 
 
-def build_training(recipe: Recipe, num_classes: int, initial: Any, info: DistInfo, console: Console) -> tuple:
-    """Model (initial weights applied, on the device), optimizer, LambdaLR schedule, GradScaler, AMP dtype."""
+def training_spec(
+    recipe: Recipe, num_classes: int, initial: Any, resumed_args: dict[str, Any] | None = None
+) -> ModelSpec:
+    """The spec training builds: the recipe's, with the backbone checked against the initial weights (or a
+    checkpoint to start from) and their ResNet stride layout; on resume, the layout ``last.pt`` was built with."""
+    spec = model_spec(recipe.model, num_classes)
+    if resumed_args is None:
+        return spec_for_initial(spec, initial)
+    layout = bool(resumed_args.get("stride_in_1x1", False))
+    same = resumed_args.get("backbone", DEFAULT_BACKBONE) == spec.backbone
+    return spec.replace(stride_in_1x1=layout) if same and spec.backbone in RESNETS else spec
+
+
+def build_training(recipe: Recipe, num_classes: int, initial: Any, info: DistInfo, console: Console,
+                   resumed_args: dict[str, Any] | None = None) -> tuple:  # fmt: skip
+    """Model (initial weights applied, on the device), optimizer, LambdaLR schedule, GradScaler, AMP dtype.
+
+    ``resumed_args`` are the ``model_args`` of the checkpoint a resumed run continues (None: a new run).
+    """
     cfg, dev = recipe.train, info.device
     seed_everything(cfg.seed)
-    model = build_model(model_spec(recipe.model, num_classes))
+    spec = training_spec(recipe, num_classes, initial, resumed_args)
+    warning = random_batchnorm_warning(spec, initial) if resumed_args is None and info.is_main else None
+    if warning:
+        console.print(warning, markup=False)
+    model = build_model(spec)
     if initial is not None:
         apply_initial_weights(model, initial, console)
     model.to(dev)
@@ -301,19 +341,26 @@ def wrap_for_training(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) 
     """DDP under torchrun, torch.compile with train.compile (the training step only; checkpoints use ``model``)."""
     wrapped = model
     if info.distributed:
-        sync_batchnorm(model)  # batchnorm = "sync": every BatchNorm2d (a hierarchical gate's too) -> SyncBatchNorm
+        if model_batchnorm(model) == "sync":  # BatchNorm2d -> SyncBatchNorm (same parameters and state-dict keys)
+            wrapped = sync_batchnorm(model)
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
     return wrapped
+
+
+def model_batchnorm(model: torch.nn.Module) -> str:
+    """The BatchNorm mode a model was built with (its spec's)."""
+    spec = getattr(model, "spec", None)
+    return str(getattr(spec, "batchnorm", "frozen"))
 
 
 def resolve_paths(recipe: Recipe) -> Recipe:
     """Make ``data.root`` (and weight paths) absolute, relative to the working directory."""
 
     def absolute(value: str | None) -> str | None:
-        if value is None or value == "torchvision":
+        if value is None or value in WEIGHT_NAMES:
             return value
         return str(Path(value).expanduser().resolve())
 
@@ -358,8 +405,12 @@ def dry_run_report(
                 warnings.append(f"{root / (split + '.txt')}: split list not found")
     for key in ("pretrained", "init_from"):
         value = getattr(recipe.model, key)
-        if value and value != "torchvision" and not Path(value).expanduser().is_file():
+        if value and value not in WEIGHT_NAMES and not Path(value).expanduser().is_file():
             warnings.append(f"model.{key}: {value} not found")
+    if recipe.model.pretrained is None and recipe.model.init_from is None:
+        spec = model_spec(recipe.model, recipe.model.num_classes or 2)
+        warning = random_batchnorm_warning(spec, None)
+        warnings += [warning.removeprefix("warning: ")] if warning else []
     warnings += _run_folder_warnings(recipe, out_dir, resume, overwrite, recipe_path)
     source = f" of {recipe_path}" if recipe_path is not None else ""
     console.print(f"# the resolved recipe{source} (msattn train --dry-run; run folder: {out_dir})", markup=False)
