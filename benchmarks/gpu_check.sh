@@ -4,10 +4,10 @@
 #   bash benchmarks/gpu_check.sh [OUTDIR]        (default: $OUT, else benchmarks/gpu-<date>)
 #
 # Writes 7 files under OUTDIR and exits non-zero as soon as a step fails:
-#   inference-513.json        bench --mode inference, 513, batch 1, all 7 cases: eager, CUDA graphs, and
+#   inference-513.json        bench --mode inference, 513, batch 1, every default case (9): eager, CUDA graphs, and
 #                             torch.compile + CUDA graphs ({1} and {1, 0.75, 0.5} attention); the records
 #                             carry "graph" and "compile"
-#   train-321.json            bench --mode train, crop 321, batch 30, all 7 cases (the engine's step)
+#   train-321.json            bench --mode train, crop 321, batch 30, every default case (the engine's step)
 #   loader-321.json           bench --mode data + --mode train-e2e (real loader, workers auto, batch 30)
 #   profile-train-321.json    torch.profiler of the 3-scale attention step: device ms/step, conv share,
 #                             top kernels and ops (+ profile-train-321.trace.json.gz for Perfetto)

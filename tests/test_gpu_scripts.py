@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from msattn.bench.cases import scale_merge_pairs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +31,8 @@ def test_gpu_check_script_writes_every_file_on_cpu(tmp_path: Path) -> None:
     assert files == ["checks.json", "gpu_check.log", "inference-33.json", "loader-33.json", "profile-train-33.json",
                      "profile-train-33.trace.json.gz", "train-33.json"]
     inference = json.loads((out / "inference-33.json").read_text())
-    assert len(inference) == 14 and all(r["mode"] == "inference" and r["graph"] is False for r in inference)
+    cases = len(scale_merge_pairs("inference"))  # every default case (9, hierarchical included), eager and graph
+    assert len(inference) == 2 * cases and all(r["mode"] == "inference" and r["graph"] is False for r in inference)
     assert {r["mode"] for r in json.loads((out / "train-33.json").read_text())} == {"train"}
     loader = json.loads((out / "loader-33.json").read_text())
     assert [r["mode"] for r in loader] == ["data", "data", "train-e2e", "train-e2e"]

@@ -31,8 +31,8 @@ def recipes(ctx: typer.Context) -> None:
     for recipe in found:
         typer.echo(f"{recipe.name:<{width}}{recipe.summary}")
     typer.echo(f"\n{len(found)} recipes in {recipes_dir()}", err=True)
-    typer.echo("train one: msattn train NAME; read it: msattn recipes show NAME; start your own from it: "
-               "msattn recipes copy NAME my.toml", err=True)  # fmt: skip
+    typer.echo("train one: msattn train NAME; read it: msattn recipes show NAME\n"
+               "start your own from it: msattn recipes copy NAME my.toml", err=True)  # fmt: skip
 
 
 def show(name: RecipeName) -> None:
