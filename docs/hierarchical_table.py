@@ -74,12 +74,18 @@ def scales_text(scales: tuple[float, ...]) -> str:
 def evaluate(run: Path, scales: tuple[float, ...], out: Path) -> dict | None:
     """``msattn evaluate`` of the run's last.pt at ``scales`` (kept in ``out`` and reused)."""
     path = out / f"{run.name}@{scales_text(scales)}.json"
-    if not path.is_file():
+    if not path.is_file() or path.stat().st_mtime < (run / "last.pt").stat().st_mtime:  # none yet, or stale
         args = ["evaluate", "--checkpoint", str(run / "last.pt"), "--device", "cpu", "--json", str(path)]
         for s in scales:
             args += ["--scales", f"{s:g}"]
         subprocess.run(msattn(*args), check=True, stdout=subprocess.DEVNULL)
     return json.loads(path.read_text())
+
+
+def finished(run: Path) -> bool:
+    """The run trained to its end: ``eval.json`` (written after the last iteration) newer than ``last.pt``."""
+    done, last = run / "eval.json", run / "last.pt"
+    return done.is_file() and last.is_file() and done.stat().st_mtime >= last.stat().st_mtime
 
 
 def logged_speed(run: Path) -> float | None:
@@ -147,7 +153,7 @@ def analyze(runs: Path, out: Path) -> dict[str, dict]:
     summaries = {}
     for name, scales in ANALYZED.items():
         run = runs / name
-        if not (run / "last.pt").is_file():
+        if not finished(run):
             continue
         folder = out / f"analyze-{name}"
         args = ["analyze", "--checkpoint", str(run / "last.pt"), "--out", str(folder), "--device", "cpu"]
@@ -182,8 +188,8 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or args.runs / "table"
     out.mkdir(parents=True, exist_ok=True)
-    present = [(label, args.runs / run, scales) for label, run, scales in ROWS if (args.runs / run / "last.pt").is_file()]
-    missing = sorted({run for _, run, _ in ROWS if not (args.runs / run / "last.pt").is_file()})
+    present = [(label, args.runs / run, scales) for label, run, scales in ROWS if finished(args.runs / run)]
+    missing = sorted({run for _, run, _ in ROWS if not finished(args.runs / run)})
     load = os.getloadavg()
     timed = time_rows(present, args.rounds) if args.time and present else {}
     trained = time_training(sorted({run for _, run, _ in present}), max(3, args.rounds // 4)) if args.time else {}
