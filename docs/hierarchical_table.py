@@ -40,8 +40,13 @@ TRAININGS = {
     "avg-2": [DEMO, "--set", "model.merge=avg"],
     "attention-2": [DEMO],
     "attention-3": [DEMO, "--set", "model.scales=[2.0,1.0,0.5]"],
-    "hier-1-0.5": [HIER],
-    "hier-2-1": [HIER, "--set", "model.scales=[2.0,1.0]"],
+    "hier-1-0.5": [HIER, "--set", "model.scales=[1.0,0.5]"],
+    "hier-2-1": [HIER],  # the recipe as it is
+    # what might let the chain use scales it did not train on: random rescaling as NVIDIA's 0.5-2.0,
+    # a faster gate head
+    "hier-1-0.5-aug": [HIER, "--set", "model.scales=[1.0,0.5]", "--set", "data.scale_range=[0.5,2.0]"],
+    "hier-2-1-aug": [HIER, "--set", "data.scale_range=[0.5,2.0]"],
+    "hier-2-1-lr1": [HIER, "--set", "optim.attention_lr_mult=1.0"],
 }
 #: (row label, run name, test-time scales)
 ROWS = [
@@ -54,12 +59,19 @@ ROWS = [
     ("hierarchical {1, 0.5} -> {1, 0.5}", "hier-1-0.5", (1.0, 0.5)),
     ("hierarchical {1, 0.5} -> {2, 1, 0.5}", "hier-1-0.5", (2.0, 1.0, 0.5)),
     ("hierarchical {1, 0.5} -> {2, 1, 0.5, 0.25}", "hier-1-0.5", (2.0, 1.0, 0.5, 0.25)),
-    ("hierarchical {2, 1} -> {2, 1}", "hier-2-1", (2.0, 1.0)),
+    ("hierarchical {2, 1} -> {2, 1} (demo-scales-hier.toml)", "hier-2-1", (2.0, 1.0)),
     ("hierarchical {2, 1} -> {2, 1, 0.5}", "hier-2-1", (2.0, 1.0, 0.5)),
     ("hierarchical {2, 1} -> {2, 1, 0.5, 0.25}", "hier-2-1", (2.0, 1.0, 0.5, 0.25)),
+    ("hierarchical {1, 0.5}, rescaling 0.5-2 -> {1, 0.5}", "hier-1-0.5-aug", (1.0, 0.5)),
+    ("hierarchical {1, 0.5}, rescaling 0.5-2 -> {2, 1, 0.5}", "hier-1-0.5-aug", (2.0, 1.0, 0.5)),
+    ("hierarchical {2, 1}, rescaling 0.5-2 -> {2, 1}", "hier-2-1-aug", (2.0, 1.0)),
+    ("hierarchical {2, 1}, rescaling 0.5-2 -> {2, 1, 0.5}", "hier-2-1-aug", (2.0, 1.0, 0.5)),
+    ("hierarchical {2, 1}, gate lr x1 -> {2, 1}", "hier-2-1-lr1", (2.0, 1.0)),
+    ("hierarchical {2, 1}, gate lr x1 -> {2, 1, 0.5}", "hier-2-1-lr1", (2.0, 1.0, 0.5)),
 ]
 #: runs whose ``msattn analyze`` report (and per-size plot) --analyze makes, at these scales
-ANALYZED = {"attention-2": (2.0, 1.0), "hier-1-0.5": (2.0, 1.0, 0.5), "hier-2-1": (2.0, 1.0, 0.5)}
+ANALYZED = {"attention-2": (2.0, 1.0), "hier-1-0.5": (2.0, 1.0, 0.5), "hier-2-1": (2.0, 1.0, 0.5),
+            "hier-2-1-lr1": (2.0, 1.0, 0.5)}
 SIDE = 97  # the demo's 96-pixel images padded to 8k+1
 
 
