@@ -341,19 +341,12 @@ def wrap_for_training(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) 
     """DDP under torchrun, torch.compile with train.compile (the training step only; checkpoints use ``model``)."""
     wrapped = model
     if info.distributed:
-        if model_batchnorm(model) == "sync":  # BatchNorm2d -> SyncBatchNorm (same parameters and state-dict keys)
-            wrapped = sync_batchnorm(model)
+        wrapped = sync_batchnorm(model)  # batchnorm = "sync" only: BatchNorm2d -> SyncBatchNorm (same state-dict keys)
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
     return wrapped
-
-
-def model_batchnorm(model: torch.nn.Module) -> str:
-    """The BatchNorm mode a model was built with (its spec's)."""
-    spec = getattr(model, "spec", None)
-    return str(getattr(spec, "batchnorm", "frozen"))
 
 
 def resolve_paths(recipe: Recipe) -> Recipe:
